@@ -1,0 +1,233 @@
+"""Typed run configuration.
+
+A run is described by one YAML file with the sections `model`, `tokenizer`, `data`, `optim`, `train`
+and `dist`. Each section is a pydantic model that forbids unknown keys, so a typo is an error that names
+the key (with a "did you mean"), never a silently ignored default. Command-line overrides use dotted
+keys: `beit pretrain cfg.yaml optim.lr=1e-3 train.epochs=2`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says which key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    name: str = "beit_base_patch16_224_8k_vocab"  # a key of beit.models.presets.PRESETS
+    pretrained: str | None = None  # checkpoint path (any supported layout); null = random init
+    # Overrides of the preset; null keeps the preset's value.
+    img_size: int | None = None
+    in_chans: int | None = None
+    num_classes: int | None = None
+    vocab_size: int | None = None
+    drop_path_rate: float | None = None
+    init_values: float | None = None  # LayerScale init; 0 disables LayerScale
+    use_abs_pos_emb: bool | None = None
+    use_rel_pos_bias: bool | None = None  # one table per layer (fine-tuning)
+    use_shared_rel_pos_bias: bool | None = None  # one table for all layers (pretraining)
+    use_mean_pooling: bool | None = None
+    init_trunc: Literal["sigma", "abs"] | None = None
+    grad_checkpointing: bool = False
+
+    def overrides(self) -> dict[str, Any]:
+        skip = {"name", "pretrained", "grad_checkpointing"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+
+
+class TokenizerConfig(_Section):
+    name: str = "dall-e"  # "dall-e", a shipped tokenizer name, or a path to a trained tokenizer directory
+    weights: str | None = None  # weight file for "dall-e" (safetensors or a weights_only state dict)
+    # Architecture of a tokenizer trained with `beit tokenizer train`.
+    vocab_size: int = 8192
+    hidden: int = 64  # width of the first stage
+    blocks_per_group: int = 1
+    downsample: Literal[4, 8] = 8
+    in_chans: int = 3
+    image_size: int = 112  # tokenizer view size
+    # dVAE training recipe (DALL-E's, scaled down).
+    temperature_start: float = 1.0
+    temperature_end: float = 1 / 16
+    temperature_anneal_steps: int = 5000
+    kl_weight: float = 1e-3
+    kl_warmup_steps: int = 1000
+    recon_loss: Literal["laplace", "mse"] = "laplace"
+
+
+class DataConfig(_Section):
+    dataset: Literal["fashion_mnist", "image_folder", "cifar10", "cifar100"] = "image_folder"
+    root: str | None = None  # data directory; fashion_mnist defaults to the Debian package path
+    img_size: int = 224  # patch view
+    in_chans: int = 3
+    mean: list[float] = [0.5, 0.5, 0.5]
+    std: list[float] = [0.5, 0.5, 0.5]
+    batch_size: int = 64  # per device, per micro-batch
+    num_workers: int = 4
+    on_bad_file: Literal["skip", "fail"] = "skip"
+    # Pretraining augmentation (shared crop, two views).
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    color_jitter: float = 0.4
+    hflip: float = 0.5
+    # Block-wise masking (BEiT Alg. 1).
+    num_mask_patches: int = 75
+    min_mask_patches: int | None = 16  # null = proportional to the grid (16 / 196 of it)
+    max_mask_patches: int | None = None
+    mask_min_aspect: float = 0.3
+    mask_mode: Literal["official", "exact"] = "official"
+    # Fine-tuning augmentation (timm's create_transform / Mixup).
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_switch_prob: float = 0.5
+    crop_pct: float | None = None  # eval: Resize(size / crop_pct) + CenterCrop; null = 0.875, 1.0 at >= 384
+    label_fraction: float = 1.0  # class-balanced, seeded subset of the training labels
+    train_subset: int | None = None  # first N training samples (smoke tests)
+    eval_subset: int | None = None
+
+
+class OptimConfig(_Section):
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 10
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float | None = 3.0
+    layer_decay: float | None = None  # e.g. 0.65 for BEiT-B fine-tuning
+    accum_steps: int = 1
+    recipe_batch_size: int | None = None  # the global batch the lr was tuned for; a mismatch warns loudly
+    decay_mask_token: bool = True  # official: mask_token is weight-decayed
+    decay_rel_pos_bias: bool = True  # official: rel-pos tables are weight-decayed
+
+
+class TrainConfig(_Section):
+    epochs: float = 800
+    max_steps: int | None = None  # stop early (smoke runs); schedules still span `epochs`
+    seed: int = 0
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out_dir: str = "runs"
+    run_name: str | None = None  # default: the config file's stem
+    log_every: int = 10
+    save_every_steps: int = 500
+    keep_last: int = 2
+    eval_every_epochs: float = 1
+    label_smoothing: float = 0.1
+    ema_decay: float | None = None
+    knn_every_epochs: float | None = None
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    compile: bool = False
+    progress: bool = True
+
+
+class DistConfig(_Section):
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    find_unused_parameters: bool = False
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    dist: DistConfig = DistConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _section_fields(path: tuple) -> list[str]:
+    """Field names that were valid at `path` (for "did you mean")."""
+    cls: type[BaseModel] = Config
+    for part in path:
+        field = cls.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return list(cls.model_fields)
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            valid = _section_fields(e["loc"][:-1])
+            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
+            hint = f" Did you mean '{'.'.join(map(str, e['loc'][:-1] + (close[0],)))}'?" if close else ""
+            lines.append(f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
+        else:
+            lines.append(f"bad value for '{key}': {e['msg']} (got {e.get('input')!r})")
+    return ConfigError(f"{source}: " + "; ".join(lines))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["optim.lr=1e-3", "data.root=/x"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2:
+            raise ConfigError(f"override '{item}': the key must name a section, e.g. optim.lr=1e-3")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or defaults when `path` is None), apply dotted overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise _explain(e, source) from None
+    if path is not None and cfg.train.run_name is None:
+        cfg.train.run_name = path.stem
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any], source: str = "checkpoint config") -> Config:
+    try:
+        return Config.model_validate(d)
+    except ValidationError as e:
+        raise _explain(e, source) from None
