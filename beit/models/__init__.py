@@ -1,0 +1,29 @@
+"""Model construction: `create_model(name, pretrained=None, **overrides)` over the explicit PRESETS dict."""
+
+from __future__ import annotations
+
+import difflib
+
+from beit.models.presets import PRESETS
+from beit.models.vit import Beit
+
+
+def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit:
+    """Build preset `name` with keyword overrides; `pretrained=PATH` loads a checkpoint of any supported
+    layout (ours, official/timm, HF, OpenMMLab), adapting rel-pos tables and position embeddings."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown model preset '{name}'.{hint} Available: {', '.join(PRESETS)}")
+    kwargs = {**PRESETS[name], **overrides}
+    if kwargs.get("vocab_size"):
+        kwargs.setdefault("use_mask_token", True)
+    model = Beit(**kwargs)
+    if pretrained:
+        from beit.convert import load_pretrained
+
+        load_pretrained(model, pretrained)
+    return model
+
+
+__all__ = ["Beit", "PRESETS", "create_model"]
