@@ -1,0 +1,399 @@
+"""Datasets: Fashion-MNIST (IDX files), ImageFolder (with bad-file handling), CIFAR-10/100, label subsets,
+and the masked-image-modeling dataset that yields (patch view, tokenizer view, mask).
+
+Bad image files (ImageFolder). With `on_bad_file="fail"` the first file that cannot be decoded raises, naming
+it. With "skip" (default) `__getitem__` logs a warning with the path and returns a `BadSample(path, error)`
+instead of an item -- never a silent resample, which would change the sample order and break exact resume.
+`collate_skip_bad` (use it as the DataLoader's collate_fn) drops those and records them in the batch:
+`batch.num_bad` / `batch.bad_paths` on (images, labels) batches, `batch["num_bad"]` / `batch["bad_paths"]`
+on MIM batches. The collate runs inside the worker, so the count travels to the main process with the batch;
+feed every batch to a `BadFileTracker` for the run summary.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+from .masking import MaskingGenerator
+from .transforms import TwoViewTransform, pil_mode
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class BadSample(NamedTuple):
+    """Placeholder item for an image that could not be decoded (dropped by `collate_skip_bad`)."""
+
+    path: str
+    error: str
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fashion-MNIST
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally .gz): uint8 data with big-endian int32 dims after a 4-byte magic."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, ndim = raw[0] << 8 | raw[1], raw[2], raw[3]
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path}: not a uint8 IDX file (magic {raw[:4].hex()})")
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(*dims)
+
+
+def _find_idx(dirs: Sequence[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for name in (stem + ".gz", stem):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+_FMNIST_CACHE: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def load_fashion_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28], labels int64 [N]) read once per process from the IDX files.
+
+    Looks in `root`, `root/FashionMNIST/raw` (torchvision layout), `root/raw`, then the Debian package path.
+    """
+    prefix = "train" if split == "train" else "t10k"
+    dirs = []
+    if root:
+        r = Path(root).expanduser()
+        dirs += [r, r / "FashionMNIST" / "raw", r / "raw"]
+    dirs.append(Path(FASHION_MNIST_DEBIAN))
+    img_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
+    lbl_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
+    if img_path is None or lbl_path is None:
+        raise FileNotFoundError(
+            f"Fashion-MNIST '{prefix}-images-idx3-ubyte[.gz]' / '{prefix}-labels-idx1-ubyte[.gz]' not found in "
+            f"{', '.join(map(str, dirs))}. Install them with `apt-get install dataset-fashion-mnist` (as root) "
+            f"or set data.root to a directory holding the IDX files"
+        )
+    key = (str(img_path), str(lbl_path))
+    if key not in _FMNIST_CACHE:
+        images, labels = _read_idx(img_path), _read_idx(lbl_path).astype(np.int64)
+        if images.ndim != 3 or len(images) != len(labels):
+            raise ValueError(f"{img_path} / {lbl_path}: {images.shape} images vs {labels.shape} labels")
+        _FMNIST_CACHE[key] = (images, labels)
+    return _FMNIST_CACHE[key]
+
+
+class ArrayImageDataset(Dataset):
+    """In-memory uint8 images [N, H, W] (grayscale) or [N, H, W, 3] -> (transform(PIL image), label)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mode: str, transform: Callable | None = None):
+        self.images, self.targets, self.mode, self.transform = images, labels, mode, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load_image(self, i: int) -> Image.Image:
+        img = Image.fromarray(self.images[i])
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __getitem__(self, i: int):
+        img = self.load_image(i)
+        return (self.transform(img) if self.transform else img), int(self.targets[i])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ImageFolder
+
+
+def _scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes = sorted sub-directories (files found recursively); images directly in `root` form one class."""
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    samples: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+            samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+    if not samples:  # a flat folder of images (unlabelled pretraining data)
+        classes = [""]
+        samples = [(str(root / f), 0) for f in sorted(os.listdir(root)) if f.lower().endswith(IMG_EXTENSIONS)]
+    return classes, samples
+
+
+class ImageFolderDataset(Dataset):
+    """`root/<class>/**/*.jpg` -> (transform(PIL image), class index); undecodable files are skipped or fail."""
+
+    def __init__(self, root: str | Path, mode: str, transform: Callable | None = None, on_bad_file: str = "skip"):
+        if on_bad_file not in ("skip", "fail"):
+            raise ValueError(f"data.on_bad_file must be 'skip' or 'fail', got {on_bad_file!r}")
+        self.root = Path(root)
+        self.classes, self.samples = _scan_folder(self.root)
+        if not self.samples:
+            raise FileNotFoundError(
+                f"no images ({', '.join(IMG_EXTENSIONS)}) under '{self.root}'; expected {self.root}/<class>/*.jpg"
+            )
+        self.targets = np.array([label for _, label in self.samples], dtype=np.int64)
+        self.mode, self.transform, self.on_bad_file = mode, transform, on_bad_file
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, i: int) -> Image.Image | BadSample:
+        path = self.samples[i][0]
+        try:
+            with Image.open(path) as f:
+                img = f.convert(self.mode)  # convert() forces a full decode: truncated files fail here
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+            if self.on_bad_file == "fail":
+                raise RuntimeError(
+                    f"cannot decode image '{path}': {type(e).__name__}: {e}. Fix or delete the file, or set "
+                    f"data.on_bad_file=skip to skip (and count) undecodable files"
+                ) from e
+            log.warning("skipping undecodable image '%s': %s: %s", path, type(e).__name__, e)
+            return BadSample(path, f"{type(e).__name__}: {e}")
+        return img
+
+    def __getitem__(self, i: int):
+        img = self.load_image(i)
+        if isinstance(img, BadSample):
+            return img
+        return (self.transform(img) if self.transform else img), int(self.targets[i])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CIFAR
+
+
+class _TorchvisionDataset(Dataset):
+    """A torchvision dataset yielding PIL images, converted to `mode` before `transform`."""
+
+    def __init__(self, base, mode: str, transform: Callable | None = None):
+        self.base, self.mode, self.transform = base, mode, transform
+        self.targets = np.asarray(base.targets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def load_image(self, i: int) -> Image.Image:
+        img = self.base[i][0]
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __getitem__(self, i: int):
+        img = self.load_image(i)
+        return (self.transform(img) if self.transform else img), int(self.targets[i])
+
+
+def _cifar(name: str, root: str | None, train: bool):
+    from torchvision import datasets as tvd
+
+    if not root:
+        raise ValueError(f"data.root must be set for dataset '{name}' (the directory holding the CIFAR files)")
+    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    try:
+        return cls(root, train=train, download=False)
+    except RuntimeError as e:
+        raise FileNotFoundError(
+            f"{name} not found under '{root}' ({e}). Download it once with "
+            f"`python -c \"import torchvision; torchvision.datasets.{cls.__name__}('{root}', download=True)\"`"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subsets
+
+
+class SubsetDataset(Dataset):
+    """`base` restricted to `indices`, keeping `targets` and `load_image` (torch's Subset drops them)."""
+
+    def __init__(self, base, indices: Sequence[int]):
+        self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
+        self.targets = np.asarray(base.targets)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load_image(self, i: int):
+        return self.base.load_image(int(self.indices[i]))
+
+    def __getitem__(self, i: int):
+        return self.base[int(self.indices[i])]
+
+    @property
+    def transform(self):
+        return self.base.transform
+
+
+def balanced_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a class-balanced (stratified), seeded subset: round(fraction * n_c) of each class c.
+
+    Raises ValueError naming the class when the fraction leaves a class without samples.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    if fraction == 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng([seed, 0x5EB5E7])  # fixed stream, independent of the training seed's uses
+    picked = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = int(round(fraction * len(idx)))
+        if k == 0:
+            raise ValueError(
+                f"data.label_fraction={fraction} keeps no sample of class {c} ({len(idx)} samples); "
+                f"use a fraction >= {1 / len(idx):.4g}"
+            )
+        picked.append(rng.permutation(idx)[:k])
+    return np.sort(np.concatenate(picked))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed: int = 0) -> Dataset:
+    """Dataset of `(transform(pil_img), label)` for a `DataConfig` and split "train" | "test".
+
+    With `transform=None` items are PIL images (mode 'L' if cfg.in_chans == 1 else 'RGB'), as `MIMDataset`
+    expects. `label_fraction` (train only) keeps a class-balanced subset seeded by `label_seed`;
+    `train_subset` / `eval_subset` then keep the first N samples.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    mode = pil_mode(cfg.in_chans)
+    train = split == "train"
+    if cfg.dataset == "fashion_mnist":
+        images, labels = load_fashion_mnist(cfg.root, split)
+        ds = ArrayImageDataset(images, labels, mode, transform)
+    elif cfg.dataset == "image_folder":
+        if not cfg.root:
+            raise ValueError("data.root must be set for dataset 'image_folder' (root/<split>/<class>/*.jpg)")
+        root = Path(cfg.root).expanduser()
+        folder = root / split
+        if not folder.is_dir():
+            if not train:
+                raise FileNotFoundError(f"no '{split}' folder under data.root '{root}' (expected {folder}/<class>/*.jpg)")
+            log.info("'%s' does not exist; using '%s' itself as the training folder", folder, root)
+            folder = root
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data.root '{root}' is not a directory")
+        ds = ImageFolderDataset(folder, mode, transform, cfg.on_bad_file)
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        ds = _TorchvisionDataset(_cifar(cfg.dataset, cfg.root, train), mode, transform)
+    else:  # unreachable through DataConfig's Literal, kept for direct callers
+        raise ValueError(f"unknown data.dataset {cfg.dataset!r}")
+    if train and cfg.label_fraction < 1:
+        ds = SubsetDataset(ds, balanced_subset(ds.targets, cfg.label_fraction, label_seed))
+    n = cfg.train_subset if train else cfg.eval_subset
+    if n is not None and n < len(ds):
+        ds = SubsetDataset(ds, np.arange(n))
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masked image modeling
+
+
+class MIMDataset(Dataset):
+    """Pretraining items: {"image": [C,H,W] normalised, "tok_image": [C,h,w] in [0,1], "mask": bool [gh,gw]}.
+
+    Item i of epoch e draws everything (jitter, flip, crop, mask) from `np.random.default_rng([seed, e, i])`,
+    so a sample depends only on (seed, epoch, index): no worker seeding, identical after a resume.
+    `set_epoch` must be called before the DataLoader iterator is created (workers copy the dataset then).
+    `base` must yield PIL images (build it with transform=None); labels are ignored.
+    """
+
+    def __init__(self, base, two_view: TwoViewTransform, mask_gen: MaskingGenerator, seed: int = 0):
+        if not hasattr(base, "load_image"):
+            raise TypeError("MIMDataset: base must come from build_dataset(cfg, split) (it needs load_image)")
+        self.base, self.two_view, self.mask_gen, self.seed, self.epoch = base, two_view, mask_gen, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor] | BadSample:
+        img = self.base.load_image(i)
+        if isinstance(img, BadSample):
+            return img
+        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        image, tok_image = self.two_view(img, rng)
+        mask = torch.from_numpy(self.mask_gen(rng))
+        return {"image": image, "tok_image": tok_image, "mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collation and bad-file accounting
+
+
+class LabeledBatch(tuple):
+    """`(images, labels)` that also carries `num_bad` / `bad_paths` (survives DataLoader pin_memory)."""
+
+    num_bad: int
+    bad_paths: list[str]
+
+    def __new__(cls, items, num_bad: int = 0, bad_paths: list[str] | None = None):
+        self = super().__new__(cls, items)
+        self.num_bad, self.bad_paths = num_bad, list(bad_paths or [])
+        return self
+
+    def pin_memory(self):
+        return LabeledBatch([x.pin_memory() if torch.is_tensor(x) else x for x in self], self.num_bad, self.bad_paths)
+
+
+def collate_mim_skip_bad(batch: list) -> dict:
+    """DataLoader collate for `MIMDataset`: drops `BadSample`s; adds "num_bad" (int) and "bad_paths" (list[str]).
+
+    If every item of the batch was bad, the dict holds only those two keys (no "image"): skip that step.
+    """
+    bad = [s.path for s in batch if isinstance(s, BadSample)]
+    good = [s for s in batch if not isinstance(s, BadSample)]
+    out = default_collate(good) if good else {}
+    out["num_bad"], out["bad_paths"] = len(bad), bad
+    return out
+
+
+def collate_skip_bad(batch: list) -> Any:
+    """DataLoader collate for `(x, y)` datasets: drops `BadSample`s and returns a `LabeledBatch`.
+
+    It unpacks as `x, y` and carries `.num_bad` / `.bad_paths`; if every item was bad, `x` and `y` are None
+    (skip that step). Dict items (MIM) are handed to `collate_mim_skip_bad`.
+    """
+    good = [s for s in batch if not isinstance(s, BadSample)]
+    if good and isinstance(good[0], dict):
+        return collate_mim_skip_bad(batch)
+    bad = [s.path for s in batch if isinstance(s, BadSample)]
+    items = default_collate(good) if good else (None, None)
+    return LabeledBatch(items, len(bad), bad)
+
+
+class BadFileTracker:
+    """Main-process tally of skipped files for the run summary: call `update(batch)` on every batch."""
+
+    def __init__(self):
+        self.num_skipped = 0  # skip events (a bad file counts once per epoch it is drawn)
+        self.paths: set[str] = set()  # distinct bad files
+
+    def update(self, batch) -> int:
+        """Record the batch's bad files; returns how many were skipped in it."""
+        if isinstance(batch, dict):
+            n, paths = batch.get("num_bad", 0), batch.get("bad_paths", [])
+        else:
+            n, paths = getattr(batch, "num_bad", 0), getattr(batch, "bad_paths", [])
+        self.num_skipped += int(n)
+        self.paths.update(paths)
+        return int(n)
+
+    def summary(self) -> dict:
+        return {"num_bad_skipped": self.num_skipped, "bad_files": sorted(self.paths)}
