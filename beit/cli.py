@@ -1,0 +1,44 @@
+"""`beit` command line. Each sub-command is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from beit.config import ConfigError, load_config
+
+
+def _add_train_command(sub, name: str, help: str, run):
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.epochs=2")
+    p.add_argument("--resume", action="store_true", help="continue the run in the run directory exactly")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.set_defaults(func=lambda a: run(load_config(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite))
+
+
+def _pretrain(cfg, **kw):
+    from beit.train.pretrain import run_pretrain
+
+    return run_pretrain(cfg, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="beit", description="BEiT: BERT pre-training of image transformers")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_command(sub, "pretrain", "masked image modeling pretraining (BEiT)", _pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, KeyError) as e:
+        # Bad input is reported as one clear line, not a traceback.
+        print(f"beit {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

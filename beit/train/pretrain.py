@@ -1,0 +1,91 @@
+"""BEiT pretraining: predict the frozen tokenizer's visual tokens at block-masked positions.
+
+batch = {image [B, C, H, W] (patch view), tok_image [B, C, h, w] in [0, 1] (tokenizer view, same crop),
+         mask [B, gh, gw] bool}
+targets = tokenizer.encode(tok_image)[mask]          # [num_masked]   frozen, inference mode, fp32
+logits  = model(image, mask)                         # [num_masked, vocab]
+loss    = cross-entropy over all masked tokens of the batch
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from beit.config import Config, ConfigError
+
+log = logging.getLogger("beit")
+
+
+def make_mim_step(tokenizer: nn.Module):
+    def mim_step(model: nn.Module, batch: dict) -> dict:
+        mask = batch["mask"].flatten(1)  # [B, N]
+        # The tokenizer is a frozen target generator: no grad, outside autocast (targets are argmaxes, so
+        # low precision could flip them), never in the optimizer.
+        with torch.inference_mode(), torch.autocast(batch["image"].device.type, enabled=False):
+            tokens = tokenizer.encode(batch["tok_image"].float()).flatten(1)  # [B, N]
+        targets = tokens[mask].clone()  # [num_masked]; clone leaves inference mode
+        logits = model(batch["image"], mask)  # [num_masked, vocab]
+        loss = F.cross_entropy(logits.float(), targets)
+        with torch.no_grad():
+            mlm_acc = (logits.argmax(-1) == targets).float().mean()
+        return {"loss": loss, "mlm_acc": mlm_acc, "mask_frac": mask.float().mean()}
+
+    return mim_step
+
+
+def check_compatible(model, tokenizer, cfg: Config):
+    """Fail before any work if the model, tokenizer and data disagree on grid, vocabulary or channels."""
+    tok_grid = cfg.tokenizer.image_size // tokenizer.downsample
+    problems = []
+    if model.vocab_size != tokenizer.vocab_size:
+        problems.append(f"model vocab_size {model.vocab_size} != tokenizer vocab_size {tokenizer.vocab_size} "
+                        f"(set model.vocab_size={tokenizer.vocab_size})")
+    if model.grid != (tok_grid, tok_grid):
+        problems.append(f"model patch grid {model.grid} != tokenizer grid {tok_grid}x{tok_grid} "
+                        f"(tokenizer.image_size {cfg.tokenizer.image_size} / downsample {tokenizer.downsample})")
+    if cfg.data.img_size != model.patch_embed.img_size:
+        problems.append(f"data.img_size {cfg.data.img_size} != model img_size {model.patch_embed.img_size}")
+    if cfg.data.in_chans != model.patch_embed.in_chans:
+        problems.append(f"data.in_chans {cfg.data.in_chans} != model in_chans {model.patch_embed.in_chans}")
+    if tokenizer.in_chans != cfg.data.in_chans:
+        problems.append(f"tokenizer expects {tokenizer.in_chans} channels, data.in_chans is {cfg.data.in_chans}")
+    if problems:
+        raise ConfigError("model, tokenizer and data disagree: " + "; ".join(problems))
+
+
+def build_pretrain_task(cfg: Config, device: torch.device):
+    from beit.data import MaskingGenerator, MIMDataset, TwoViewTransform, build_dataset
+    from beit.models import create_model
+    from beit.tokenizers import create_tokenizer
+    from beit.train.loop import Task
+
+    tokenizer = create_tokenizer(cfg.tokenizer.name, weights=cfg.tokenizer.weights).to(device)
+    model = create_model(cfg.model.name, cfg.model.pretrained, **cfg.model.overrides())
+    if model.lm_head is None:
+        raise ConfigError(f"model.name={cfg.model.name} has no lm_head; pretraining needs a *_vocab preset")
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    check_compatible(model, tokenizer, cfg)
+
+    d = cfg.data
+    two_view = TwoViewTransform(
+        d.img_size, cfg.tokenizer.image_size, scale=d.crop_scale, ratio=d.crop_ratio, color_jitter=d.color_jitter,
+        hflip=d.hflip, mean=d.mean, std=d.std, in_chans=d.in_chans,
+    )
+    mask_gen = MaskingGenerator(
+        model.grid, d.num_mask_patches, min_num_patches=d.min_mask_patches, max_num_patches=d.max_mask_patches,
+        min_aspect=d.mask_min_aspect, mode=d.mask_mode,
+    )
+    dataset = MIMDataset(build_dataset(d, "train"), two_view, mask_gen, seed=cfg.train.seed)
+    return Task(model=model, step=make_mim_step(tokenizer), dataset=dataset,
+                collate_fn=getattr(dataset, "collate_fn", None))
+
+
+def run_pretrain(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
+    from beit.train.runner import launch
+
+    return launch(cfg, build_pretrain_task, resume=resume, overwrite=overwrite)

@@ -1,0 +1,59 @@
+"""What every training command does around the loop: processes, seeds, the run directory, logging."""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from beit.config import Config
+from beit.train import checkpoint as ckpt_io
+from beit.train.distributed import barrier, cleanup, init_distributed
+from beit.train.loop import Task, fit
+
+log = logging.getLogger("beit")
+
+
+def setup_logging(run_dir: Path | None, is_main: bool):
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None and is_main:
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.train.out_dir) / (cfg.train.run_name or "run")
+
+
+def launch(cfg: Config, build_task: Callable[[Config, torch.device], Task], resume=False, overwrite=False) -> Path:
+    """Set up processes and the run directory, build the task, train. Returns the run directory."""
+    info = init_distributed(cfg.train.device, cfg.dist.backend)
+    try:
+        run_dir = run_dir_of(cfg)
+        if info.is_main:
+            ckpt_io.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        barrier()
+        setup_logging(run_dir, info.is_main)
+        # Per-rank seeds: model-side randomness (drop path) differs across ranks; data randomness is
+        # keyed by (seed, epoch, sample index) and so does not depend on the rank at all.
+        torch.manual_seed(cfg.train.seed + info.rank)
+        random.seed(cfg.train.seed + info.rank)
+        task = build_task(cfg, info.device)
+        summary = fit(cfg, task, run_dir, info, resume=resume)
+        if info.is_main:
+            log.info(f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f}s; run directory {run_dir}")
+        return run_dir
+    finally:
+        cleanup()
