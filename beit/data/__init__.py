@@ -71,7 +71,10 @@ def build_pretrain_loader(
     if start_sample % world_size:
         raise ValueError(f"start_sample={start_sample} must be a multiple of world_size={world_size}")
     dataset = MIMDataset(
-        build_dataset(cfg, "train"), build_two_view_transform(cfg, tokenizer_size_px), build_mask_generator(cfg, grid), seed
+        build_dataset(cfg, "train"),
+        build_two_view_transform(cfg, tokenizer_size_px),
+        build_mask_generator(cfg, grid),
+        seed,
     )
     sampler = ResumableSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size, drop_last=True)
     dataset.set_epoch(epoch)

@@ -281,7 +281,9 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
         folder = root / split
         if not folder.is_dir():
             if not train:
-                raise FileNotFoundError(f"no '{split}' folder under data.root '{root}' (expected {folder}/<class>/*.jpg)")
+                raise FileNotFoundError(
+                    f"no '{split}' folder under data.root '{root}' (expected {folder}/<class>/*.jpg)"
+                )
             log.info("'%s' does not exist; using '%s' itself as the training folder", folder, root)
             folder = root
         if not folder.is_dir():

@@ -245,5 +245,6 @@ def build_finetune_transform(cfg, train: bool):
         std=tuple(std),
     )
     if size <= 32:  # official (DeiT heritage): small inputs use a padded random crop instead of RRC
-        tf.transforms[0] = T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.RandomCrop(size, padding=4)])
+        resize = T.Resize(size, interpolation=InterpolationMode.BICUBIC)  # a no-op on images already at `size`
+        tf.transforms[0] = T.Compose([resize, T.RandomCrop(size, padding=4)])
     return _GrayViaRGB(tf) if in_chans == 1 else T.Compose([_ToMode(mode), tf])
