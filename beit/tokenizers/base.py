@@ -1,0 +1,122 @@
+"""What every tokenizer shares: frozen-module behaviour, input checks, safe weight-file reading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+PIXEL_TOL = 1e-6  # rounding slack on the [0, 1] input range
+
+
+class TokenizerError(ValueError):
+    """Bad weights or a mismatch between a checkpoint and its config; the message names what and where."""
+
+
+class FrozenTokenizer(nn.Module):
+    """Base class: an image tokenizer that is never trained by its user.
+
+    Subclasses set `vocab_size`, `downsample`, `in_chans`, implement `logits(images)` (preprocessing
+    included) and, if they have a decoder, `_decode(ids)`.
+    """
+
+    vocab_size: int
+    downsample: int
+    in_chans: int
+    # Subclasses set self.decoder (a module, or None). No class-level default: nn.Module keeps
+    # submodules in _modules, and a class attribute would shadow them.
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenTokenizer:
+        # A parent's model.train() must not switch the tokenizer to training behaviour.
+        return super().train(False)
+
+    def check_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] float in [0, 1] with C == in_chans and H, W divisible by the downsample factor."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"tokenizer expects images as a [B, C, H, W] tensor, got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"tokenizer expects float images in [0, 1], got dtype {images.dtype} (for uint8 use images.float() / 255)")
+        b, c, h, w = images.shape
+        if c != self.in_chans:
+            raise ValueError(f"tokenizer expects {self.in_chans} channel(s), got {c} (images of shape {tuple(images.shape)})")
+        if h % self.downsample or w % self.downsample:
+            raise ValueError(f"image size {h}x{w} is not divisible by the tokenizer's downsample factor {self.downsample}")
+        lo, hi = images.min().item(), images.max().item()
+        if lo < -PIXEL_TOL or hi > 1 + PIXEL_TOL:
+            raise ValueError(f"tokenizer expects pixel values in [0, 1] (it applies its own map_pixels), got min {lo:.4g}, max {hi:.4g}; "
+                             "pass images before mean/std normalisation")
+        return images.float()
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:  # [B, V, h, w]
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] in [0, 1] -> LongTensor [B, H/ds, W/ds] of token ids."""
+        return self.logits(images).argmax(1)
+
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """LongTensor [B, h, w] -> images [B, C, h·ds, w·ds] in [0, 1]."""
+        if getattr(self, "decoder", None) is None:
+            raise RuntimeError(f"{type(self).__name__} was loaded without decoder weights, so it cannot decode")
+        if ids.dim() != 3 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"decode expects integer ids of shape [B, h, w], got {ids.dtype} {tuple(ids.shape)}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {ids.min().item()}, max {ids.max().item()}")
+        return self._decode(ids.long())
+
+    def _decode(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a torch file, without unpickling arbitrary objects.
+
+    Unwraps the usual `{'state_dict': …}` / `{'model': …}` containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer weight file '{path}' does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or a pickled module rather than a state dict
+        hint = ""
+        if "weights_only" in str(e) or path.suffix == ".pkl":
+            hint = " If it is OpenAI's pickled encoder.pkl/decoder.pkl, convert it once with `beit tokenizer convert SRC DST --trust-pickle`."
+        raise TokenizerError(f"cannot read tokenizer weights '{path}': {type(e).__name__}: {str(e)[:300]}.{hint}") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TokenizerError(f"'{path}' does not hold a state dict of tensors (got {type(state).__name__})")
+    return state
+
+
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Fail with the first few missing/unexpected keys and every shape mismatch, each named."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    problems = []
+    if wrong:
+        problems.append("shape mismatch (vocab size or width differs from the config?) " + "; ".join(wrong[:4]))
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+    if problems:
+        raise TokenizerError(f"{source} does not fit the tokenizer architecture: " + " | ".join(problems))

@@ -1,0 +1,124 @@
+"""`beit tokenizer {train, encode, reconstruct, convert}`; `register(subparsers)` adds the command group.
+
+Also runnable on its own: `python -m beit.tokenizers.cli train configs/tokenizer/fmnist_dvae.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _load_images(paths: list[str], tok) -> torch.Tensor:
+    """Image files -> [B, C, S, S] in [0, 1], converted to the tokenizer's channels and resized to a multiple of
+    its downsample factor (the size of the first image, rounded down)."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor, resize
+
+    mode = "L" if tok.in_chans == 1 else "RGB"
+    imgs = []
+    size = None
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"image '{p}' does not exist")
+        img = Image.open(p).convert(mode)
+        if size is None:
+            size = max(min(img.size) // tok.downsample * tok.downsample, tok.downsample)
+        img = resize(img, [size, size], antialias=True)
+        imgs.append(pil_to_tensor(img).float() / 255)
+    return torch.stack(imgs)  # [B, C, S, S]
+
+
+def _tokenizer(args):
+    from beit.tokenizers import create_tokenizer
+
+    return create_tokenizer(args.tokenizer, weights=args.weights)
+
+
+def cmd_train(args) -> int:
+    from beit.config import load_config
+    from beit.tokenizers.train import train_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.train.out_dir) / (cfg.train.run_name or Path(args.config).stem)
+    metrics = train_tokenizer(cfg, out, overwrite=args.overwrite)
+    print(f"wrote {out} (codes used {metrics['codes_used_frac']:.1%}, perplexity {metrics['perplexity']:.1f}, "
+          f"recon MSE {metrics['recon_mse']:.4f})")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    tok = _tokenizer(args)
+    ids = tok.encode(_load_images(args.images, tok))  # [B, h, w]
+    if args.out:
+        torch.save({"ids": ids, "images": args.images}, args.out)
+        print(f"wrote token maps {tuple(ids.shape)} to {args.out}")
+    for path, grid in zip(args.images, ids):
+        print(f"# {path}: {grid.shape[0]}x{grid.shape[1]} tokens")
+        for row in grid.tolist():
+            print(" ".join(f"{t:4d}" for t in row))
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    from torchvision.utils import save_image
+
+    tok = _tokenizer(args)
+    x = _load_images(args.images, tok)
+    rec = tok.decode(tok.encode(x))
+    pairs = torch.stack([x, rec], 1).flatten(0, 1)  # original, reconstruction, original, ...
+    save_image(pairs, args.out, nrow=2, padding=2, pad_value=0.5)
+    print(f"wrote {args.out} (pairs original | reconstruction)")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from beit.tokenizers.dalle import convert_dalle_pickle
+
+    dst = convert_dalle_pickle(args.src, args.dst, trust_pickle=args.trust_pickle)
+    print(f"wrote {dst}; load it with create_tokenizer('dall-e', weights='{dst}')")
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `tokenizer` and its sub-commands to an argparse sub-parser set. Each sets `func(args) -> int`."""
+    p = subparsers.add_parser("tokenizer", help="train, apply and convert visual tokenizers")
+    sub = p.add_subparsers(dest="tokenizer_cmd", required=True)
+
+    t = sub.add_parser("train", help="train a dVAE tokenizer from a config")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    t.add_argument("--out", help="output directory (default: train.out_dir/run_name)")
+    t.add_argument("--overwrite", action="store_true", help="allow writing into an existing, non-empty directory")
+    t.set_defaults(func=cmd_train)
+
+    for name, fn, helptext in (("encode", cmd_encode, "print (and optionally save) token maps"),
+                               ("reconstruct", cmd_reconstruct, "encode then decode, save a PNG grid")):
+        e = sub.add_parser(name, help=helptext)
+        e.add_argument("--tokenizer", required=True, help="'dall-e', a shipped name (fmnist_dvae) or a trained tokenizer path")
+        e.add_argument("--weights", help="weight file (required for dall-e)")
+        e.add_argument("images", nargs="+")
+        e.add_argument("--out", required=name == "reconstruct", help="output file (.pt for encode, .png for reconstruct)")
+        e.set_defaults(func=fn)
+
+    c = sub.add_parser("convert", help="convert OpenAI's pickled encoder.pkl/decoder.pkl to safetensors")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--trust-pickle", action="store_true", help="required: unpickling runs code from the file")
+    c.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m beit.tokenizers.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["tokenizer", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

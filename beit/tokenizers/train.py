@@ -1,0 +1,262 @@
+"""Train a small dVAE tokenizer (DALL-E's recipe, scaled down): `beit tokenizer train CONFIG`.
+
+Recipe: Gumbel-softmax relaxation with a cosine-annealed temperature, KL to the uniform prior with a
+linearly warmed-up weight, logit-Laplace (or MSE) reconstruction, AdamW with warmup + cosine lr, bf16
+autocast. Dead codes (tokens the encoder never picks) are the known failure of this model: we count them
+during training and re-initialise each dead code by splitting a code that is in use (see `_revive_dead_codes`).
+
+Outputs in `out_dir`: tokenizer.safetensors (weights; the TokenizerConfig is also in its metadata),
+tokenizer.yaml (the `tokenizer:` section a pretraining config can use), metrics.json, recon.png.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import save_file
+
+from beit.config import Config, TokenizerConfig
+from beit.tokenizers.dvae import DVAE, kl_to_uniform, recon_nll
+
+# Dead-code handling (not in TokenizerConfig; fixed here): every REVIVE_EVERY steps, codes picked fewer
+# than REVIVE_MIN_COUNT times over that window are re-initialised, until REVIVE_UNTIL of the run.
+REVIVE_EVERY = 100
+REVIVE_MIN_COUNT = 1
+REVIVE_UNTIL = 0.75
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _read_idx_images(path: Path) -> torch.Tensor:
+    """IDX3 gz file -> uint8 [N, 28, 28] (fallback while beit.data.datasets is not there)."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    n, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=16).copy()).view(n, rows, cols)
+
+
+def _load_split(cfg: Config, split: str) -> torch.Tensor:
+    """All images of a split as uint8 [N, C, S, S] at the tokenizer's image size (labels unused)."""
+    size, subset = cfg.tokenizer.image_size, cfg.data.train_subset if split == "train" else cfg.data.eval_subset
+    try:
+        from beit.data.datasets import build_dataset  # written by the data owner
+    except ImportError:
+        build_dataset = None
+    if build_dataset is None:
+        if cfg.data.dataset != "fashion_mnist":
+            raise RuntimeError(f"dataset '{cfg.data.dataset}' needs beit.data.datasets.build_dataset, which is missing")
+        root = Path(cfg.data.root) if cfg.data.root else FMNIST_DIR
+        prefix = "train" if split == "train" else "t10k"
+        x = _read_idx_images(root / f"{prefix}-images-idx3-ubyte.gz")[:subset, None]  # [N, 1, 28, 28]
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
+        return x.round().clamp(0, 255).to(torch.uint8)
+    import torchvision.transforms as T
+
+    tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+    ds = build_dataset(cfg.data, split, transform=tf)
+    n = len(ds) if subset is None else min(subset, len(ds))
+    return torch.stack([ds[i][0] for i in range(n)])  # [N, C, S, S] uint8
+
+
+# ------------------------------------------------------------------------------------------ schedules
+def temperature_at(cfg: TokenizerConfig, step: int) -> float:
+    """Cosine anneal from temperature_start to temperature_end, then constant."""
+    t = min(step / max(cfg.temperature_anneal_steps, 1), 1.0)
+    return cfg.temperature_end + 0.5 * (cfg.temperature_start - cfg.temperature_end) * (1 + math.cos(math.pi * t))
+
+
+def kl_weight_at(cfg: TokenizerConfig, step: int) -> float:
+    """Linear warmup 0 -> kl_weight (DALL-E ramps its β the same way, so the encoder first learns to reconstruct)."""
+    return cfg.kl_weight * min(step / max(cfg.kl_warmup_steps, 1), 1.0)
+
+
+def lr_at(cfg: Config, step: int, total: int) -> float:
+    o = cfg.optim
+    warm = o.warmup_steps if o.warmup_steps is not None else 0
+    if step < warm:
+        return o.lr * (step + 1) / warm
+    t = (step - warm) / max(total - warm, 1)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+# ---------------------------------------------------------------------------------------- dead codes
+@torch.no_grad()
+def _revive_dead_codes(model: DVAE, opt: torch.optim.Optimizer, counts: torch.Tensor, ids: torch.Tensor) -> int:
+    """Give every dead code the encoder row and codebook entry of a code in use, plus noise.
+
+    Donors are the argmax codes of random positions of the last batch, so busy codes are split more
+    often. After the copy, the noise decides which of the two twins wins each position, so both get
+    used and the decoder learns to tell them apart. Adam state is copied too, so the twin does not take
+    a huge first step.
+    """
+    dead = (counts < REVIVE_MIN_COUNT).nonzero().flatten()
+    if dead.numel() == 0:
+        return 0
+    flat = ids.flatten()
+    donors = flat[torch.randint(0, flat.numel(), (dead.numel(),), device=flat.device)]
+    conv = model.encoder.blocks.output.conv
+    for p, scale in ((conv.weight, 0.05), (conv.bias, 0.0), (model.codebook, 0.05)):
+        p[dead] = p[donors] + scale * p[donors].std() * torch.randn_like(p[donors])
+        state = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][dead] = state[key][donors]
+    return int(dead.numel())
+
+
+# ---------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate(model: DVAE, images: torch.Tensor, device: torch.device, batch_size: int = 500) -> dict:
+    """Hard-token reconstruction error in [0, 1] pixel space and codebook usage on held-out images."""
+    model.eval()
+    V = model.cfg.vocab_size
+    hist = torch.zeros(V, dtype=torch.long)
+    se = ae = 0.0
+    n_px = 0
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device).float() / 255  # [B, C, S, S]
+        ids = model.logits(x).argmax(1)  # [B, h, w]
+        rec = model.decode_ids(ids)
+        se += (rec - x).pow(2).sum().item()
+        ae += (rec - x).abs().sum().item()
+        n_px += x.numel()
+        hist += torch.bincount(ids.flatten().cpu(), minlength=V)
+    p = hist.float() / hist.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    return {
+        "recon_mse": se / n_px,
+        "recon_mae": ae / n_px,
+        "codes_used": int((hist > 0).sum()),
+        "codes_used_frac": float((hist > 0).float().mean()),
+        "perplexity": math.exp(entropy),
+        "num_images": len(images),
+    }
+
+
+def save_recon_grid(model: DVAE, images: torch.Tensor, path: Path, device: torch.device, n: int = 32) -> None:
+    """PNG with pairs original | reconstruction, 4 pairs per row, upscaled ×3 (nearest) to be legible."""
+    from torchvision.utils import save_image
+
+    with torch.no_grad():
+        x = images[:n].to(device).float() / 255
+        rec = model.decode_ids(model.logits(x).argmax(1))
+    pairs = torch.stack([x, rec], 1).flatten(0, 1).cpu()  # [2n, C, S, S]: orig0, rec0, orig1, ...
+    pairs = F.interpolate(pairs, scale_factor=3, mode="nearest")
+    save_image(pairs, path, nrow=8, padding=2, pad_value=0.5)
+
+
+# --------------------------------------------------------------------------------------------- train
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory '{out_dir}' exists and is not empty; pass overwrite=True (CLI: --overwrite) or pick another directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def save_tokenizer(model: DVAE, out_dir: Path, metrics: dict | None = None) -> None:
+    tcfg = model.cfg.model_copy(update={"name": str(out_dir), "weights": None})
+    meta = {"format": "beit-dvae", "tokenizer_config": json.dumps(tcfg.model_dump(mode="json"))}
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / "tokenizer.safetensors"), metadata=meta)
+    (out_dir / "tokenizer.yaml").write_text(yaml.safe_dump({"tokenizer": tcfg.model_dump(mode="json")}, sort_keys=False))
+    if metrics is not None:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, log=print) -> dict:
+    """Train a dVAE as described by `cfg.tokenizer` on `cfg.data`; returns the final held-out metrics."""
+    from tqdm import tqdm
+
+    tcfg, out_dir = cfg.tokenizer, Path(out_dir)
+    if tcfg.in_chans != cfg.data.in_chans:
+        raise ValueError(f"tokenizer.in_chans={tcfg.in_chans} but data.in_chans={cfg.data.in_chans}; make them equal")
+    _prepare_out_dir(out_dir, overwrite)
+    torch.manual_seed(cfg.train.seed)
+    device = _device(cfg)
+    amp = nullcontext() if cfg.train.amp == "none" else torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
+
+    t0 = time.time()
+    train_x, test_x = _load_split(cfg, "train"), _load_split(cfg, "test")  # uint8 [N, C, S, S]
+    if train_x.shape[1] != tcfg.in_chans:
+        raise ValueError(f"the data has {train_x.shape[1]} channels but tokenizer.in_chans={tcfg.in_chans}")
+    log(f"data: train {tuple(train_x.shape)}, held-out {tuple(test_x.shape)} ({time.time() - t0:.1f}s)")
+
+    model = DVAE(tcfg).to(device)
+    log(f"dVAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {tcfg.vocab_size}, ÷{tcfg.downsample}")
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+    bs = cfg.data.batch_size
+    steps_per_epoch = max(len(train_x) // bs, 1)
+    total = int(cfg.train.epochs * steps_per_epoch)
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    counts = torch.zeros(tcfg.vocab_size, dtype=torch.long, device=device)  # argmax histogram of the window
+    history, revived_total = [], 0
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    perm, pos = torch.randperm(len(train_x), generator=gen), 0
+
+    bar = tqdm(total=total * bs, unit="img", unit_scale=True, disable=not cfg.train.progress, mininterval=2.0)
+    t_train = time.time()
+    model.train()
+    for step in range(total):
+        if pos + bs > len(perm):
+            perm, pos = torch.randperm(len(train_x), generator=gen), 0
+        x = train_x[perm[pos : pos + bs]].to(device).float() / 255  # [B, C, S, S] in [0, 1]
+        pos += bs
+        tau, beta = temperature_at(tcfg, step), kl_weight_at(tcfg, step)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step, total)
+
+        with amp:
+            logits = model.logits(x)  # [B, V, h, w]
+            # The relaxation is computed in fp32: bf16 noise/softmax at tau=1/16 would round codes together.
+            soft = F.gumbel_softmax(logits.float(), tau=tau, hard=False, dim=1)
+            stats = model.decode_stats(soft)
+        rec = recon_nll(stats, x, tcfg.recon_loss)
+        kl = kl_to_uniform(logits)
+        loss = rec + beta * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if o.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+        opt.step()
+
+        ids = logits.detach().argmax(1)  # [B, h, w]
+        counts += torch.bincount(ids.flatten(), minlength=tcfg.vocab_size)
+        bar.update(bs)
+        if (step + 1) % REVIVE_EVERY == 0:
+            used = int((counts > 0).sum())
+            revived = _revive_dead_codes(model, opt, counts, ids) if step < REVIVE_UNTIL * total else 0
+            revived_total += revived
+            history.append({"step": step + 1, "loss": loss.item(), "recon": rec.item(), "kl": kl.item(), "tau": tau,
+                            "kl_weight": beta, "codes_used_window": used, "revived": revived})
+            bar.set_postfix(loss=f"{loss.item():.3f}", tau=f"{tau:.3f}", used=used, revived=revived)
+            counts.zero_()
+    bar.close()
+    train_s = time.time() - t_train
+
+    metrics = evaluate(model, test_x, device)
+    metrics.update({"train_steps": total, "train_images": total * bs, "train_seconds": round(train_s, 1),
+                    "revived_codes_total": revived_total, "device": str(device), "torch_threads": torch.get_num_threads(),
+                    "history": history})
+    log("held-out: " + json.dumps({k: v for k, v in metrics.items() if k != "history"}))
+    save_tokenizer(model.cpu(), out_dir, metrics)
+    save_recon_grid(model, test_x, out_dir / "recon.png", torch.device("cpu"))
+    (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    return metrics

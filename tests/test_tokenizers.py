@@ -1,0 +1,218 @@
+"""Tokenizers: DALL-E parity with the `dall_e` package, the shipped Fashion-MNIST dVAE, errors, training."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from beit.config import load_config
+from beit.tokenizers import SHIPPED, TokenizerError, convert_dalle_pickle, create_tokenizer
+from beit.tokenizers.dalle import DalleTokenizer
+
+FMNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ------------------------------------------------------------------------------------------ DALL-E
+@pytest.fixture(scope="module")
+def dalle_states():
+    """Random dall_e Encoder/Decoder state dicts (biases made non-zero so the bias mapping is tested)."""
+    dall_e = pytest.importorskip("dall_e")
+    torch.manual_seed(0)
+    enc, dec = dall_e.Encoder(), dall_e.Decoder()
+    with torch.no_grad():
+        for m in (enc, dec):
+            for name, p in m.named_parameters():
+                if name.endswith(".b"):
+                    p.normal_(std=0.01)
+    return enc, dec
+
+
+def test_dalle_encoder_decoder_match_dall_e_package(dalle_states, tmp_path):
+    enc, dec = dalle_states
+    from dall_e.utils import map_pixels
+
+    # OpenMMLab's dalle_encoder.pth holds the same `blocks.…w/b` keys; in an mmengine checkpoint they
+    # sit under `state_dict` with a `target_generator.` prefix. Build both layouts by renaming.
+    mm_path = tmp_path / "dalle_encoder.pth"
+    torch.save({"state_dict": {f"target_generator.{k}": v for k, v in enc.state_dict().items()}}, mm_path)
+    enc_path, dec_path = tmp_path / "enc.pth", tmp_path / "dec.pth"
+    torch.save(enc.state_dict(), enc_path)
+    torch.save(dec.state_dict(), dec_path)
+
+    tok = create_tokenizer("dall-e", weights=enc_path, decoder_weights=dec_path)
+    tok_mm = create_tokenizer("dall-e", weights=mm_path)
+    assert isinstance(tok, DalleTokenizer) and tok.vocab_size == 8192 and tok.downsample == 8 and tok.in_chans == 3
+
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 112, 112)
+    with torch.no_grad():
+        ref = enc(map_pixels(x))  # [2, 8192, 14, 14], fp32 on CPU
+        ours = tok.logits(x)
+        ours_mm = tok_mm.logits(x)
+    assert ours.shape == ref.shape == (2, 8192, 14, 14)
+    assert _rel_err(ours, ref) <= 1e-5
+    assert torch.equal(ours_mm, ours)
+    ids = tok.encode(x)
+    assert ids.dtype == torch.long and ids.shape == (2, 14, 14)
+    assert torch.equal(ids, ref.argmax(1))
+
+    onehot = F.one_hot(ids, 8192).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        ref_stats = dec(onehot)  # [2, 6, 112, 112]
+        our_stats = tok.decoder(onehot)
+    assert _rel_err(our_stats, ref_stats) <= 1e-5
+    img = tok.decode(ids)
+    assert img.shape == (2, 3, 112, 112) and 0 <= img.min() and img.max() <= 1
+
+
+def test_convert_dalle_pickle_requires_trust(tmp_path):
+    dall_e = pytest.importorskip("dall_e")
+    small = dall_e.Encoder(n_hid=64, vocab_size=512)  # the converter only renames keys; keep the pickle small
+    src = tmp_path / "encoder.pkl"
+    torch.save(small, src)
+    with pytest.raises(PermissionError, match="trust_pickle"):
+        convert_dalle_pickle(src, tmp_path / "enc.safetensors", trust_pickle=False)
+    assert not (tmp_path / "enc.safetensors").exists()
+    dst = convert_dalle_pickle(src, tmp_path / "enc.safetensors", trust_pickle=True)
+    from safetensors.torch import load_file
+
+    out = load_file(str(dst))
+    assert torch.equal(out["encoder.blocks.input.weight"], small.blocks.input.w)
+    assert torch.equal(out["encoder.blocks.output.conv.bias"], small.blocks.output.conv.b)
+    # The pickle itself is refused by the normal loader, with a pointer to the converter.
+    with pytest.raises(TokenizerError, match="--trust-pickle"):
+        create_tokenizer("dall-e", weights=src)
+    # Width 64 / vocab 512 is not DALL-E's architecture: the converted file loads with a named mismatch.
+    with pytest.raises(TokenizerError, match="shape mismatch"):
+        create_tokenizer("dall-e", weights=dst)
+
+
+# ------------------------------------------------------------------------------ shipped tokenizer
+def _fmnist_test_images(n: int) -> torch.Tensor:
+    """First n Fashion-MNIST test images as [n, 1, 32, 32] floats in [0, 1] (28 -> 32 bilinear)."""
+    with gzip.open(FMNIST_TEST, "rb") as f:
+        raw = f.read()
+    x = torch.from_numpy(np.frombuffer(raw, np.uint8, offset=16).copy()).view(-1, 1, 28, 28)[:n].float()
+    return (F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).round().clamp(0, 255)) / 255
+
+
+@pytest.fixture(scope="module")
+def fmnist_tok():
+    return create_tokenizer("fmnist_dvae")
+
+
+@pytest.mark.skipif(not FMNIST_TEST.is_file(), reason="Fashion-MNIST not installed")
+def test_shipped_fmnist_tokenizer_uses_most_codes(fmnist_tok):
+    tok = fmnist_tok
+    assert (tok.vocab_size, tok.downsample, tok.in_chans) == (512, 4, 1)
+    x = _fmnist_test_images(2000)
+    ids = tok.encode(x)
+    assert ids.shape == (2000, 8, 8) and ids.dtype == torch.long
+    used = ids.unique().numel() / tok.vocab_size
+    assert used >= 0.5, f"only {used:.1%} of codes used on 2000 test images"
+    rec = tok.decode(ids[:64])
+    assert rec.shape == (64, 1, 32, 32)
+    assert F.mse_loss(rec, x[:64]).item() < 0.03  # a blank image would give ~0.17
+
+
+def test_tokenizer_is_frozen(fmnist_tok):
+    tok = fmnist_tok
+    tok.train()
+    assert not tok.training and not any(m.training for m in tok.modules())
+    assert not any(p.requires_grad for p in tok.parameters())
+    x = torch.rand(2, 1, 32, 32, requires_grad=True)
+    ids = tok.encode(x)
+    assert ids.is_inference()
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_bad_images_are_named(fmnist_tok):
+    with pytest.raises(ValueError, match="expects 1 channel.*got 3"):
+        fmnist_tok.encode(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"min -0\.5.*max 1\.5"):
+        fmnist_tok.encode(_out_of_range())
+    with pytest.raises(ValueError, match="uint8"):
+        fmnist_tok.encode(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="not divisible"):
+        fmnist_tok.encode(torch.rand(2, 1, 30, 30))
+
+
+def _out_of_range() -> torch.Tensor:
+    x = torch.rand(2, 1, 32, 32)
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = -0.5, 1.5
+    return x
+
+
+def test_missing_and_corrupt_weight_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        create_tokenizer("dall-e", weights=tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="needs weights"):
+        create_tokenizer("dall-e")
+    with pytest.raises(FileNotFoundError, match="unknown tokenizer"):
+        create_tokenizer(str(tmp_path / "no_such_run"))
+    for name in ("bad.pth", "bad.safetensors"):
+        (tmp_path / name).write_bytes(b"\x00garbage" * 10)
+        with pytest.raises(TokenizerError, match=f"cannot read tokenizer weights .*{name}"):
+            create_tokenizer("dall-e", weights=tmp_path / name)
+    # A trained-tokenizer directory whose weight file is truncated.
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(SHIPPED["fmnist_dvae"], run / "tokenizer.yaml")
+    data = SHIPPED["fmnist_dvae"].with_suffix(".safetensors").read_bytes()
+    (run / "tokenizer.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TokenizerError, match="tokenizer.safetensors"):
+        create_tokenizer(run)
+    (run / "tokenizer.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.safetensors"):
+        create_tokenizer(run)
+
+
+def test_checkpoint_config_mismatch_is_named(tmp_path):
+    # Overrides that contradict the checkpoint's recorded architecture.
+    with pytest.raises(TokenizerError, match="vocab_size: config 1024 vs checkpoint 512"):
+        create_tokenizer("fmnist_dvae", vocab_size=1024)
+    with pytest.raises(TokenizerError, match="hidden"):
+        create_tokenizer("fmnist_dvae", hidden=32)
+    # Weights without metadata (e.g. re-saved by hand) still fail on the shapes, with the key named.
+    tok = create_tokenizer("fmnist_dvae")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({k: v.contiguous() for k, v in tok.model.state_dict().items()}, str(run / "tokenizer.safetensors"))
+    (run / "tokenizer.yaml").write_text(SHIPPED["fmnist_dvae"].read_text().replace("vocab_size: 512", "vocab_size: 256"))
+    with pytest.raises(TokenizerError, match=r"shape mismatch.*codebook: checkpoint \(512, \d+\) vs model \(256"):
+        create_tokenizer(run)
+
+
+# -------------------------------------------------------------------------------------------- train
+@pytest.mark.skipif(not FMNIST_TEST.is_file(), reason="Fashion-MNIST not installed")
+def test_tiny_train_run_writes_loadable_tokenizer(tmp_path):
+    from beit.tokenizers.train import train_tokenizer
+
+    cfg = load_config(None, [
+        "tokenizer.vocab_size=64", "tokenizer.hidden=16", "tokenizer.downsample=4", "tokenizer.in_chans=1",
+        "tokenizer.image_size=32", "tokenizer.temperature_anneal_steps=4", "tokenizer.kl_warmup_steps=2",
+        "data.dataset=fashion_mnist", "data.in_chans=1", "data.batch_size=16", "data.train_subset=64",
+        "data.eval_subset=32", "train.max_steps=4", "train.progress=false", "train.device=cpu",
+    ])
+    out = tmp_path / "tok"
+    metrics = train_tokenizer(cfg, out, log=lambda *_: None)
+    for f in ("tokenizer.safetensors", "tokenizer.yaml", "metrics.json", "recon.png"):
+        assert (out / f).is_file(), f
+    assert 0 < metrics["codes_used_frac"] <= 1 and metrics["perplexity"] >= 1 and metrics["recon_mse"] >= 0
+    tok = create_tokenizer(out)
+    ids = tok.encode(torch.rand(3, 1, 32, 32))
+    assert ids.shape == (3, 8, 8) and int(ids.max()) < 64
+    assert create_tokenizer(out / "tokenizer.safetensors").vocab_size == 64  # config from the metadata
+    with pytest.raises(FileExistsError, match="overwrite"):
+        train_tokenizer(cfg, out, log=lambda *_: None)
