@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from beit.config import Config, ConfigError
+from beit.data.datasets import BadFileTracker
 from beit.data.sampler import ResumableSampler
 from beit.train import checkpoint as ckpt_io
 from beit.train.distributed import DistInfo, barrier, wrap_ddp
@@ -143,7 +144,7 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
             }, at_step, cfg.train.keep_last)
         barrier()
 
-    num_bad, skipped, t_start, last_eval = 0, 0, time.time(), {}
+    bad_files, skipped, t_start, last_eval = BadFileTracker(), 0, time.time(), {}
     model.train()
     it = None
     while step < stop_step:
@@ -168,8 +169,10 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
         t0 = time.time()
         for micro in range(accum):
             batch = next(it)
-            if isinstance(batch, dict) and "num_bad" in batch:
-                num_bad += int(batch.pop("num_bad").sum())
+            bad_files.update(batch)
+            batch = _drop_bad(batch)
+            if batch is None:  # every sample of this micro-batch failed to decode (logged by the dataset)
+                continue
             batch = to_device(batch, device)
             sync = info.enabled and micro < accum - 1
             with ddp_model.no_sync() if sync else contextlib.nullcontext():
@@ -219,14 +222,22 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
 
     wall = time.time() - t_start
     summary = {"steps": step, "total_steps": total_steps, "epochs": step / steps_per_epoch,
-               "global_batch": global_batch, "wall_time_s": wall, "bad_files_skipped": num_bad,
+               "global_batch": global_batch, "wall_time_s": wall, **bad_files.summary(),
                "skipped_steps": skipped, "eval": last_eval, "best": best, **extra_summary}
-    if num_bad and info.is_main:
-        log.warning(f"{num_bad} undecodable files were skipped (paths in the log above)")
+    if bad_files.num_skipped and info.is_main:
+        log.warning(f"{bad_files.num_skipped} undecodable files were skipped: {sorted(bad_files.paths)[:10]}")
     if info.is_main and run_dir is not None:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     return summary
+
+
+def _drop_bad(batch):
+    """Strip the bad-file bookkeeping from a collated batch; None when nothing usable is left."""
+    if isinstance(batch, dict):
+        batch = {k: v for k, v in batch.items() if k not in ("num_bad", "bad_paths")}
+        return batch or None
+    return None if batch[0] is None else tuple(batch)
 
 
 def _evaluate(task: Task, model, ema, info: DistInfo, logger: MetricLogger, step: int) -> dict:

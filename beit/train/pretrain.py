@@ -59,7 +59,7 @@ def check_compatible(model, tokenizer, cfg: Config):
 
 
 def build_pretrain_task(cfg: Config, device: torch.device):
-    from beit.data import MaskingGenerator, MIMDataset, TwoViewTransform, build_dataset
+    from beit.data import MIMDataset, build_dataset, build_mask_generator, build_two_view_transform, collate_mim_skip_bad
     from beit.models import create_model
     from beit.tokenizers import create_tokenizer
     from beit.train.loop import Task
@@ -71,18 +71,9 @@ def build_pretrain_task(cfg: Config, device: torch.device):
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     check_compatible(model, tokenizer, cfg)
 
-    d = cfg.data
-    two_view = TwoViewTransform(
-        d.img_size, cfg.tokenizer.image_size, scale=d.crop_scale, ratio=d.crop_ratio, color_jitter=d.color_jitter,
-        hflip=d.hflip, mean=d.mean, std=d.std, in_chans=d.in_chans,
-    )
-    mask_gen = MaskingGenerator(
-        model.grid, d.num_mask_patches, min_num_patches=d.min_mask_patches, max_num_patches=d.max_mask_patches,
-        min_aspect=d.mask_min_aspect, mode=d.mask_mode,
-    )
-    dataset = MIMDataset(build_dataset(d, "train"), two_view, mask_gen, seed=cfg.train.seed)
-    return Task(model=model, step=make_mim_step(tokenizer), dataset=dataset,
-                collate_fn=getattr(dataset, "collate_fn", None))
+    dataset = MIMDataset(build_dataset(cfg.data, "train"), build_two_view_transform(cfg.data, cfg.tokenizer.image_size),
+                         build_mask_generator(cfg.data, model.grid), seed=cfg.train.seed)
+    return Task(model=model, step=make_mim_step(tokenizer), dataset=dataset, collate_fn=collate_mim_skip_bad)
 
 
 def run_pretrain(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
