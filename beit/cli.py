@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from beit.config import ConfigError, load_config
 
 
-def _add_train_command(sub, name: str, help: str, run):
+def add_train_command(sub, name: str, help: str, run):
+    """`beit NAME CONFIG [key=value ...] [--resume | --overwrite]` calling `run(cfg, resume=, overwrite=)`."""
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.epochs=2")
-    p.add_argument("--resume", action="store_true", help="continue the run in the run directory exactly")
+    p.add_argument("--resume", action="store_true", help="continue the run in its run directory, exactly")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     p.set_defaults(func=lambda a: run(load_config(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite))
+    return p
 
 
 def _pretrain(cfg, **kw):
@@ -24,20 +27,36 @@ def _pretrain(cfg, **kw):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from beit.convert.cli import register as register_convert
+    from beit.tokenizers.cli import register as register_tokenizer
+
     parser = argparse.ArgumentParser(prog="beit", description="BEiT: BERT pre-training of image transformers")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_train_command(sub, "pretrain", "masked image modeling pretraining (BEiT)", _pretrain)
+    add_train_command(sub, "pretrain", "masked image modeling pretraining (BEiT)", _pretrain)
+    register_tokenizer(sub)
+    register_convert(sub)
     return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from beit.tokenizers import TokenizerError
+    from beit.train.checkpoint import RunDirError
+
+    return ConfigError, RunDirError, TokenizerError, FileNotFoundError, KeyError, ValueError
 
 
 def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (ConfigError, FileNotFoundError, KeyError) as e:
-        # Bad input is reported as one clear line, not a traceback.
+        result = args.func(args)
+    except _user_errors() as e:
+        if os.environ.get("BEIT_DEBUG"):
+            raise
+        # Bad input is reported as one clear line (BEIT_DEBUG=1 shows the traceback).
         print(f"beit {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if isinstance(result, int):
+        sys.exit(result)
 
 
 if __name__ == "__main__":

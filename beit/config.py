@@ -30,6 +30,9 @@ class ModelConfig(_Section):
     # Overrides of the preset; null keeps the preset's value.
     img_size: int | None = None
     in_chans: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
     num_classes: int | None = None
     vocab_size: int | None = None
     drop_path_rate: float | None = None

@@ -26,7 +26,7 @@ from beit.config import Config, ConfigError
 from beit.data.datasets import BadFileTracker
 from beit.data.sampler import ResumableSampler
 from beit.train import checkpoint as ckpt_io
-from beit.train.distributed import DistInfo, barrier, wrap_ddp
+from beit.train.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
 from beit.train.metrics import MetricLogger, MetricWindow
 from beit.train.optim import lr_at, param_groups
 
@@ -182,7 +182,7 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
                 if not torch.isfinite(loss) and amp != "fp16":
                     raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower optim.lr or check the data")
                 scaler.scale(loss / accum).backward()
-            window.add(**{k: float(v) for k, v in out.items()})
+            window.add(**{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
         scaler.unscale_(optimizer)
         clip = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
@@ -202,7 +202,7 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
         window.add(img_per_s=global_batch / dt)
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == stop_step:
-            values = {**window.flush(), "lr": lr, "epoch": step / steps_per_epoch}
+            values = {**_mean_over_ranks(window.flush(), info, device), "lr": lr, "epoch": step / steps_per_epoch}
             if amp == "fp16":
                 values.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
             logger.log(step, "train", values)
@@ -230,6 +230,16 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     return summary
+
+
+def _mean_over_ranks(values: dict[str, float], info: DistInfo, device) -> dict[str, float]:
+    """Average logged scalars over processes, so the curve describes the global batch."""
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    all_reduce_sum(t)
+    return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist())}
 
 
 def _drop_bad(batch):
