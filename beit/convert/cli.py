@@ -1,0 +1,46 @@
+"""`beit convert SRC DST --to official|hf|mmpretrain`: the source layout is detected from its keys.
+
+`register(subparsers)` adds the sub-command; `beit/cli.py` wires it in.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from beit.convert import LAYOUTS, detect_layout, read_checkpoint, save_checkpoint_as, to_official, unwrap_state_dict
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    sd = unwrap_state_dict(read_checkpoint(args.src))
+    src_layout = detect_layout(sd)
+    out = save_checkpoint_as(to_official(sd, src_layout), args.dst, args.to)
+    print(f"converted {args.src} ({src_layout}, {len(sd)} tensors) -> {out} ({args.to})")
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a checkpoint between official/timm, HF transformers and OpenMMLab layouts",
+        description="Convert a BEiT checkpoint. The source layout (official/timm/ours, HF, OpenMMLab) is "
+        "detected from its keys. DST ending in .safetensors or .pth picks the file format; for --to hf "
+        "any other DST is a directory with model.safetensors + config.json (from_pretrained-ready).",
+    )
+    p.add_argument("src", help="checkpoint file (.pth/.pt/.bin/.safetensors) or HF directory")
+    p.add_argument("dst", help="output file or (hf) directory")
+    p.add_argument("--to", required=True, choices=LAYOUTS, help="target layout")
+    p.set_defaults(func=run_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (`python -m beit.convert.cli SRC DST --to hf`)."""
+    parser = argparse.ArgumentParser(prog="beit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
