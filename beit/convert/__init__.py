@@ -119,8 +119,9 @@ def _num_blocks(keys) -> int:
 
 def _shape_hint(key: str, ckpt: torch.Tensor, want: torch.Tensor, sd: Mapping, model_sd: Mapping) -> str:
     """A likely cause for a shape mismatch, from the tensors that define the model's size."""
-    dim_c, dim_m = sd["cls_token"].shape[-1] if "cls_token" in sd else None, model_sd["cls_token"].shape[-1]
-    if dim_c is not None and dim_c != dim_m:
+    dim_c = sd["cls_token"].shape[-1] if "cls_token" in sd else None
+    dim_m = model_sd["cls_token"].shape[-1] if "cls_token" in model_sd else None
+    if dim_c is not None and dim_m is not None and dim_c != dim_m:
         names = f" ({_SIZE_NAMES.get(dim_c, '?')} vs {_SIZE_NAMES.get(dim_m, '?')})"
         return f"checkpoint embed_dim {dim_c} vs model {dim_m}: wrong model size{names}?"
     if key.endswith("relative_position_bias_table"):
