@@ -136,6 +136,7 @@ class TrainConfig(_Section):
     knn_temperature: float = 0.07
     compile: bool = False
     progress: bool = True
+    probe_cache_features: bool = False  # linprobe: embed once with the eval transform (no augmentation)
 
 
 class DistConfig(_Section):

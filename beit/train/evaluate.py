@@ -1,0 +1,237 @@
+"""Evaluation shared by finetune / linprobe / knn / eval: loaders, feature extraction, top-k, results files,
+and the `beit eval` command (top-1/top-5, per-class accuracy, confusion matrix) on a checkpoint.
+
+Everything that runs a frozen model over a dataset goes through `run_over(loader, fn, device, amp)`, so the
+four commands share one eval loader (`build_eval_loader`) and one inference loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from beit.config import Config, ConfigError
+
+log = logging.getLogger("beit")
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+
+
+# ------------------------------------------------------------------------------------------------ building
+def resolve_pretrained(path: str | None) -> str | None:
+    """`model.pretrained` may name a run directory (e.g. runs/fmnist_quick): use its newest ckpt-*.pt."""
+    if not path or not Path(path).is_dir():
+        return path
+    from beit.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(Path(path))
+    if found:
+        return str(found[-1])
+    if (Path(path) / "best.pt").is_file():
+        return str(Path(path) / "best.pt")
+    return path  # maybe an HF directory; load_pretrained decides
+
+
+def build_model(cfg: Config, need_pretrained: bool = False) -> nn.Module:
+    """`create_model(cfg.model.name, pretrained, **overrides)` checked against the data config."""
+    from beit.models import create_model
+
+    if need_pretrained and not cfg.model.pretrained:
+        raise ConfigError("model.pretrained must name a checkpoint (file or run directory) for this command")
+    pretrained = resolve_pretrained(cfg.model.pretrained)
+    if pretrained:
+        log.info(f"loading {pretrained}")
+    model = create_model(cfg.model.name, pretrained, **cfg.model.overrides())
+    problems = []
+    if cfg.data.img_size != model.patch_embed.img_size:
+        problems.append(f"data.img_size {cfg.data.img_size} != model img_size {model.patch_embed.img_size}")
+    if cfg.data.in_chans != model.patch_embed.in_chans:
+        problems.append(f"data.in_chans {cfg.data.in_chans} != model in_chans {model.patch_embed.in_chans}")
+    if problems:
+        raise ConfigError("model and data disagree: " + "; ".join(problems))
+    return model
+
+
+def build_labeled_dataset(cfg: Config, split: str, train_transform: bool = False):
+    """`build_dataset` with the fine-tuning (train) or eval transform; bad label fractions become ConfigErrors."""
+    from beit.data import build_dataset, build_finetune_transform
+
+    try:
+        return build_dataset(cfg.data, split, build_finetune_transform(cfg.data, train=train_transform),
+                             label_seed=cfg.train.seed)
+    except ValueError as e:  # e.g. a label fraction that leaves a class empty
+        raise ConfigError(str(e)) from None
+
+
+def build_eval_loader(cfg: Config, split: str = "test", dataset=None) -> DataLoader:
+    """Sequential loader over `split` with the eval transform (Resize(size / crop_pct) + CenterCrop)."""
+    from beit.data import collate_skip_bad
+
+    dataset = dataset if dataset is not None else build_labeled_dataset(cfg, split)
+    return DataLoader(dataset, batch_size=cfg.data.batch_size * 2, shuffle=False, num_workers=cfg.data.num_workers,
+                      collate_fn=collate_skip_bad, pin_memory=torch.cuda.is_available())
+
+
+def class_names(dataset, cfg: Config) -> list[str]:
+    if cfg.data.dataset == "fashion_mnist":
+        return list(FASHION_MNIST_CLASSES)
+    while not hasattr(dataset, "classes") and hasattr(dataset, "base"):
+        dataset = dataset.base  # SubsetDataset / torchvision wrapper
+    names = getattr(dataset, "classes", None)
+    return list(names) if names else []
+
+
+# ------------------------------------------------------------------------------------------------ inference
+def amp_context(device: torch.device, amp: str):
+    from beit.train.loop import autocast
+
+    return autocast(device, "none" if amp == "fp16" and device.type != "cuda" else amp)
+
+
+@torch.no_grad()
+def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+             amp: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply `fn` (images [B, C, H, W] -> [B, ...]) to every batch. Returns (outputs fp32 on CPU, labels)."""
+    outs, labels = [], []
+    for batch in loader:
+        x, y = batch[0], batch[1]
+        if x is None:  # every file of the batch was undecodable (already logged by the dataset)
+            continue
+        with amp_context(device, amp):
+            out = fn(x.to(device, non_blocking=True))
+        outs.append(out.float().cpu())
+        labels.append(y)
+    if not outs:
+        raise RuntimeError("the evaluation set yielded no decodable images")
+    return torch.cat(outs), torch.cat(labels)
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Frozen image features [B, D]: the classifier's pre-logits (fc_norm of the mean patch token) when the
+    model has mean pooling, else (MIM / cls-token models) the mean of the final normalised patch tokens."""
+    from beit.train.checkpoint import unwrap
+
+    model = unwrap(model)
+    tokens = model.forward_features(x)  # [B, N+1, D]
+    if getattr(model, "fc_norm", None) is not None:
+        return model.forward_head(tokens, pre_logits=True)
+    return tokens[:, 1:].mean(1)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, torch.Tensor]:
+    """Per-sample hit (bool [B]) of the label in the top-k scores, for each k (clamped to the class count)."""
+    kmax = min(max(ks), logits.shape[-1])
+    pred = logits.topk(kmax, dim=-1).indices  # [B, kmax]
+    hit = pred == labels[:, None]
+    return {k: hit[:, : min(k, kmax)].any(-1) for k in ks}
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """{"top1": %, "top5": %} (percent, as the paper reports)."""
+    return {f"top{k}": 100.0 * v.float().mean().item() for k, v in topk_correct(logits, labels, ks).items()}
+
+
+def classifier_evaluate(cfg: Config, device: torch.device) -> Callable[[nn.Module], dict]:
+    """`evaluate(model)` for the training loop: top-1/top-5 and loss on the test split (loader built once)."""
+    loader = build_eval_loader(cfg, "test")
+
+    def evaluate(model: nn.Module) -> dict:
+        logits, labels = run_over(loader, model, device, cfg.train.amp)
+        return {**accuracy(logits, labels), "loss": nn.functional.cross_entropy(logits, labels).item()}
+
+    return evaluate
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def write_results(run_dir: Path, results: dict) -> Path:
+    path = Path(run_dir) / "results.json"
+    path.write_text(json.dumps(results, indent=2))
+    log.info(f"results: {path}")
+    return path
+
+
+def read_summary(run_dir: Path) -> dict:
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[num_classes (true), num_classes (predicted)] counts."""
+    idx = labels * num_classes + pred
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = cm.shape[0]
+    rates = cm.float() / cm.sum(1, keepdim=True).clamp(min=1)  # row-normalised: recall per true class
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n) if n <= 20 else (12, 12))
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 20:
+        labels = names if len(names) == n else [str(i) for i in range(n)]
+        ax.set_xticks(range(n), labels, rotation=45, ha="right")
+        ax.set_yticks(range(n), labels)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ beit eval
+def run_eval(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
+    """Evaluate `model.pretrained` on the test split: results.json (top-1/top-5, per-class accuracy, confusion
+    matrix) and confusion.png in runs/<run_name>/."""
+    from beit.train import checkpoint as ckpt_io
+    from beit.train.distributed import resolve_device
+    from beit.train.runner import run_dir_of, setup_logging
+
+    run_dir = run_dir_of(cfg)
+    ckpt_io.prepare_run_dir(run_dir, resume=False, overwrite=overwrite or resume)
+    setup_logging(run_dir, True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg, need_pretrained=True).to(device).eval()
+    if model.num_classes <= 0:
+        raise ConfigError(f"model {cfg.model.name} has no classification head (num_classes=0); `beit eval` needs "
+                          f"a fine-tuned classifier — use `beit knn` or `beit linprobe` for a pretrained backbone")
+    loader = build_eval_loader(cfg, "test")
+    logits, labels = run_over(loader, model, device, cfg.train.amp)
+    k = model.num_classes
+    if int(labels.max()) >= k:
+        raise ConfigError(f"the data has label {int(labels.max())} but the model has {k} classes")
+    cm = confusion_matrix(logits.argmax(-1), labels, k)
+    names = class_names(loader.dataset, cfg)
+    names = names if len(names) == k else [str(i) for i in range(k)]
+    per_class = {names[i]: (100.0 * cm[i, i].item() / cm[i].sum().item()) if cm[i].sum() else None for i in range(k)}
+    results = {
+        "checkpoint": resolve_pretrained(cfg.model.pretrained), "split": "test", "num_samples": len(labels),
+        **accuracy(logits, labels), "per_class_top1": per_class, "class_names": names,
+        "confusion_matrix": cm.tolist(),
+    }
+    plot_confusion(cm, names, run_dir / "confusion.png",
+                   f"{cfg.model.name}: top-1 {results['top1']:.2f}% ({len(labels)} test images)")
+    write_results(run_dir, results)
+    log.info(f"top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  ({len(labels)} images)")
+    return run_dir
