@@ -1,0 +1,267 @@
+"""`beit reproduce fashion-mnist` and `beit demo`: the paper's claim, end to end, on data we can get.
+
+tokenizer (shipped, or retrained) -> BEiT pretraining on the 60k training images (labels unused)
+-> fine-tuning with 100% / 10% / 1% of the labels, and the same ViT from scratch with the same recipe
+-> linear probe (every layer) and k-NN of the pretrained model -> results.json, curves.png, results.md.
+
+Every stage is an ordinary `beit` run in its own directory under the output folder. Rerunning the command
+skips finished stages (their summary/results file exists) and resumes an interrupted one, so it can be
+stopped anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from beit.config import load_config
+
+log = logging.getLogger("beit")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class Stage:
+    name: str
+    command: str  # pretrain | finetune | linprobe | knn | tokenizer
+    config: Path
+    overrides: list[str] = field(default_factory=list)
+    done_file: str = "summary.json"
+
+
+def _runner(command: str) -> Callable:
+    if command == "pretrain":
+        from beit.train.pretrain import run_pretrain as fn
+    elif command == "finetune":
+        from beit.train.finetune import run_finetune as fn
+    elif command == "linprobe":
+        from beit.train.linprobe import run_linprobe as fn
+    elif command == "knn":
+        from beit.train.knn import run_knn as fn
+    else:
+        raise ValueError(command)
+    return fn
+
+
+# Budgets (epochs) per variant. `quick` is sized for <= 20 min on a 2-core CPU, `full` for <= 3 h,
+# `gpu` for one GPU; `demo` is the README's first command (<= ~10 min).
+VARIANTS = {
+    "demo": dict(pretrain_epochs=1, ft_epochs={1.0: 1}, fractions=(1.0,), seeds=1, probes=False),
+    "quick": dict(pretrain_epochs=2, ft_epochs={1.0: 1, 0.1: 5, 0.01: 30}, fractions=(1.0, 0.1, 0.01),
+                  seeds=1, probes=True),
+    "full": dict(pretrain_epochs=12, ft_epochs={1.0: 8, 0.1: 40, 0.01: 200}, fractions=(1.0, 0.1, 0.01),
+                 seeds=3, probes=True),
+    "gpu": dict(pretrain_epochs=300, ft_epochs={1.0: 100, 0.1: 300, 0.01: 1000}, fractions=(1.0, 0.1, 0.01),
+                seeds=3, probes=True, gpu=True),
+}
+
+
+def plan(out: Path, variant: str, retrain_tokenizer: bool = False) -> list[Stage]:
+    v = VARIANTS[variant]
+    gpu = ["data.batch_size=512", "data.num_workers=8", "train.device=cuda"] if v.get("gpu") else []
+    stages = []
+    tok = ["tokenizer.name=fmnist_dvae"]
+    if retrain_tokenizer:
+        stages.append(Stage("tokenizer", "tokenizer", CONFIGS / "tokenizer" / "fmnist_dvae.yaml",
+                            [f"train.out_dir={out}", "train.run_name=tokenizer"], done_file="tokenizer.safetensors"))
+        tok = [f"tokenizer.name={out / 'tokenizer'}"]
+    common = [f"train.out_dir={out}"] + gpu
+    stages.append(Stage("pretrain", "pretrain", CONFIGS / "pretrain" / "fmnist.yaml",
+                        common + tok + ["train.run_name=pretrain", f"train.epochs={v['pretrain_epochs']}"]))
+    pretrained = f"model.pretrained={out / 'pretrain'}"
+    for frac in v["fractions"]:
+        pct = _pct(frac)
+        seeds = v["seeds"] if frac == min(v["fractions"]) else 1  # mean ± std where it is cheap: the 1% runs
+        for seed in range(seeds):
+            for init, cfg, extra in (("pretrained", "fmnist.yaml", [pretrained]), ("scratch", "fmnist_scratch.yaml", [])):
+                name = f"finetune_{init}_{pct}pct_seed{seed}"
+                stages.append(Stage(name, "finetune", CONFIGS / "finetune" / cfg, common + extra + [
+                    f"train.run_name={name}", f"data.label_fraction={frac}", f"train.seed={seed}",
+                    f"train.epochs={v['ft_epochs'][frac]}"]))
+    if v["probes"]:
+        stages.append(Stage("linprobe", "linprobe", CONFIGS / "linprobe" / "fmnist.yaml",
+                            common + [pretrained, "train.run_name=linprobe"], done_file="results.json"))
+        stages.append(Stage("knn", "knn", CONFIGS / "knn" / "fmnist.yaml",
+                            common + [pretrained, "train.run_name=knn"], done_file="results.json"))
+    return stages
+
+
+def _pct(frac: float) -> str:
+    return f"{frac * 100:g}"
+
+
+def run_stage(stage: Stage, out: Path) -> float:
+    run_dir = out / _run_name(stage)
+    if (run_dir / stage.done_file).exists():
+        log.info(f"[{stage.name}] done already, skipping ({run_dir})")
+        return 0.0
+    t0 = time.time()
+    if stage.command == "tokenizer":
+        from beit.tokenizers.train import train_tokenizer
+
+        train_tokenizer(load_config(stage.config, stage.overrides), run_dir, overwrite=True)
+        return time.time() - t0
+    from beit.train.checkpoint import list_checkpoints
+
+    has_ckpt = run_dir.is_dir() and bool(list_checkpoints(run_dir))
+    cfg = load_config(stage.config, stage.overrides)
+    log.info(f"[{stage.name}] {'resuming' if has_ckpt else 'starting'}: beit {stage.command} {stage.config} "
+             + " ".join(stage.overrides))
+    # A directory without a checkpoint holds nothing worth keeping: the stage restarts it.
+    _runner(stage.command)(cfg, resume=has_ckpt, overwrite=not has_ckpt)
+    return time.time() - t0
+
+
+def _run_name(stage: Stage) -> str:
+    for o in stage.overrides:
+        if o.startswith("train.run_name="):
+            return o.split("=", 1)[1]
+    return stage.name
+
+
+def collect(out: Path, stages: list[Stage], variant: str, wall: dict[str, float]) -> dict:
+    """Gather every stage's numbers into one results dict (also written as results.json)."""
+    ft: dict[str, dict[str, list[float]]] = {}
+    for s in stages:
+        if s.command != "finetune":
+            continue
+        summary = json.loads((out / _run_name(s) / "summary.json").read_text())
+        init, pct = s.name.split("_")[1], s.name.split("_")[2].removesuffix("pct")
+        ft.setdefault(pct, {}).setdefault(init, []).append(summary["eval"]["top1"])
+    results = {"variant": variant, "hardware": f"{platform.processor() or platform.machine()}, "
+               f"{__import__('os').cpu_count()} cores", "finetune_top1": {}, "stage_wall_time_s": wall}
+    for pct, d in ft.items():
+        row = {}
+        for init, vals in d.items():
+            row[init] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                         "runs": vals}
+        if "pretrained" in row and "scratch" in row:
+            row["gain_pp"] = row["pretrained"]["mean"] - row["scratch"]["mean"]
+        results["finetune_top1"][pct] = row
+    for name in ("linprobe", "knn"):
+        p = out / name / "results.json"
+        if p.exists():
+            results[name] = json.loads(p.read_text())
+    pt = out / "pretrain" / "summary.json"
+    if pt.exists():
+        results["pretrain"] = json.loads(pt.read_text())
+    return results
+
+
+def write_report(out: Path, results: dict):
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = ["| labels | BEiT pretrained | from scratch | gain (pp) |", "|---|---|---|---|"]
+    for pct, row in sorted(results["finetune_top1"].items(), key=lambda kv: -float(kv[0])):
+        def cell(init):
+            if init not in row:
+                return "—"
+            r = row[init]
+            return f"{r['mean']:.2f}" + (f" ± {r['std']:.2f} (n={len(r['runs'])})" if len(r["runs"]) > 1 else "")
+        gain = f"{row['gain_pp']:+.2f}" if "gain_pp" in row else "—"
+        lines.append(f"| {pct}% | {cell('pretrained')} | {cell('scratch')} | {gain} |")
+    if "linprobe" in results:
+        lp = results["linprobe"]
+        lines += ["", "Linear probe top-1 by block: " + ", ".join(
+            f"{k}: {v:.1f}" for k, v in lp["per_layer_top1"].items()) + f" (best block {lp.get('best_layer')})"]
+    if "knn" in results:
+        lines += [f"k-NN (k={results['knn']['k']}, T={results['knn']['temperature']}): "
+                  f"top-1 {results['knn']['top1']:.2f}%"]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _plot_curves(out)
+    return "\n".join(lines)
+
+
+def _plot_curves(out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from beit.train.metrics import read_metrics
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    pt = out / "pretrain" / "metrics.jsonl"
+    if pt.exists():
+        rows = read_metrics(pt, "train")
+        ax = axes[0]
+        ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], label="loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("masked-token cross-entropy")
+        ax2 = ax.twinx()
+        ax2.plot([r["epoch"] for r in rows], [r["mlm_acc"] for r in rows], color="tab:orange", label="mlm_acc")
+        ax2.set_ylabel("mlm_acc")
+        ax.set_title("BEiT pretraining on Fashion-MNIST")
+    ax = axes[1]
+    for d in sorted(out.glob("finetune_*_seed0")):
+        rows = read_metrics(d / "metrics.jsonl", "eval") if (d / "metrics.jsonl").exists() else []
+        if rows:
+            style = "-" if "pretrained" in d.name else "--"
+            ax.plot([r["step"] for r in rows], [r["top1"] for r in rows], style, label=d.name[9:-6])
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("test top-1 (%)")
+    ax.legend(fontsize=7)
+    ax.set_title("fine-tuning: pretrained (solid) vs scratch (dashed)")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+
+
+def reproduce(out: Path, variant: str, retrain_tokenizer: bool = False) -> dict:
+    from beit.train.runner import setup_logging
+
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(None, True)
+    stages = plan(out, variant, retrain_tokenizer)
+    wall_file = out / "stage_wall_time.json"
+    wall = json.loads(wall_file.read_text()) if wall_file.exists() else {}
+    for i, stage in enumerate(stages, 1):
+        log.info(f"=== stage {i}/{len(stages)}: {stage.name}")
+        spent = run_stage(stage, out)
+        if spent:
+            wall[stage.name] = spent
+            wall_file.write_text(json.dumps(wall, indent=2))
+        setup_logging(None, True)
+    results = collect(out, stages, variant, wall)
+    table = write_report(out, results)
+    print(f"\n{table}\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}")
+    return results
+
+
+def register(subparsers):
+    p = subparsers.add_parser("reproduce", help="reproduce the paper's claim on Fashion-MNIST (resumable)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=["fashion-mnist"])
+    p.add_argument("--variant", choices=["quick", "full", "gpu"], default="full",
+                   help="quick: <= 20 min on a 2-core CPU; full: <= 3 h on it; gpu: a larger one-GPU budget")
+    p.add_argument("--quick", action="store_const", const="quick", dest="variant", help="same as --variant quick")
+    p.add_argument("--out", default=None, help="output folder (default runs/reproduce_fmnist_<variant>)")
+    p.add_argument("--retrain-tokenizer", action="store_true", help="train the dVAE tokenizer instead of the shipped one")
+    p.set_defaults(func=lambda a: reproduce(Path(a.out or f"runs/reproduce_fmnist_{a.variant}"), a.variant,
+                                            a.retrain_tokenizer) and 0)
+
+    d = subparsers.add_parser("demo", help="the first five minutes: pretrain + fine-tune a small BEiT on CPU")
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(func=lambda a: demo(Path(a.out)))
+
+
+def demo(out: Path) -> int:
+    t0 = time.time()
+    results = reproduce(out, "demo")
+    top1 = results["finetune_top1"]["100"]
+    pt = results.get("pretrain", {})
+    print(f"""
+What happened ({time.time() - t0:.0f} s):
+  1. BEiT pretraining on the 60k Fashion-MNIST training images (labels unused), shipped tokenizer
+     (8x8 tokens, 512 codes): {pt.get('steps')} steps; run directory {out / 'pretrain'}
+  2. fine-tuned on all labels: test top-1 {top1['pretrained']['mean']:.2f}% vs {top1['scratch']['mean']:.2f}% for the
+     same ViT from scratch with the same short budget; run directories {out}/finetune_*
+  3. curves: {out / 'curves.png'}   table: {out / 'results.md'}   checkpoints: {out}/*/ckpt-*.pt
+Next: `beit reproduce fashion-mnist --quick` (~20 min) or the full run (docs/results/fashion_mnist.md).""")
+    return 0
