@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from beit.config import Config, ConfigError
 from beit.data.datasets import BadFileTracker
+from beit.models.vit import Block
 from beit.data.sampler import ResumableSampler
 from beit.train import checkpoint as ckpt_io
 from beit.train.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
@@ -43,6 +44,7 @@ class Task:
     collate_fn: Callable | None = None
     evaluate: Callable[[nn.Module], dict] | None = None  # (unwrapped model) -> {"top1": ..., ...}
     best_metric: str | None = None  # evaluation key whose maximum is kept as best.pt
+    eval_every_epochs: float | None = None  # default: train.eval_every_epochs
 
 
 def to_device(batch, device: torch.device):
@@ -107,7 +109,7 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
     total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else round(cfg.optim.warmup_epochs * steps_per_epoch)
-    eval_every = max(1, round(cfg.train.eval_every_epochs * steps_per_epoch))
+    eval_every = max(1, round((task.eval_every_epochs or cfg.train.eval_every_epochs) * steps_per_epoch))
 
     step, best, extra_summary = 0, None, {}
     if resume:
@@ -126,6 +128,12 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
             log.info(f"resumed from {found[-1]} at step {step}")
             _truncate_metrics(run_dir / "metrics.jsonl", step)
 
+    if cfg.train.compile:
+        # Compile block by block, from outside the model: shapes inside a block are static, while the
+        # masked-token gather around them is data-dependent and would force recompilation.
+        for m in model.modules():
+            if isinstance(m, Block):
+                m.compile()
     ddp_model = wrap_ddp(model, info, cfg.dist.find_unused_parameters)
     logger = MetricLogger(run_dir, enabled=info.is_main)
     window = MetricWindow()

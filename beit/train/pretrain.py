@@ -73,7 +73,13 @@ def build_pretrain_task(cfg: Config, device: torch.device):
 
     dataset = MIMDataset(build_dataset(cfg.data, "train"), build_two_view_transform(cfg.data, cfg.tokenizer.image_size),
                          build_mask_generator(cfg.data, model.grid), seed=cfg.train.seed)
-    return Task(model=model, step=make_mim_step(tokenizer), dataset=dataset, collate_fn=collate_mim_skip_bad)
+    evaluate = None
+    if cfg.train.knn_every_epochs:  # a cheap signal of representation quality while pretraining
+        from beit.train.knn import knn_evaluate
+
+        evaluate = lambda m: knn_evaluate(m, cfg)  # noqa: E731
+    return Task(model=model, step=make_mim_step(tokenizer), dataset=dataset, collate_fn=collate_mim_skip_bad,
+                evaluate=evaluate, best_metric=None, eval_every_epochs=cfg.train.knn_every_epochs)
 
 
 def run_pretrain(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
