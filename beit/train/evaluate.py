@@ -207,15 +207,15 @@ def run_eval(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
     from beit.train.distributed import resolve_device
     from beit.train.runner import run_dir_of, setup_logging
 
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg, need_pretrained=True).to(device).eval()  # fails before any run directory exists
+    if model.num_classes <= 0:
+        raise ConfigError(f"model {cfg.model.name} has no classification head (num_classes=0); `beit eval` needs "
+                          f"a fine-tuned classifier — use `beit knn` or `beit linprobe` for a pretrained backbone")
     run_dir = run_dir_of(cfg)
     ckpt_io.prepare_run_dir(run_dir, resume=False, overwrite=overwrite or resume)
     setup_logging(run_dir, True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    device = resolve_device(cfg.train.device)
-    model = build_model(cfg, need_pretrained=True).to(device).eval()
-    if model.num_classes <= 0:
-        raise ConfigError(f"model {cfg.model.name} has no classification head (num_classes=0); `beit eval` needs "
-                          f"a fine-tuned classifier — use `beit knn` or `beit linprobe` for a pretrained backbone")
     loader = build_eval_loader(cfg, "test")
     logits, labels = run_over(loader, model, device, cfg.train.amp)
     k = model.num_classes

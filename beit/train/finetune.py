@@ -73,12 +73,14 @@ def build_finetune_task(cfg: Config, device: torch.device):
     from beit.train.evaluate import build_labeled_dataset, build_model, classifier_evaluate
     from beit.train.loop import Task
 
+    # Data and recipe errors first: they are cheap to find, a large checkpoint is not cheap to load.
+    dataset = build_labeled_dataset(cfg, "train", train_transform=True)
+    build_mixup(cfg, 2)
     model = build_model(cfg)
     if model.num_classes <= 0:
         raise ConfigError(f"model {cfg.model.name} has no classification head; set model.num_classes "
                           f"(fine-tuning uses a classifier preset such as beit_base_patch16_224)")
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    dataset = build_labeled_dataset(cfg, "train", train_transform=True)
     num_labels = int(np.max(dataset.targets)) + 1
     if num_labels > model.num_classes:
         raise ConfigError(f"the data has {num_labels} classes but the model head has {model.num_classes}; "

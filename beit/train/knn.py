@@ -76,14 +76,14 @@ def run_knn(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
     from beit.train.evaluate import build_model, write_results
     from beit.train.runner import run_dir_of, setup_logging
 
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(resolve_device(cfg.train.device))  # fails before any run directory exists
     run_dir = run_dir_of(cfg)
     ckpt_io.prepare_run_dir(run_dir, resume=False, overwrite=overwrite or resume)
     setup_logging(run_dir, True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    torch.manual_seed(cfg.train.seed)
     if not cfg.model.pretrained:
         log.warning("model.pretrained is null: k-NN on a randomly initialised model (a floor, not a result)")
-    model = build_model(cfg).to(resolve_device(cfg.train.device))
     t0 = time.time()
     res = knn_evaluate(model, cfg)
     results = {"command": "knn", "pretrained": cfg.model.pretrained, "k": cfg.train.knn_k,
