@@ -93,7 +93,11 @@ class DVAEEncoder(nn.Module):
         return self.blocks[:-1](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
+        h = self.features(x)
+        # The vocabulary projection runs in fp32 even under autocast (DALL-E does the same): bf16 logits
+        # tie often, argmax then always picks the lower index, and near-duplicate codes can never win.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.blocks.output(h.float())
 
 
 class DVAEDecoder(nn.Module):

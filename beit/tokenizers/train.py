@@ -25,13 +25,15 @@ import yaml
 from safetensors.torch import save_file
 
 from beit.config import Config, TokenizerConfig
-from beit.tokenizers.dvae import DVAE, kl_to_uniform, recon_nll
+from beit.tokenizers.dvae import DVAE, kl_to_uniform, map_pixels, recon_nll
 
 # Dead-code handling (not in TokenizerConfig; fixed here): every REVIVE_EVERY steps, codes picked fewer
 # than REVIVE_MIN_COUNT times over that window are re-initialised, until REVIVE_UNTIL of the run.
 REVIVE_EVERY = 100
 REVIVE_MIN_COUNT = 1
 REVIVE_UNTIL = 0.75
+USAGE_ENTROPY_WEIGHT = 0.1  # weight of log V - H(batch-mean of the relaxed one-hots); see train_tokenizer
+REVIVE_MARGIN = 1.0  # logit lead of a revived code over its donor at the position it was seeded from
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -91,22 +93,37 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
 
 # ---------------------------------------------------------------------------------------- dead codes
 @torch.no_grad()
-def _revive_dead_codes(model: DVAE, opt: torch.optim.Optimizer, counts: torch.Tensor, ids: torch.Tensor) -> int:
-    """Give every dead code the encoder row and codebook entry of a code in use, plus noise.
+def _revive_dead_codes(model: DVAE, opt: torch.optim.Optimizer, counts: torch.Tensor, x: torch.Tensor) -> int:
+    """Re-initialise every dead code from an encoder output, as a split of the code that wins there.
 
-    Donors are the argmax codes of random positions of the last batch, so busy codes are split more
-    often. After the copy, the noise decides which of the two twins wins each position, so both get
-    used and the decoder learns to tell them apart. Adam state is copied too, so the twin does not take
-    a huge first step.
+    For a dead code k: pick a random position p of the batch, with top-level feature h_p and winning code j.
+    k gets j's encoder row plus a step towards h_p, so that it beats j near p (by REVIVE_MARGIN on average at
+    p itself) and loses far from p; its codebook entry is j's plus noise. Each dead code gets its own p, so
+    twins of a busy code split its region of feature space like k-means seeds.
+    (Copying j with random noise is not enough: ReLU features share a large common direction, so the same
+    twin wins everywhere.) Adam state is copied too, so a twin does not take a huge first step.
     """
     dead = (counts < REVIVE_MIN_COUNT).nonzero().flatten()
     if dead.numel() == 0:
         return 0
-    flat = ids.flatten()
-    donors = flat[torch.randint(0, flat.numel(), (dead.numel(),), device=flat.device)]
     conv = model.encoder.blocks.output.conv
-    for p, scale in ((conv.weight, 0.05), (conv.bias, 0.0), (model.codebook, 0.05)):
-        p[dead] = p[donors] + scale * p[donors].std() * torch.randn_like(p[donors])
+    h = F.relu(model.encoder.features(map_pixels(x))).float()  # [B, C, h, w], what the projection sees
+    h = h.permute(0, 2, 3, 1).flatten(0, 2)  # [N, C]
+    w, b = conv.weight[:, :, 0, 0], conv.bias  # [V, C], [V]
+    winners = (h @ w.T + b).argmax(1)  # [N]
+    pick = torch.randint(0, h.shape[0], (dead.numel(),), device=h.device)
+    donors = winners[pick]
+    # Boost of k over j at q: s·[(h_p-mu)·(h_q-mu) - |h_p-mu|²/2], i.e. nearest-seed (Voronoi) among
+    # twins of one donor, and +s·|h_p-mu|²/2 at p itself; s makes that REVIVE_MARGIN on average.
+    mu = h.mean(0)
+    c = h - mu  # [N, C]
+    s = 2 * REVIVE_MARGIN / c.pow(2).sum(1).mean().clamp_min(1e-8)
+    seed = c[pick]  # [D, C]
+    conv.weight[dead] = (w[donors] + s * seed)[:, :, None, None]
+    conv.bias[dead] = b[donors] - s * (seed @ mu) - s * seed.pow(2).sum(1) / 2
+    cb = model.codebook
+    cb[dead] = cb[donors] + 0.1 * cb.std() * torch.randn_like(cb[donors])
+    for p in (conv.weight, conv.bias, cb):
         state = opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
@@ -168,8 +185,10 @@ def _device(cfg: Config) -> torch.device:
     return torch.device(cfg.train.device)
 
 
-def save_tokenizer(model: DVAE, out_dir: Path, metrics: dict | None = None) -> None:
-    tcfg = model.cfg.model_copy(update={"name": str(out_dir), "weights": None})
+def save_tokenizer(model: DVAE, out_dir: Path, metrics: dict | None = None, name: str | None = None) -> None:
+    """Write tokenizer.safetensors (+ config in its metadata), tokenizer.yaml and metrics.json.
+    `name` is what `tokenizer.name` should say (default: the directory, so the yaml works as-is)."""
+    tcfg = model.cfg.model_copy(update={"name": name or str(out_dir), "weights": None})
     meta = {"format": "beit-dvae", "tokenizer_config": json.dumps(tcfg.model_dump(mode="json"))}
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / "tokenizer.safetensors"), metadata=meta)
@@ -230,7 +249,12 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
             stats = model.decode_stats(soft)
         rec = recon_nll(stats, x, tcfg.recon_loss)
         kl = kl_to_uniform(logits)
-        loss = rec + beta * kl
+        # Usage term (not in DALL-E): entropy of the batch's average relaxed one-hot. At low temperature the
+        # samples are nearly one-hot, so this is the entropy of the code histogram; its gradient lifts rare
+        # codes. Without it, revived codes die again within ~100 steps (the decoder fits busy codes better).
+        usage = soft.mean((0, 2, 3))  # [V]
+        usage_gap = math.log(tcfg.vocab_size) + (usage * usage.clamp_min(1e-12).log()).sum()
+        loss = rec + beta * kl + USAGE_ENTROPY_WEIGHT * usage_gap
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if o.clip_grad:
@@ -242,9 +266,9 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
         bar.update(bs)
         if (step + 1) % REVIVE_EVERY == 0:
             used = int((counts > 0).sum())
-            revived = _revive_dead_codes(model, opt, counts, ids) if step < REVIVE_UNTIL * total else 0
+            revived = _revive_dead_codes(model, opt, counts, x) if step < REVIVE_UNTIL * total else 0
             revived_total += revived
-            history.append({"step": step + 1, "loss": loss.item(), "recon": rec.item(), "kl": kl.item(), "tau": tau,
+            history.append({"step": step + 1, "loss": loss.item(), "recon": rec.item(), "kl": kl.item(), "usage_gap": usage_gap.item(), "tau": tau,
                             "kl_weight": beta, "codes_used_window": used, "revived": revived})
             bar.set_postfix(loss=f"{loss.item():.3f}", tau=f"{tau:.3f}", used=used, revived=revived)
             counts.zero_()
