@@ -155,6 +155,22 @@ def test_checkpoint_of_another_size_names_the_tensor(tmp_path):
 
 
 @needs_fmnist
+def test_finetune_starts_from_a_pretraining_run_directory(tmp_path):
+    from beit.train import checkpoint as ckpt_io
+    from beit.train.finetune import build_finetune_task
+
+    mim = create_model("beit_fmnist_patch4_32_512_vocab", depth=2, embed_dim=64, num_heads=2)
+    with torch.no_grad():
+        mim.rel_pos_bias.relative_position_bias_table.normal_()
+    ckpt_io.save_training_checkpoint(tmp_path, {"model": mim.state_dict(), "optimizer": {}}, 7, 2)
+    cfg = load_config("configs/finetune/fmnist.yaml", TINY + [f"model.pretrained={tmp_path}"])
+    model = build_finetune_task(cfg, torch.device("cpu")).model
+    for blk in model.blocks:  # the shared table was cloned into every layer
+        assert torch.equal(blk.attn.relative_position_bias_table, mim.rel_pos_bias.relative_position_bias_table)
+    assert torch.equal(model.blocks[1].mlp.fc1.weight, mim.blocks[1].mlp.fc1.weight)
+
+
+@needs_fmnist
 def test_label_fraction_that_empties_a_class_is_an_error():
     from beit.train.finetune import build_finetune_task
 
