@@ -12,15 +12,16 @@ from pathlib import Path
 import torch
 
 
-def _load_images(paths: list[str], tok) -> torch.Tensor:
-    """Image files -> [B, C, S, S] in [0, 1], converted to the tokenizer's channels and resized to a multiple of
-    its downsample factor (the size of the first image, rounded down)."""
+def _load_images(paths: list[str], tok, size: int | None = None) -> torch.Tensor:
+    """Image files -> [B, C, S, S] in [0, 1], in the tokenizer's channels. S: `size`, else the size a trained
+    tokenizer was trained at (32 for fmnist_dvae), else the first image's short side rounded down to a
+    multiple of the downsample factor."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
 
     mode = "L" if tok.in_chans == 1 else "RGB"
     imgs = []
-    size = None
+    size = size or getattr(getattr(tok, "cfg", None), "image_size", None)
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"image '{p}' does not exist")
@@ -52,7 +53,7 @@ def cmd_train(args) -> int:
 
 def cmd_encode(args) -> int:
     tok = _tokenizer(args)
-    ids = tok.encode(_load_images(args.images, tok))  # [B, h, w]
+    ids = tok.encode(_load_images(args.images, tok, args.size))  # [B, h, w]
     if args.out:
         torch.save({"ids": ids, "images": args.images}, args.out)
         print(f"wrote token maps {tuple(ids.shape)} to {args.out}")
@@ -67,7 +68,7 @@ def cmd_reconstruct(args) -> int:
     from torchvision.utils import save_image
 
     tok = _tokenizer(args)
-    x = _load_images(args.images, tok)
+    x = _load_images(args.images, tok, args.size)
     rec = tok.decode(tok.encode(x))
     pairs = torch.stack([x, rec], 1).flatten(0, 1)  # original, reconstruction, original, ...
     save_image(pairs, args.out, nrow=2, padding=2, pad_value=0.5)
@@ -101,6 +102,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         e.add_argument("--tokenizer", required=True, help="'dall-e', a shipped name (fmnist_dvae) or a trained tokenizer path")
         e.add_argument("--weights", help="weight file (required for dall-e)")
         e.add_argument("images", nargs="+")
+        e.add_argument("--size", type=int, help="resize images to SIZE x SIZE (default: the tokenizer's training size)")
         e.add_argument("--out", required=name == "reconstruct", help="output file (.pt for encode, .png for reconstruct)")
         e.set_defaults(func=fn)
 
