@@ -313,7 +313,9 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
     train_s = time.time() - t_train
 
     t_final = time.time()
-    final_revived = finalize_codes(model, train_x, device, amp=amp, log=log)
+    # At most a fifth of the main steps, so smoke runs stay short (the shipped config: 150 of 1000).
+    final_revived = finalize_codes(model, train_x, device, steps=min(FINAL_STEPS, max(total // 5, 1)),
+                                   batch_size=bs, amp=amp, log=log)
     train_s += time.time() - t_final
     metrics = evaluate(model, test_x, device)
     metrics.update({"train_steps": total, "train_images": total * bs, "train_seconds": round(train_s, 1),
