@@ -56,26 +56,26 @@ def _runner(command: str) -> Callable:
 # at 1%) do not spend their time evaluating on the 10k test images.
 VARIANTS = {
     "demo": dict(
-        pretrain=["train.epochs=1", "data.train_subset=20000"],
-        finetune={0.1: ["train.epochs=2", "train.eval_every_epochs=1"]},
-        seeds=1, probes=False),
+        pretrain=["train.epochs=1", "data.train_subset=20000", "optim.warmup_epochs=0.2"],
+        finetune={0.1: ["train.epochs=2", "train.eval_every_epochs=2", "optim.warmup_epochs=0.2"]},
+        seeds=1, probes=False, knn=None),
     "quick": dict(
-        pretrain=["train.epochs=1"],
-        finetune={1.0: ["train.epochs=1", "train.eval_every_epochs=0.5"],
-                  0.1: ["train.epochs=4", "train.eval_every_epochs=2"],
-                  0.01: ["train.epochs=25", "train.eval_every_epochs=12.5"]},
-        seeds=1, probes=True),
+        pretrain=["train.epochs=1", "data.train_subset=15000", "optim.warmup_epochs=0.2"],
+        finetune={0.01: ["train.epochs=10", "train.eval_every_epochs=10", "optim.warmup_epochs=1"],
+                  0.1: ["train.epochs=2", "train.eval_every_epochs=2", "optim.warmup_epochs=0.2"],
+                  1.0: ["train.epochs=0.25", "train.eval_every_epochs=0.25", "optim.warmup_epochs=0.025"]},
+        seeds=1, probes=False, knn=["data.train_subset=10000"]),
     "full": dict(
-        pretrain=["train.epochs=8"],
-        finetune={1.0: ["train.epochs=5", "train.eval_every_epochs=1"],
-                  0.1: ["train.epochs=30", "train.eval_every_epochs=10"],
-                  0.01: ["train.epochs=150", "train.eval_every_epochs=50"]},
+        pretrain=["train.epochs=5", "optim.warmup_epochs=0.5"],
+        finetune={0.01: ["train.epochs=60", "train.eval_every_epochs=20", "optim.warmup_epochs=5"],
+                  0.1: ["train.epochs=20", "train.eval_every_epochs=5", "optim.warmup_epochs=2"],
+                  1.0: ["train.epochs=2", "train.eval_every_epochs=1", "optim.warmup_epochs=0.2"]},
         seeds=3, probes=True),
     "gpu": dict(
         pretrain=["train.epochs=300", "data.batch_size=512", "data.num_workers=8", "optim.warmup_epochs=10"],
-        finetune={1.0: ["train.epochs=100", "train.eval_every_epochs=10", "data.batch_size=512"],
+        finetune={0.01: ["train.epochs=1000", "train.eval_every_epochs=100"],
                   0.1: ["train.epochs=300", "train.eval_every_epochs=50"],
-                  0.01: ["train.epochs=1000", "train.eval_every_epochs=100"]},
+                  1.0: ["train.epochs=100", "train.eval_every_epochs=10", "data.batch_size=512"]},
         seeds=3, probes=True),
 }
 
@@ -101,11 +101,14 @@ def plan(out: Path, variant: str, retrain_tokenizer: bool = False) -> list[Stage
                 name = f"finetune_{init}_{_pct(frac)}pct_seed{seed}"
                 stages.append(Stage(name, "finetune", CONFIGS / "finetune" / cfg, common + init_over + extra + [
                     f"train.run_name={name}", f"data.label_fraction={frac}", f"train.seed={seed}"]))
+    # The label-efficiency runs come first (smallest fraction first): they carry the claim and are cheap.
+    stages.sort(key=lambda st: 0 if st.name == "pretrain" else 1)
     if v["probes"]:
         stages.append(Stage("linprobe", "linprobe", CONFIGS / "linprobe" / "fmnist.yaml",
                             common + [pretrained, "train.run_name=linprobe"], done_file="results.json"))
+    if v.get("knn", []) is not None:
         stages.append(Stage("knn", "knn", CONFIGS / "knn" / "fmnist.yaml",
-                            common + [pretrained, "train.run_name=knn"], done_file="results.json"))
+                            common + [pretrained, "train.run_name=knn"] + v.get("knn", []), done_file="results.json"))
     return stages
 
 
