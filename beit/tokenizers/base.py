@@ -77,25 +77,20 @@ class FrozenTokenizer(nn.Module):
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from safetensors or a torch file, without unpickling arbitrary objects.
+    """Read a state dict from safetensors or a torch file, without unpickling arbitrary objects
+    (the same reader as model checkpoints), unwrapping `{'state_dict': …}` / `{'model': …}` containers."""
+    from beit.convert import read_checkpoint
 
-    Unwraps the usual `{'state_dict': …}` / `{'model': …}` containers.
-    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer weight file '{path}' does not exist")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or a pickled module rather than a state dict
+        state = read_checkpoint(path)
+    except ValueError as e:  # corrupt, truncated, or a pickled module rather than a state dict
         hint = ""
-        if "weights_only" in str(e) or path.suffix == ".pkl":
+        if "pickles Python objects" in str(e) or path.suffix == ".pkl":
             hint = " If it is OpenAI's pickled encoder.pkl/decoder.pkl, convert it once with `beit tokenizer convert SRC DST --trust-pickle`."
-        raise TokenizerError(f"cannot read tokenizer weights '{path}': {type(e).__name__}: {str(e)[:300]}.{hint}") from None
+        raise TokenizerError(f"cannot read tokenizer weights '{path}': {str(e)[:300]}.{hint}") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
