@@ -31,11 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     from beit.reproduce import register as register_reproduce
     from beit.tokenizers.cli import register as register_tokenizer
     from beit.train.eval_cli import register as register_eval
+    from beit.visualize import register as register_predict
 
     parser = argparse.ArgumentParser(prog="beit", description="BEiT: BERT pre-training of image transformers")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_command(sub, "pretrain", "masked image modeling pretraining (BEiT)", _pretrain)
     register_eval(sub)
+    register_predict(sub)
     register_tokenizer(sub)
     register_convert(sub)
     register_reproduce(sub)

@@ -1,0 +1,91 @@
+"""What the pretrained model predicts: a PNG grid per sample of
+
+    input | masked input | tokenizer reconstruction of the true tokens | reconstruction with the model's
+    predictions at the masked positions (visible positions keep the true tokens)
+
+so one can see whether the model fills the masked blocks with plausible content. Needs a tokenizer with a
+decoder (the shipped `fmnist_dvae` has one; DALL-E needs `decoder_weights`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from beit.config import Config, ConfigError, load_config
+
+
+@torch.no_grad()
+def prediction_grid(cfg: Config, out: Path, num: int = 8, seed: int = 0) -> dict:
+    from beit.data import MIMDataset, build_dataset, build_mask_generator, build_two_view_transform
+    from beit.tokenizers import create_tokenizer
+    from beit.train.evaluate import build_model
+
+    tokenizer = create_tokenizer(cfg.tokenizer.name, weights=cfg.tokenizer.weights)
+    if getattr(tokenizer, "decoder", None) is None:
+        raise ConfigError(f"tokenizer '{cfg.tokenizer.name}' has no decoder, so predictions cannot be drawn")
+    model = build_model(cfg, need_pretrained=True).eval()
+    if model.lm_head is None:
+        raise ConfigError(f"model {cfg.model.name} has no lm_head: use the pretraining preset and checkpoint")
+    base = build_dataset(cfg.data, "test")
+    data = MIMDataset(base, build_two_view_transform(cfg.data, cfg.tokenizer.image_size),
+                      build_mask_generator(cfg.data, model.grid), seed=seed)
+    items = [data[i] for i in np.random.default_rng(seed).choice(len(data), num, replace=False)]
+    image = torch.stack([it["image"] for it in items])  # [n, C, H, W] normalised
+    tok_image = torch.stack([it["tok_image"] for it in items])  # [n, C, h, w] in [0, 1]
+    mask = torch.stack([it["mask"] for it in items])  # [n, gh, gw]
+
+    tokens = tokenizer.encode(tok_image)  # [n, gh, gw]
+    pred = tokens.clone()
+    logits = model(image, mask.flatten(1))  # [num_masked, vocab]
+    pred[mask] = logits.argmax(-1)
+    acc = (pred[mask] == tokens[mask]).float().mean().item()
+
+    true_rec = tokenizer.decode(tokens)  # [n, C, h, w]
+    pred_rec = tokenizer.decode(pred)
+    cell = tok_image.shape[-1] // mask.shape[-1]
+    pixel_mask = mask.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[:, None]  # [n, 1, h, w]
+    masked = torch.where(pixel_mask, torch.full_like(tok_image, 0.5), tok_image)
+    _save_grid([tok_image, masked, true_rec, pred_rec], out,
+               ["input", "masked input", "tokenizer reconstruction", f"model prediction (token acc {acc:.0%})"])
+    return {"masked_token_acc": acc, "png": str(out)}
+
+
+def _save_grid(columns: list[torch.Tensor], out: Path, titles: list[str]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = columns[0].shape[0]
+    fig, axes = plt.subplots(n, len(columns), figsize=(2.2 * len(columns), 2.2 * n), squeeze=False)
+    for r in range(n):
+        for c, col in enumerate(columns):
+            img = col[r].clamp(0, 1).permute(1, 2, 0).numpy()
+            axes[r, c].imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            axes[r, c].axis("off")
+            if r == 0:
+                axes[r, c].set_title(titles[c], fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def register(subparsers):
+    p = subparsers.add_parser("predict", help="draw what a pretrained model predicts at masked positions (PNG)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="the pretraining config (model, tokenizer, data sections)")
+    p.add_argument("overrides", nargs="*", help="e.g. model.pretrained=runs/fmnist")
+    p.add_argument("--out", default="predictions.png")
+    p.add_argument("--num", type=int, default=8)
+
+    def run(a):
+        res = prediction_grid(load_config(a.config, a.overrides), Path(a.out), a.num)
+        print(f"wrote {res['png']} (masked-token accuracy on these samples: {res['masked_token_acc']:.1%})")
+        return 0
+
+    p.set_defaults(func=run)
