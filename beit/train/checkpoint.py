@@ -23,20 +23,24 @@ class RunDirError(RuntimeError):
     pass
 
 
-def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> Path:
-    """Never clobber a run: an existing non-empty directory needs --resume or --overwrite."""
+def check_run_dir(path: Path, resume: bool, overwrite: bool):
+    """Never clobber a run: an existing non-empty directory needs --resume or --overwrite. Touches nothing."""
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite are mutually exclusive")
-    if path.exists() and any(path.iterdir()):
-        if overwrite:
-            shutil.rmtree(path)
-        elif not resume:
-            raise RunDirError(
-                f"run directory '{path}' already exists; pass --resume to continue it, --overwrite to replace "
-                f"it, or choose another train.run_name / train.out_dir"
-            )
-    elif resume:
+    exists = path.exists() and any(path.iterdir())
+    if exists and not (resume or overwrite):
+        raise RunDirError(
+            f"run directory '{path}' already exists; pass --resume to continue it, --overwrite to replace "
+            f"it, or choose another train.run_name / train.out_dir"
+        )
+    if resume and not exists:
         raise RunDirError(f"--resume given but '{path}' holds no run to resume")
+
+
+def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> Path:
+    check_run_dir(path, resume, overwrite)
+    if overwrite and path.exists():
+        shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

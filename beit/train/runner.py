@@ -41,16 +41,20 @@ def launch(cfg: Config, build_task: Callable[[Config, torch.device], Task], resu
     info = init_distributed(cfg.train.device, cfg.dist.backend)
     try:
         run_dir = run_dir_of(cfg)
+        ckpt_io.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        setup_logging(None, info.is_main)
+        # Per-rank seeds: model-side randomness (drop path) differs across ranks; data randomness is
+        # keyed by (seed, epoch, sample index) and so does not depend on the rank at all.
+        torch.manual_seed(cfg.train.seed + info.rank)
+        random.seed(cfg.train.seed + info.rank)
+        # Build first: a bad checkpoint, dataset or config fails here and leaves no run directory behind.
+        task = build_task(cfg, info.device)
+        barrier()
         if info.is_main:
             ckpt_io.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
             (run_dir / "config.yaml").write_text(cfg.to_yaml())
         barrier()
         setup_logging(run_dir, info.is_main)
-        # Per-rank seeds: model-side randomness (drop path) differs across ranks; data randomness is
-        # keyed by (seed, epoch, sample index) and so does not depend on the rank at all.
-        torch.manual_seed(cfg.train.seed + info.rank)
-        random.seed(cfg.train.seed + info.rank)
-        task = build_task(cfg, info.device)
         summary = fit(cfg, task, run_dir, info, resume=resume)
         if info.is_main:
             log.info(f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f}s; run directory {run_dir}")
