@@ -52,7 +52,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse stops taking positionals after an option (`cfg.yaml --overwrite optim.lr=1`), so dotted
+    # overrides that follow an option arrive as "unknown" arguments: give them back to `overrides`.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or not all("=" in e and not e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         result = args.func(args)
     except _user_errors() as e:
