@@ -66,10 +66,10 @@ VARIANTS = {
                   1.0: ["train.epochs=0.25", "train.eval_every_epochs=0.25", "optim.warmup_epochs=0.025"]},
         seeds=1, probes=False, knn=["data.train_subset=10000"]),
     "full": dict(
-        pretrain=["train.epochs=5", "optim.warmup_epochs=0.5"],
-        finetune={0.01: ["train.epochs=60", "train.eval_every_epochs=20", "optim.warmup_epochs=5"],
-                  0.1: ["train.epochs=20", "train.eval_every_epochs=5", "optim.warmup_epochs=2"],
-                  1.0: ["train.epochs=2", "train.eval_every_epochs=1", "optim.warmup_epochs=0.2"]},
+        pretrain=["train.epochs=4", "optim.warmup_epochs=0.4"],
+        finetune={0.01: ["train.epochs=60", "train.eval_every_epochs=30", "optim.warmup_epochs=3"],
+                  0.1: ["train.epochs=10", "train.eval_every_epochs=5", "optim.warmup_epochs=0.5"],
+                  1.0: ["train.epochs=3", "train.eval_every_epochs=1", "optim.warmup_epochs=0.15"]},
         seeds=3, probes=True),
     "gpu": dict(
         pretrain=["train.epochs=300", "data.batch_size=512", "data.num_workers=8", "optim.warmup_epochs=10"],
@@ -101,14 +101,15 @@ def plan(out: Path, variant: str, retrain_tokenizer: bool = False) -> list[Stage
                 name = f"finetune_{init}_{_pct(frac)}pct_seed{seed}"
                 stages.append(Stage(name, "finetune", CONFIGS / "finetune" / cfg, common + init_over + extra + [
                     f"train.run_name={name}", f"data.label_fraction={frac}", f"train.seed={seed}"]))
-    # The label-efficiency runs come first (smallest fraction first): they carry the claim and are cheap.
-    stages.sort(key=lambda st: 0 if st.name == "pretrain" else 1)
-    if v["probes"]:
-        stages.append(Stage("linprobe", "linprobe", CONFIGS / "linprobe" / "fmnist.yaml",
-                            common + [pretrained, "train.run_name=linprobe"], done_file="results.json"))
     if v.get("knn", []) is not None:
         stages.append(Stage("knn", "knn", CONFIGS / "knn" / "fmnist.yaml",
                             common + [pretrained, "train.run_name=knn"] + v.get("knn", []), done_file="results.json"))
+    if v["probes"]:
+        stages.append(Stage("linprobe", "linprobe", CONFIGS / "linprobe" / "fmnist.yaml",
+                            common + [pretrained, "train.run_name=linprobe"], done_file="results.json"))
+    # Order: the cheap label-efficiency runs that carry the claim first (smallest fraction first), then the
+    # probes, then the expensive 100%-label runs.
+    stages.sort(key=lambda st: 0 if st.name == "pretrain" else 2 if "_100pct_" in st.name else 1)
     return stages
 
 
