@@ -222,7 +222,7 @@ def _plot_curves(out: Path):
     for d in sorted(out.glob("finetune_*_seed0")):
         rows = read_metrics(d / "metrics.jsonl", "eval") if (d / "metrics.jsonl").exists() else []
         if rows:
-            style = "-" if "pretrained" in d.name else "--"
+            style = "o-" if "pretrained" in d.name else "s--"  # markers: short runs have one evaluation
             ax.plot([r["step"] for r in rows], [r["top1"] for r in rows], style, label=d.name[9:-6])
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("test top-1 (%)")
