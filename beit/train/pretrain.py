@@ -39,7 +39,8 @@ def make_mim_step(tokenizer: nn.Module):
 
 
 def check_compatible(model, tokenizer, cfg: Config):
-    """Fail before any work if the model, tokenizer and data disagree on grid, vocabulary or channels."""
+    """Fail before any work if the model and tokenizer disagree on grid, vocabulary or channels (the model
+    and data are checked by `build_model`)."""
     tok_grid = cfg.tokenizer.image_size // tokenizer.downsample
     problems = []
     if model.vocab_size != tokenizer.vocab_size:
@@ -48,10 +49,6 @@ def check_compatible(model, tokenizer, cfg: Config):
     if model.grid != (tok_grid, tok_grid):
         problems.append(f"model patch grid {model.grid} != tokenizer grid {tok_grid}x{tok_grid} "
                         f"(tokenizer.image_size {cfg.tokenizer.image_size} / downsample {tokenizer.downsample})")
-    if cfg.data.img_size != model.patch_embed.img_size:
-        problems.append(f"data.img_size {cfg.data.img_size} != model img_size {model.patch_embed.img_size}")
-    if cfg.data.in_chans != model.patch_embed.in_chans:
-        problems.append(f"data.in_chans {cfg.data.in_chans} != model in_chans {model.patch_embed.in_chans}")
     if tokenizer.in_chans != cfg.data.in_chans:
         problems.append(f"tokenizer expects {tokenizer.in_chans} channels, data.in_chans is {cfg.data.in_chans}")
     if problems:
@@ -60,12 +57,12 @@ def check_compatible(model, tokenizer, cfg: Config):
 
 def build_pretrain_task(cfg: Config, device: torch.device):
     from beit.data import MIMDataset, build_dataset, build_mask_generator, build_two_view_transform, collate_mim_skip_bad
-    from beit.models import create_model
     from beit.tokenizers import create_tokenizer
+    from beit.train.evaluate import build_model
     from beit.train.loop import Task
 
     tokenizer = create_tokenizer(cfg.tokenizer.name, weights=cfg.tokenizer.weights).to(device)
-    model = create_model(cfg.model.name, cfg.model.pretrained, **cfg.model.overrides())
+    model = build_model(cfg)  # create_model + pretrained (file or run directory) + image size/channel checks
     if model.lm_head is None:
         raise ConfigError(f"model.name={cfg.model.name} has no lm_head; pretraining needs a *_vocab preset")
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
