@@ -149,14 +149,16 @@ def _run_name(stage: Stage) -> str:
 def collect(out: Path, stages: list[Stage], variant: str, wall: dict[str, float]) -> dict:
     """Gather every stage's numbers into one results dict (also written as results.json)."""
     ft: dict[str, dict[str, list[float]]] = {}
+    pending = [s.name for s in stages if not (out / _run_name(s) / s.done_file).exists()]
     for s in stages:
-        if s.command != "finetune":
+        if s.command != "finetune" or s.name in pending:
             continue
         summary = json.loads((out / _run_name(s) / "summary.json").read_text())
         init, pct = s.name.split("_")[1], s.name.split("_")[2].removesuffix("pct")
         ft.setdefault(pct, {}).setdefault(init, []).append(summary["eval"]["top1"])
     results = {"variant": variant, "hardware": f"{platform.processor() or platform.machine()}, "
-               f"{__import__('os').cpu_count()} cores", "finetune_top1": {}, "stage_wall_time_s": wall}
+               f"{__import__('os').cpu_count()} cores", "finetune_top1": {}, "stage_wall_time_s": wall,
+               "pending_stages": pending}
     for pct, d in ft.items():
         row = {}
         for init, vals in d.items():
@@ -193,6 +195,8 @@ def write_report(out: Path, results: dict):
     if "knn" in results:
         lines += [f"k-NN (k={results['knn']['k']}, T={results['knn']['temperature']}): "
                   f"top-1 {results['knn']['top1']:.2f}%"]
+    if results.get("pending_stages"):
+        lines += ["", "Not run yet (rerun the command to continue): " + ", ".join(results["pending_stages"])]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     _plot_curves(out)
     return "\n".join(lines)
@@ -233,6 +237,17 @@ def _plot_curves(out: Path):
     plt.close(fig)
 
 
+def report(out: Path, variant: str, retrain_tokenizer: bool = False) -> dict:
+    """Write results.json / results.md / curves.png from whatever stages have finished."""
+    stages = plan(out, variant, retrain_tokenizer)
+    wall_file = out / "stage_wall_time.json"
+    wall = json.loads(wall_file.read_text()) if wall_file.exists() else {}
+    results = collect(out, stages, variant, wall)
+    table = write_report(out, results)
+    print(f"\n{table}\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}")
+    return results
+
+
 def reproduce(out: Path, variant: str, retrain_tokenizer: bool = False) -> dict:
     from beit.train.runner import setup_logging
 
@@ -248,10 +263,7 @@ def reproduce(out: Path, variant: str, retrain_tokenizer: bool = False) -> dict:
             wall[stage.name] = spent
             wall_file.write_text(json.dumps(wall, indent=2))
         setup_logging(None, True)
-    results = collect(out, stages, variant, wall)
-    table = write_report(out, results)
-    print(f"\n{table}\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}")
-    return results
+    return report(out, variant, retrain_tokenizer)
 
 
 def register(subparsers):
@@ -263,8 +275,9 @@ def register(subparsers):
     p.add_argument("--quick", action="store_const", const="quick", dest="variant", help="same as --variant quick")
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce_fmnist_<variant>)")
     p.add_argument("--retrain-tokenizer", action="store_true", help="train the dVAE tokenizer instead of the shipped one")
-    p.set_defaults(func=lambda a: reproduce(Path(a.out or f"runs/reproduce_fmnist_{a.variant}"), a.variant,
-                                            a.retrain_tokenizer) and 0)
+    p.add_argument("--report-only", action="store_true", help="run nothing; tabulate the stages finished so far")
+    p.set_defaults(func=lambda a: (report if a.report_only else reproduce)(
+        Path(a.out or f"runs/reproduce_fmnist_{a.variant}"), a.variant, a.retrain_tokenizer) and 0)
 
     d = subparsers.add_parser("demo", help="the first five minutes: pretrain + fine-tune a small BEiT on CPU")
     d.add_argument("--out", default="runs/demo")
