@@ -23,7 +23,7 @@ from beit.convert import (
     to_official,
     unwrap_state_dict,
 )
-from beit.convert.cli import main as convert_main
+from beit.cli import main as cli_main
 from beit.convert.resize import expand_shared_rel_pos, resize_pos_embed, resize_rel_pos_table
 from beit.models import create_model
 
@@ -144,7 +144,9 @@ def test_cli_to_hf_directory_loads_with_from_pretrained(tmp_path, name, hf_cls):
     from safetensors.torch import save_file
 
     save_file(ours.state_dict(), str(tmp_path / "ours.safetensors"))
-    assert convert_main(["convert", str(tmp_path / "ours.safetensors"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["convert", str(tmp_path / "ours.safetensors"), str(tmp_path / "hf"), "--to", "hf"])
+    assert exit_.value.code == 0
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["layer_norm_eps"] == 1e-6 and cfg["architectures"] == [hf_cls]
     hf, info = getattr(transformers, hf_cls).from_pretrained(str(tmp_path / "hf"), output_loading_info=True)

@@ -32,15 +32,3 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(func=run_convert)
     return p
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (`python -m beit.convert.cli SRC DST --to hf`)."""
-    parser = argparse.ArgumentParser(prog="beit")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

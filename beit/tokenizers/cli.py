@@ -1,12 +1,9 @@
 """`beit tokenizer {train, encode, reconstruct, convert}`; `register(subparsers)` adds the command group.
-
-Also runnable on its own: `python -m beit.tokenizers.cli train configs/tokenizer/fmnist_dvae.yaml`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -113,14 +110,3 @@ def register(subparsers) -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
     return p
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m beit.tokenizers.cli")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["tokenizer", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
