@@ -69,7 +69,7 @@ VARIANTS = {
         pretrain=["train.epochs=4", "optim.warmup_epochs=0.4"],
         finetune={0.01: ["train.epochs=60", "train.eval_every_epochs=30", "optim.warmup_epochs=3"],
                   0.1: ["train.epochs=10", "train.eval_every_epochs=5", "optim.warmup_epochs=0.5"],
-                  1.0: ["train.epochs=3", "train.eval_every_epochs=1", "optim.warmup_epochs=0.15"]},
+                  1.0: ["train.epochs=5", "train.eval_every_epochs=1", "optim.warmup_epochs=0.25"]},
         seeds=3, probes=True),
     "gpu": dict(
         pretrain=["train.epochs=300", "data.batch_size=512", "data.num_workers=8", "optim.warmup_epochs=10"],
