@@ -59,9 +59,12 @@ def make_classification_step(mixup, smoothing: float):
         if x.shape[0] % 2:  # an undecodable file was dropped from this batch; mixup needs pairs
             x, y = x[:-1], y[:-1]
         # timm's Mixup draws lambda and the cutmix box from numpy's global RNG, which checkpoints do not
-        # save. Seeding it from torch's RNG (saved and restored) keeps resumed runs exact.
+        # save. Seeding it from torch's RNG (saved and restored) keeps resumed runs exact; the caller's
+        # numpy state is put back afterwards, so nothing outside this step sees the reseed.
+        outer = np.random.get_state()
         np.random.seed(int(torch.randint(0, 2**31 - 1, (1,))))
         x, soft = mixup(x, y)  # soft: [B, K], smoothed
+        np.random.set_state(outer)
         logits = model(x)
         return {"loss": criterion(logits.float(), soft)}
 
