@@ -352,3 +352,37 @@ def test_read_checkpoint_errors_and_formats(tmp_path):
         assert not report.missing and not report.unexpected, f
         assert_same_tensors(fresh.state_dict(), model.state_dict())
     assert read_checkpoint(tmp_path / "m_mm.pth").keys() == {"state_dict"}
+
+
+def test_sharded_hf_directory_reads_every_shard(tmp_path):
+    """HF `save_pretrained(max_shard_size=...)` splits big models over shards listed in an index."""
+    cfg = transformers.BeitConfig(image_size=32, patch_size=4, num_channels=1, hidden_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                  use_relative_position_bias=True, use_mean_pooling=True, num_labels=10,
+                                  layer_scale_init_value=0.1)
+    hf = randomize_(transformers.BeitForImageClassification(cfg))
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    hf.save_pretrained(tmp_path / "one")  # the same weights in one file
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1  # really sharded
+    whole = read_checkpoint(tmp_path / "one")
+    assert_same_tensors(read_checkpoint(tmp_path / "hf"), whole)
+    # the older pickle-free .bin shards (written by hand: transformers 5 only writes safetensors)
+    (tmp_path / "bin").mkdir()
+    keys = sorted(whole)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for shard, ks in halves.items():
+        torch.save({k: whole[k] for k in ks}, tmp_path / "bin" / shard)
+    (tmp_path / "bin" / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {k: shard for shard, ks in halves.items() for k in ks}}))
+    assert_same_tensors(read_checkpoint(tmp_path / "bin"), whole)
+    index_bin = tmp_path / "bin" / "pytorch_model.bin.index.json"
+    index_bin.write_text(json.dumps({"weight_map": {"extra.weight": "pytorch_model-00001-of-00002.bin",
+                                                    **json.loads(index_bin.read_text())["weight_map"]}}))
+    with pytest.raises(ValueError, match="extra.weight.*incomplete"):
+        read_checkpoint(tmp_path / "bin")
+    # a shard that went missing is named, not silently skipped
+    (tmp_path / "hf" / shards[0]).unlink()
+    with pytest.raises(FileNotFoundError, match=shards[0]):
+        read_checkpoint(tmp_path / "hf")

@@ -57,13 +57,17 @@ _SIZE_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large"}
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint file without executing code: `.safetensors` with safetensors, anything else with
     `torch.load(weights_only=True)`. An HF directory reads its `model.safetensors` (or
-    `pytorch_model.bin`). Errors name the path."""
+    `pytorch_model.bin`), or every shard its `*.index.json` lists. Errors name the path."""
     path = Path(path)
     if path.is_dir():
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).is_file():
                 return read_checkpoint(path / name)
-        raise FileNotFoundError(f"{path} is a directory without model.safetensors or pytorch_model.bin")
+        for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (path / name).is_file():
+                return _read_sharded(path / name)
+        raise FileNotFoundError(f"{path} is a directory without model.safetensors, pytorch_model.bin or a "
+                                f"sharded *.index.json")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -87,6 +91,22 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"cannot read checkpoint {path}: not a valid torch file (corrupt?): {e}") from e
     except Exception as e:  # zip errors, truncation, EOF
         raise ValueError(f"cannot read checkpoint {path} (corrupt or truncated?): {e}") from e
+
+
+def _read_sharded(index: Path) -> dict:
+    """HF sharded checkpoint: the index's `weight_map` names the shard of every tensor."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{index}: not an HF shard index (expected a JSON object with 'weight_map'): {e}") from e
+    sd: dict = {}
+    for shard in sorted(set(weight_map.values())):
+        sd.update(read_checkpoint(index.parent / shard))
+    missing = sorted(set(weight_map) - set(sd))
+    if missing:
+        raise ValueError(f"{index}: {len(missing)} tensors listed in weight_map are in none of the shards, "
+                         f"e.g. {missing[:3]}; the download is incomplete")
+    return sd
 
 
 # ------------------------------------------------------------------------------------------------ loading
