@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
@@ -66,6 +66,13 @@ class TokenizerConfig(_Section):
     kl_weight: float = 1e-3
     kl_warmup_steps: int = 1000
     recon_loss: Literal["laplace", "mse"] = "laplace"
+    # Dead-code countermeasures (ours, not DALL-E's; docs/tokenizer.md). Without them 20-23% of codes were used.
+    usage_entropy_weight: float = Field(0.1, ge=0)  # weight of log V - H(batch-mean relaxed one-hot)
+    revive_every: int = Field(100, ge=1)  # steps per window over which code use is counted
+    revive_min_count: int = Field(1, ge=1)  # a code picked fewer times in a window is re-initialised
+    revive_until: float = Field(0.75, ge=0, le=1)  # fraction of the run during which codes are revived
+    revive_margin: float = Field(1.0, gt=0)  # logit lead of a revived code at the position it was seeded from
+    final_steps: int = Field(150, ge=0)  # decoder-only steps after the final revival (at most 1/5 of the run)
 
 
 class DataConfig(_Section):

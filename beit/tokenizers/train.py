@@ -27,17 +27,10 @@ from safetensors.torch import save_file
 from beit.config import Config, TokenizerConfig
 from beit.tokenizers.dvae import DVAE, kl_to_uniform, map_pixels, recon_nll
 
-# Dead-code handling (not in TokenizerConfig; fixed here): every REVIVE_EVERY steps, codes picked fewer
-# than REVIVE_MIN_COUNT times over that window are re-initialised, until REVIVE_UNTIL of the run.
-REVIVE_EVERY = 100
-REVIVE_MIN_COUNT = 1
-REVIVE_UNTIL = 0.75
-USAGE_ENTROPY_WEIGHT = 0.1  # weight of log V - H(batch-mean of the relaxed one-hots); see train_tokenizer
-REVIVE_MARGIN = 1.0
-FINAL_STEPS = 150  # decoder-only steps after the final revival (finalize_codes)
+# Dead-code handling is configured by TokenizerConfig (revive_*, usage_entropy_weight, final_steps); these
+# are the sample sizes of its final phase.
 FINAL_PROBE = 4096  # training images on which dead codes are counted at the end
-FINAL_SEED_IMAGES = 1024  # training images whose features seed the revived codes  # logit lead of a revived code over its donor at the position it was seeded from
-
+FINAL_SEED_IMAGES = 1024  # training images whose features seed the revived codes
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -96,17 +89,18 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
 
 # ---------------------------------------------------------------------------------------- dead codes
 @torch.no_grad()
-def _revive_dead_codes(model: DVAE, opt: torch.optim.Optimizer, counts: torch.Tensor, x: torch.Tensor) -> int:
+def _revive_dead_codes(model: DVAE, opt: torch.optim.Optimizer, counts: torch.Tensor, x: torch.Tensor,
+                       min_count: int = 1, margin: float = 1.0) -> int:
     """Re-initialise every dead code from an encoder output, as a split of the code that wins there.
 
     For a dead code k: pick a random position p of the batch, with top-level feature h_p and winning code j.
-    k gets j's encoder row plus a step towards h_p, so that it beats j near p (by REVIVE_MARGIN on average at
+    k gets j's encoder row plus a step towards h_p, so that it beats j near p (by `margin` on average at
     p itself) and loses far from p; its codebook entry is j's plus noise. Each dead code gets its own p, so
     twins of a busy code split its region of feature space like k-means seeds.
     (Copying j with random noise is not enough: ReLU features share a large common direction, so the same
     twin wins everywhere.) Adam state is copied too, so a twin does not take a huge first step.
     """
-    dead = (counts < REVIVE_MIN_COUNT).nonzero().flatten()
+    dead = (counts < min_count).nonzero().flatten()
     if dead.numel() == 0:
         return 0
     conv = model.encoder.blocks.output.conv
@@ -117,10 +111,10 @@ def _revive_dead_codes(model: DVAE, opt: torch.optim.Optimizer, counts: torch.Te
     pick = torch.randint(0, h.shape[0], (dead.numel(),), device=h.device)
     donors = winners[pick]
     # Boost of k over j at q: s·[(h_p-mu)·(h_q-mu) - |h_p-mu|²/2], i.e. nearest-seed (Voronoi) among
-    # twins of one donor, and +s·|h_p-mu|²/2 at p itself; s makes that REVIVE_MARGIN on average.
+    # twins of one donor, and +s·|h_p-mu|²/2 at p itself; s makes that `margin` on average.
     mu = h.mean(0)
     c = h - mu  # [N, C]
-    s = 2 * REVIVE_MARGIN / c.pow(2).sum(1).mean().clamp_min(1e-8)
+    s = 2 * margin / c.pow(2).sum(1).mean().clamp_min(1e-8)
     seed = c[pick]  # [D, C]
     conv.weight[dead] = (w[donors] + s * seed)[:, :, None, None]
     conv.bias[dead] = b[donors] - s * (seed @ mu) - s * seed.pow(2).sum(1) / 2
@@ -134,8 +128,8 @@ def _revive_dead_codes(model: DVAE, opt: torch.optim.Optimizer, counts: torch.Te
     return int(dead.numel())
 
 
-def finalize_codes(model: DVAE, train_x: torch.Tensor, device: torch.device, steps: int = FINAL_STEPS,
-                   batch_size: int = 128, lr: float = 3e-4, amp=None, log=print) -> int:
+def finalize_codes(model: DVAE, train_x: torch.Tensor, device: torch.device, steps: int = 150,
+                   margin: float = 1.0, batch_size: int = 128, lr: float = 3e-4, amp=None, log=print) -> int:
     """Last phase: revive the codes that are dead on training images once more, then fit only the decoder and
     codebook to the (now frozen) encoder's hard tokens, so the new codes get their own reconstructions.
 
@@ -148,7 +142,8 @@ def finalize_codes(model: DVAE, train_x: torch.Tensor, device: torch.device, ste
     probe = train_x[torch.randperm(len(train_x), generator=gen)[:FINAL_PROBE]].to(device).float() / 255
     with torch.no_grad():
         counts = torch.bincount(model.logits(probe).argmax(1).flatten(), minlength=V)
-    revived = _revive_dead_codes(model, torch.optim.AdamW([torch.zeros(1)]), counts, probe[:FINAL_SEED_IMAGES])
+    revived = _revive_dead_codes(model, torch.optim.AdamW([torch.zeros(1)]), counts, probe[:FINAL_SEED_IMAGES],
+                                 margin=margin)
     log(f"final phase: {int((counts > 0).sum())} codes used on {len(probe)} training images, revived {revived}")
     params = list(model.decoder.parameters()) + [model.codebook]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -291,7 +286,7 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
         # codes. Without it, revived codes die again within ~100 steps (the decoder fits busy codes better).
         usage = soft.mean((0, 2, 3))  # [V]
         usage_gap = math.log(tcfg.vocab_size) + (usage * usage.clamp_min(1e-12).log()).sum()
-        loss = rec + beta * kl + USAGE_ENTROPY_WEIGHT * usage_gap
+        loss = rec + beta * kl + tcfg.usage_entropy_weight * usage_gap
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if o.clip_grad:
@@ -301,9 +296,10 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
         ids = logits.detach().argmax(1)  # [B, h, w]
         counts += torch.bincount(ids.flatten(), minlength=tcfg.vocab_size)
         bar.update(bs)
-        if (step + 1) % REVIVE_EVERY == 0:
+        if (step + 1) % tcfg.revive_every == 0:
             used = int((counts > 0).sum())
-            revived = _revive_dead_codes(model, opt, counts, x) if step < REVIVE_UNTIL * total else 0
+            revive = step < tcfg.revive_until * total
+            revived = _revive_dead_codes(model, opt, counts, x, tcfg.revive_min_count, tcfg.revive_margin) if revive else 0
             revived_total += revived
             history.append({"step": step + 1, "loss": loss.item(), "recon": rec.item(), "kl": kl.item(), "usage_gap": usage_gap.item(), "tau": tau,
                             "kl_weight": beta, "codes_used_window": used, "revived": revived})
@@ -314,8 +310,8 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
 
     t_final = time.time()
     # At most a fifth of the main steps, so smoke runs stay short (the shipped config: 150 of 1000).
-    final_revived = finalize_codes(model, train_x, device, steps=min(FINAL_STEPS, max(total // 5, 1)),
-                                   batch_size=bs, amp=amp, log=log)
+    final_revived = finalize_codes(model, train_x, device, steps=min(tcfg.final_steps, max(total // 5, 1)),
+                                   margin=tcfg.revive_margin, batch_size=bs, amp=amp, log=log)
     train_s += time.time() - t_final
     metrics = evaluate(model, test_x, device)
     metrics.update({"train_steps": total, "train_images": total * bs, "train_seconds": round(train_s, 1),
