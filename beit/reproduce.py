@@ -60,7 +60,7 @@ VARIANTS = {
         finetune={0.1: ["train.epochs=2", "train.eval_every_epochs=2", "optim.warmup_epochs=0.2"]},
         seeds=1, probes=False, knn=None),
     "quick": dict(
-        pretrain=["train.epochs=1", "data.train_subset=15000", "optim.warmup_epochs=0.2"],
+        pretrain=["train.epochs=2", "data.train_subset=20000", "optim.warmup_epochs=0.2"],
         finetune={0.01: ["train.epochs=10", "train.eval_every_epochs=10", "optim.warmup_epochs=1"],
                   0.1: ["train.epochs=2", "train.eval_every_epochs=2", "optim.warmup_epochs=0.2"],
                   1.0: ["train.epochs=0.25", "train.eval_every_epochs=0.25", "optim.warmup_epochs=0.025"]},
