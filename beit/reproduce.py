@@ -24,7 +24,7 @@ from typing import Callable
 from beit.config import load_config
 
 log = logging.getLogger("beit")
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # a link to the repository's configs/, shipped in the wheel
 
 
 @dataclass
@@ -109,7 +109,7 @@ def plan(out: Path, variant: str, retrain_tokenizer: bool = False) -> list[Stage
                             common + [pretrained, "train.run_name=linprobe"], done_file="results.json"))
     # Order: the cheap label-efficiency runs that carry the claim first (smallest fraction first), then the
     # probes, then the expensive 100%-label runs.
-    stages.sort(key=lambda st: 0 if st.name == "pretrain" else 2 if "_100pct_" in st.name else 1)
+    stages.sort(key=lambda st: 0 if st.name in ("tokenizer", "pretrain") else 2 if "_100pct_" in st.name else 1)
     return stages
 
 
@@ -230,7 +230,8 @@ def _plot_curves(out: Path):
             ax.plot([r["step"] for r in rows], [r["top1"] for r in rows], style, label=d.name[9:-6])
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("test top-1 (%)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.set_title("fine-tuning: pretrained (solid) vs scratch (dashed)")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
