@@ -88,7 +88,7 @@ class DataConfig(_Section):
     # Pretraining augmentation (shared crop, two views).
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    color_jitter: float = 0.4
+    color_jitter: float = 0.4  # pretraining; fine-tuning too, but only where auto_augment is off (as in timm)
     hflip: float = 0.5
     # Block-wise masking (BEiT Alg. 1).
     num_mask_patches: int = 75

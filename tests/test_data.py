@@ -366,6 +366,15 @@ def test_finetune_transforms_shapes(in_chans, size):
     assert torch.equal(eval_tf(img), eval_tf(img))
 
 
+def test_finetune_colour_jitter_follows_config_and_randaugment():
+    def has_jitter(**kw):
+        return "ColorJitter" in repr(build_finetune_transform(DataConfig(img_size=64, **kw), train=True))
+
+    assert not has_jitter()  # official: RandAugment on, so timm leaves jitter out
+    assert has_jitter(auto_augment=None)  # RandAugment off: the configured 0.4 jitter comes in
+    assert not has_jitter(auto_augment=None, color_jitter=0.0)
+
+
 def test_eval_transform_is_official_resize_center_crop():
     cfg = DataConfig(img_size=224)
     tf = build_finetune_transform(cfg, train=False)

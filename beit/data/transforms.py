@@ -210,8 +210,8 @@ def build_finetune_transform(cfg, train: bool):
     """Fine-tuning (train) or evaluation transform for a `DataConfig`: PIL image -> [in_chans, S, S] tensor.
 
     Train: timm `create_transform` with the official recipe (RandomResizedCrop bicubic, flip, RandAugment
-    `cfg.auto_augment`, random erasing `cfg.reprob` in pixel mode; colour jitter 0.4 applies only without
-    RandAugment, as in timm). At <= 32 px the crop is RandomCrop(size, padding=4), as the official script does.
+    `cfg.auto_augment`, random erasing `cfg.reprob` in pixel mode; colour jitter `cfg.color_jitter` applies
+    only without RandAugment, as in timm: turning RandAugment off turns jitter on unless it is set to 0). At <= 32 px the crop is RandomCrop(size, padding=4), as the official script does.
     Eval: Resize(int(size / crop_pct), bicubic) + CenterCrop(size), then normalise.
     """
     from timm.data import create_transform
@@ -235,7 +235,7 @@ def build_finetune_transform(cfg, train: bool):
     tf = create_transform(
         input_size=size,
         is_training=True,
-        color_jitter=0.4,
+        color_jitter=cfg.color_jitter or None,
         auto_augment=cfg.auto_augment or None,
         interpolation="bicubic",
         re_prob=cfg.reprob,
