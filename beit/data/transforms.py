@@ -211,7 +211,8 @@ def build_finetune_transform(cfg, train: bool):
 
     Train: timm `create_transform` with the official recipe (RandomResizedCrop bicubic, flip, RandAugment
     `cfg.auto_augment`, random erasing `cfg.reprob` in pixel mode; colour jitter `cfg.color_jitter` applies
-    only without RandAugment, as in timm: turning RandAugment off turns jitter on unless it is set to 0). At <= 32 px the crop is RandomCrop(size, padding=4), as the official script does.
+    only without RandAugment, as in timm: turning RandAugment off turns jitter on unless it is set to 0).
+    At <= 32 px the crop is RandomCrop(size, padding=4), as the official script does.
     Eval: Resize(int(size / crop_pct), bicubic) + CenterCrop(size), then normalise.
     """
     from timm.data import create_transform

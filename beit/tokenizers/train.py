@@ -31,6 +31,7 @@ from beit.tokenizers.dvae import DVAE, kl_to_uniform, map_pixels, recon_nll
 # are the sample sizes of its final phase.
 FINAL_PROBE = 4096  # training images on which dead codes are counted at the end
 FINAL_SEED_IMAGES = 1024  # training images whose features seed the revived codes
+
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
