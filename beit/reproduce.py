@@ -297,5 +297,5 @@ What happened ({time.time() - t0:.0f} s):
   2. fine-tuned with 10% of the labels (6,000 images), 2 epochs: test top-1 {top1['pretrained']['mean']:.2f}% vs {top1['scratch']['mean']:.2f}% for the
      same ViT from scratch with the same short budget; run directories {out}/finetune_*
   3. curves: {out / 'curves.png'}   table: {out / 'results.md'}   checkpoints: {out}/*/ckpt-*.pt
-Next: `beit reproduce fashion-mnist --quick` (~20 min) or the full run (docs/results/fashion_mnist.md).""")
+Next: `make reproduce-quick` (~15 min) or `make reproduce`, the full run (~2.5 h; docs/results/fashion_mnist.md).""")
     return 0
