@@ -238,11 +238,17 @@ def _plot_curves(out: Path):
     plt.close(fig)
 
 
+def _read_wall(out: Path) -> dict[str, float]:
+    wall_file = out / "stage_wall_time.json"
+    return json.loads(wall_file.read_text()) if wall_file.exists() else {}
+
+
 def report(out: Path, variant: str, retrain_tokenizer: bool = False) -> dict:
     """Write results.json / results.md / curves.png from whatever stages have finished."""
-    stages = plan(out, variant, retrain_tokenizer)
-    wall_file = out / "stage_wall_time.json"
-    wall = json.loads(wall_file.read_text()) if wall_file.exists() else {}
+    return _report(out, plan(out, variant, retrain_tokenizer), variant, _read_wall(out))
+
+
+def _report(out: Path, stages: list[Stage], variant: str, wall: dict[str, float]) -> dict:
     results = collect(out, stages, variant, wall)
     table = write_report(out, results)
     print(f"\n{table}\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}")
@@ -255,16 +261,15 @@ def reproduce(out: Path, variant: str, retrain_tokenizer: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(None, True)
     stages = plan(out, variant, retrain_tokenizer)
-    wall_file = out / "stage_wall_time.json"
-    wall = json.loads(wall_file.read_text()) if wall_file.exists() else {}
+    wall = _read_wall(out)
     for i, stage in enumerate(stages, 1):
         log.info(f"=== stage {i}/{len(stages)}: {stage.name}")
         spent = run_stage(stage, out)
         if spent:
             wall[stage.name] = spent
-            wall_file.write_text(json.dumps(wall, indent=2))
+            (out / "stage_wall_time.json").write_text(json.dumps(wall, indent=2))
         setup_logging(None, True)
-    return report(out, variant, retrain_tokenizer)
+    return _report(out, stages, variant, wall)
 
 
 def register(subparsers):

@@ -91,7 +91,7 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
 # ---------------------------------------------------------------------------------------- dead codes
 @torch.no_grad()
 def _revive_dead_codes(model: DVAE, opt: torch.optim.Optimizer, counts: torch.Tensor, x: torch.Tensor,
-                       min_count: int = 1, margin: float = 1.0) -> int:
+                       min_count: int, margin: float) -> int:
     """Re-initialise every dead code from an encoder output, as a split of the code that wins there.
 
     For a dead code k: pick a random position p of the batch, with top-level feature h_p and winning code j.
@@ -129,8 +129,8 @@ def _revive_dead_codes(model: DVAE, opt: torch.optim.Optimizer, counts: torch.Te
     return int(dead.numel())
 
 
-def finalize_codes(model: DVAE, train_x: torch.Tensor, device: torch.device, steps: int = 150,
-                   margin: float = 1.0, batch_size: int = 128, lr: float = 3e-4, amp=None, log=print) -> int:
+def finalize_codes(model: DVAE, train_x: torch.Tensor, device: torch.device, steps: int, min_count: int,
+                   margin: float, batch_size: int = 128, lr: float = 3e-4, amp=None, log=print) -> int:
     """Last phase: revive the codes that are dead on training images once more, then fit only the decoder and
     codebook to the (now frozen) encoder's hard tokens, so the new codes get their own reconstructions.
 
@@ -144,7 +144,7 @@ def finalize_codes(model: DVAE, train_x: torch.Tensor, device: torch.device, ste
     with torch.no_grad():
         counts = torch.bincount(model.logits(probe).argmax(1).flatten(), minlength=V)
     revived = _revive_dead_codes(model, torch.optim.AdamW([torch.zeros(1)]), counts, probe[:FINAL_SEED_IMAGES],
-                                 margin=margin)
+                                 min_count, margin)
     log(f"final phase: {int((counts > 0).sum())} codes used on {len(probe)} training images, revived {revived}")
     params = list(model.decoder.parameters()) + [model.codebook]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -312,7 +312,7 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
     t_final = time.time()
     # At most a fifth of the main steps, so smoke runs stay short (the shipped config: 150 of 1000).
     final_revived = finalize_codes(model, train_x, device, steps=min(tcfg.final_steps, max(total // 5, 1)),
-                                   margin=tcfg.revive_margin, batch_size=bs, amp=amp, log=log)
+                                   min_count=tcfg.revive_min_count, margin=tcfg.revive_margin, batch_size=bs, amp=amp, log=log)
     train_s += time.time() - t_final
     metrics = evaluate(model, test_x, device)
     metrics.update({"train_steps": total, "train_images": total * bs, "train_seconds": round(train_s, 1),
