@@ -23,10 +23,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--amp", choices=["bf16", "none"], default="bf16")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block, as train.compile=true does")
     args = p.parse_args()
 
     torch.manual_seed(0)
     model = create_model(args.preset, num_classes=10).train()
+    if args.compile:
+        for m in model.blocks:
+            m.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     pe = model.patch_embed
     x = torch.randn(args.batch, pe.in_chans, pe.img_size, pe.img_size)  # [B, C, H, W]
@@ -46,7 +50,7 @@ def main() -> None:
     for _ in range(args.steps):
         step()
     dt = (time.perf_counter() - t0) / args.steps
-    print(f"{args.preset}, batch {args.batch}, amp {args.amp}, {torch.get_num_threads()} threads: "
+    print(f"{args.preset}, batch {args.batch}, amp {args.amp}, compile {args.compile}, {torch.get_num_threads()} threads: "
           f"{args.batch / dt:.0f} img/s ({dt * 1000:.0f} ms/step)")
     with torch.autograd.profiler.profile() as prof:
         for _ in range(3):
