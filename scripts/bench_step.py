@@ -1,6 +1,7 @@
 """Training-step throughput of a preset without data loading: forward + backward + AdamW on random input.
 
     OMP_NUM_THREADS=2 python scripts/bench_step.py [--preset beit_fmnist_patch4_32] [--batch 128] [--steps 15]
+                                                    [--compile]
 
 Prints images/s and the operators that take the CPU time, to tell a compute-bound loop from one waiting
 on data. Compare with the img/s the training loop's progress bar shows for the same preset and batch.
@@ -50,8 +51,8 @@ def main() -> None:
     for _ in range(args.steps):
         step()
     dt = (time.perf_counter() - t0) / args.steps
-    print(f"{args.preset}, batch {args.batch}, amp {args.amp}, compile {args.compile}, {torch.get_num_threads()} threads: "
-          f"{args.batch / dt:.0f} img/s ({dt * 1000:.0f} ms/step)")
+    print(f"{args.preset}, batch {args.batch}, amp {args.amp}, compile {args.compile}, "
+          f"{torch.get_num_threads()} threads: {args.batch / dt:.0f} img/s ({dt * 1000:.0f} ms/step)")
     with torch.autograd.profiler.profile() as prof:
         for _ in range(3):
             step()
