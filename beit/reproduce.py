@@ -25,6 +25,7 @@ from beit.config import load_config
 
 log = logging.getLogger("beit")
 CONFIGS = Path(__file__).resolve().parent / "configs"  # a link to the repository's configs/, shipped in the wheel
+WALL_TIME = "stage_wall_time.json"  # seconds per finished stage, kept across resumed runs
 
 
 @dataclass
@@ -244,7 +245,7 @@ def _plot_curves(out: Path):
 
 
 def _read_wall(out: Path) -> dict[str, float]:
-    wall_file = out / "stage_wall_time.json"
+    wall_file = out / WALL_TIME
     return json.loads(wall_file.read_text()) if wall_file.exists() else {}
 
 
@@ -272,7 +273,7 @@ def reproduce(out: Path, variant: str, retrain_tokenizer: bool = False) -> dict:
         spent = run_stage(stage, out)
         if spent:
             wall[stage.name] = spent
-            (out / "stage_wall_time.json").write_text(json.dumps(wall, indent=2))
+            (out / WALL_TIME).write_text(json.dumps(wall, indent=2))
         setup_logging(None, True)
     return _report(out, stages, variant, wall)
 

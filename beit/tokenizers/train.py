@@ -300,7 +300,8 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
         if (step + 1) % tcfg.revive_every == 0:
             used = int((counts > 0).sum())
             revive = step < tcfg.revive_until * total
-            revived = _revive_dead_codes(model, opt, counts, x, tcfg.revive_min_count, tcfg.revive_margin) if revive else 0
+            revived = (_revive_dead_codes(model, opt, counts, x, tcfg.revive_min_count, tcfg.revive_margin)
+                       if revive else 0)
             revived_total += revived
             history.append({"step": step + 1, "loss": loss.item(), "recon": rec.item(), "kl": kl.item(), "usage_gap": usage_gap.item(), "tau": tau,
                             "kl_weight": beta, "codes_used_window": used, "revived": revived})
@@ -312,7 +313,8 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
     t_final = time.time()
     # At most a fifth of the main steps, so smoke runs stay short (the shipped config: 150 of 1000).
     final_revived = finalize_codes(model, train_x, device, steps=min(tcfg.final_steps, max(total // 5, 1)),
-                                   min_count=tcfg.revive_min_count, margin=tcfg.revive_margin, batch_size=bs, amp=amp, log=log)
+                                   min_count=tcfg.revive_min_count, margin=tcfg.revive_margin,
+                                   batch_size=bs, amp=amp, log=log)
     train_s += time.time() - t_final
     metrics = evaluate(model, test_x, device)
     metrics.update({"train_steps": total, "train_images": total * bs, "train_seconds": round(train_s, 1),
