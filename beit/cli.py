@@ -27,6 +27,7 @@ def _pretrain(cfg, **kw):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from beit.bench_cli import register as register_bench
     from beit.convert.cli import register as register_convert
     from beit.reproduce import register as register_reproduce
     from beit.tokenizers.cli import register as register_tokenizer
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_tokenizer(sub)
     register_convert(sub)
     register_reproduce(sub)
+    register_bench(sub)
     return parser
 
 
