@@ -87,12 +87,14 @@ def spec_peak_tflops(device: torch.device) -> tuple[float | None, str | None]:
     return None, None
 
 
-def prepare(step: Step, device: torch.device, warmup: int) -> Step:
-    """Count FLOPs (one call), warm up, and record this step's own peak memory on CUDA."""
+def prepare(build: Callable[[], Step], device: torch.device, warmup: int) -> Step:
+    """Build a step, count its FLOPs (one call) and warm it up. On CUDA, record its own peak memory: its
+    parameters, gradients, optimizer state and activations (whatever was allocated before is excluded)."""
     if device.type == "cuda":
         sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
+    step = build()
     if step.flops is None:
         step.flops = count_flops(step.fn)
     for _ in range(warmup):
@@ -275,22 +277,20 @@ def bench_row(preset: str, batch: int, device: torch.device, amp: str = "bf16", 
     """Time ours (and HF or timm when installed) on one preset; one result dict per implementation."""
     kw = preset_kwargs(preset, **overrides)
     mim = bool(kw.get("vocab_size"))
-    steps, tok = [], None
+    builders, tok = [], None
     if mim:
         tok = build_tokenizer(tokenizer or default_tokenizer(preset), device)
         if tok.vocab_size != kw["vocab_size"]:
             raise ValueError(f"tokenizer vocab {tok.vocab_size} != {preset} vocab_size {kw['vocab_size']}")
-        steps.append(ours_mim(preset, batch, device, amp, tok, compile=compile, **overrides))
+        builders.append(lambda: ours_mim(preset, batch, device, amp, tok, compile=compile, **overrides))
         if baselines and has_module("transformers"):
-            steps.append(hf_mim(preset, batch, device, amp, tok, **overrides))
-        tok_data = mim_batch(kw, tok, batch, device)
-        steps.append(Step("tokenizer", tokenizer_only(tok, tok_data), batch))
+            builders.append(lambda: hf_mim(preset, batch, device, amp, tok, **overrides))
+        builders.append(lambda: Step("tokenizer", tokenizer_only(tok, mim_batch(kw, tok, batch, device)), batch))
     else:
-        steps.append(ours_ft(preset, batch, device, amp, **overrides))
+        builders.append(lambda: ours_ft(preset, batch, device, amp, **overrides))
         if baselines:
-            steps.append(timm_ft(preset, batch, device, amp, **overrides))
-    for s in steps:
-        prepare(s, device, warmup)
+            builders.append(lambda: timm_ft(preset, batch, device, amp, **overrides))
+    steps = [prepare(b, device, warmup) for b in builders]
     times = time_alternating(steps, device, iters, repeats)
     spec, spec_name = spec_peak_tflops(device)
     ours_t = times["ours"]

@@ -61,10 +61,9 @@ def fsdp_wrap(device: torch.device):
     return wrap
 
 
-def time_steps(name_steps: list[bench.Step], device, args, peak) -> list[dict]:
-    """Time ready-made steps alternately; rows shaped like `bench.bench_row`'s."""
-    for s in name_steps:
-        bench.prepare(s, device, args.warmup)
+def time_steps(builders: list, device, args, peak) -> list[dict]:
+    """Build and time steps alternately; rows shaped like `bench.bench_row`'s."""
+    name_steps = [bench.prepare(b, device, args.warmup) for b in builders]
     times = bench.time_alternating(name_steps, device, args.iters, args.repeats)
     spec, spec_name = bench.spec_peak_tflops(device)
     rows = []
@@ -91,13 +90,19 @@ def sections(args, device, peak):
 
     def fsdp():
         tok = bench.build_tokenizer("dall-e-random", device)
-        step = bench.ours_mim(BASE, b_small, device, "bf16", tok, wrap=fsdp_wrap(device), **kw)
-        step.name = "ours+fsdp"
-        return time_steps([step], device, args, peak)
+        wrap = fsdp_wrap(device)
+
+        def build():
+            step = bench.ours_mim(BASE, b_small, device, "bf16", tok, wrap=wrap, **kw)
+            step.name = "ours+fsdp"
+            return step
+
+        return time_steps([build], device, args, peak)
 
     def loop():
         fm = "beit_fmnist_patch4_32_512_vocab"
         over = ["data.batch_size=16", "data.num_workers=0", "data.train_subset=512"] if args.tiny else []
+        over += [f"data.root={args.data_root}"] if args.data_root else []
         res = bench.run_loop(bench.shipped_config("pretrain/fmnist.yaml"), device, seconds=args.loop_seconds,
                              overrides=over, skip=1 if args.tiny else 3)
         step = bench.bench_row(fm, res["batch"], device, baselines=False, warmup=args.warmup, iters=args.iters,
@@ -108,12 +113,14 @@ def sections(args, device, peak):
     def compiled():
         tok = bench.build_tokenizer("dall-e-random", device)
         t0 = time.perf_counter()
-        step = bench.ours_mim(BASE, b_big, device, "bf16", tok, compile=True, **kw)
-        step.name = "ours+compile"
-        for _ in range(2):  # the compilation itself
-            step.fn()
-        compile_s = time.perf_counter() - t0
-        return [{**r, "compile_s": compile_s} for r in time_steps([step], device, args, peak)]
+
+        def build():
+            step = bench.ours_mim(BASE, b_big, device, "bf16", tok, compile=True, **kw)
+            step.name = "ours+compile"
+            return step
+
+        rows = time_steps([build], device, args, peak)  # the warm-up steps include the compilation
+        return [{**r, "with_compile_s": time.perf_counter() - t0} for r in rows]
 
     fp16_ok = device.type == "cuda" or args.tiny
     out = [(f"bf16 batch {b_small}", 40, base(b_small)), (f"bf16 batch {b_big}", 60, base(b_big))]
@@ -133,6 +140,7 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=480.0, help="seconds; later sections are skipped past it")
     p.add_argument("--compile", action="store_true", help="also time the batch-256 step under torch.compile")
     p.add_argument("--loop-seconds", type=float, default=20.0)
+    p.add_argument("--data-root", help="folder with the four Fashion-MNIST IDX .gz files (default: Debian's path)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
