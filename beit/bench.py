@@ -321,12 +321,12 @@ def fmt(v, spec: str = ".1f", scale: float = 1.0) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v * scale, spec)
 
 
-HEADER = (f"{'row':<34} {'impl':<9} {'img/s':>8} {'ours x':>6} {'GFLOP/img':>9} {'TFLOP/s':>8} "
+HEADER = (f"{'row':<34} {'impl':<12} {'img/s':>8} {'ours x':>6} {'GFLOP/img':>9} {'TFLOP/s':>8} "
           f"{'%mm-peak':>8} {'%spec':>6} {'tok%':>5} {'mem GB':>7}")
 
 
 def format_result(label: str, r: dict) -> str:
-    return (f"{label[:34]:<34} {r['impl']:<9} {r['img_per_s']:>8.1f} {fmt(r['ours_speedup'], '.2f'):>6} "
+    return (f"{label[:34]:<34} {r['impl']:<12} {r['img_per_s']:>8.1f} {fmt(r['ours_speedup'], '.2f'):>6} "
             f"{fmt(r['gflop_per_img'], '.2f'):>9} {fmt(r['tflops'], '.2f'):>8} "
             f"{fmt(r['share_of_matmul_peak'], '.1f', 100):>8} {fmt(r['mfu_spec'], '.1f', 100):>6} "
             f"{fmt(r['tokenizer_share'], '.0f', 100):>5} {fmt(r['peak_mem_gb'], '.2f'):>7}")

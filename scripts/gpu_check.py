@@ -49,7 +49,8 @@ def fsdp_wrap(device: torch.device):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                device_id=device if device.type == "cuda" else None)
     mesh = init_device_mesh(device.type, (1,))
 
     def wrap(model):
@@ -171,7 +172,7 @@ def main() -> int:
             rows = fn()
             for r in rows:
                 if r["impl"] == "loop":
-                    print(f"{name:<34} loop      {r['img_per_s']:>8.1f}  ({100 * r['loop_over_step']:.0f}% of the "
+                    print(f"{name:<34} loop         {r['img_per_s']:>8.1f}  ({100 * r['loop_over_step']:.0f}% of the "
                           f"step alone, {r['steps_timed']} steps, {r['num_workers']} worker(s))", flush=True)
                 else:
                     print(bench.format_result(name, r), flush=True)
