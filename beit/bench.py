@@ -186,14 +186,14 @@ def ours_mim(preset: str, batch: int, device, amp: str, tokenizer, compile: bool
 
     model = create_model(preset, **overrides).to(device)
     data = mim_batch(preset_kwargs(preset, **overrides), tokenizer, batch, device)
+    mim = make_mim_step(tokenizer)
     flops = None
     if compile:  # count on the eager model (the counter does not see inside compiled graphs)
-        flops = count_flops(train_step(model, lambda: make_mim_step(tokenizer)(model, data)["loss"], device, amp))
+        flops = count_flops(train_step(model, lambda: mim(model, data)["loss"], device, amp))
         for blk in model.blocks:  # as train.compile=true does: block by block, from outside
             blk.compile()
     if wrap is not None:
         model = wrap(model)
-    mim = make_mim_step(tokenizer)
     return Step("ours", train_step(model, lambda: mim(model, data)["loss"], device, amp), batch, flops=flops)
 
 
