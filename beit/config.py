@@ -144,6 +144,9 @@ class TrainConfig(_Section):
     compile: bool = False
     progress: bool = True
     probe_cache_features: bool = False  # linprobe: embed once with the eval transform (no augmentation)
+    # Written when fine-tuning / pretraining ends: <run>/<export_dir>/<format> (see `beit export`); [] = none.
+    export: list[Literal["hf", "timm"]] = ["hf", "timm"]
+    export_dir: str = "export"
 
 
 class DistConfig(_Section):

@@ -279,10 +279,12 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
             raise ValueError("data.root must be set for dataset 'image_folder' (root/<split>/<class>/*.jpg)")
         root = Path(cfg.root).expanduser()
         folder = root / split
+        if not train and not folder.is_dir() and (root / "val").is_dir():
+            folder = root / "val"  # ImageNet-style layout: val/ is the evaluation split
         if not folder.is_dir():
             if not train:
                 raise FileNotFoundError(
-                    f"no '{split}' folder under data.root '{root}' (expected {folder}/<class>/*.jpg)"
+                    f"no '{split}' (or 'val') folder under data.root '{root}' (expected {folder}/<class>/*.jpg)"
                 )
             log.info("'%s' does not exist; using '%s' itself as the training folder", folder, root)
             folder = root

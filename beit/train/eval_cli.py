@@ -31,12 +31,27 @@ def _eval(cfg, **kw):
     return run_eval(cfg, **kw)
 
 
+CHECKPOINT_HELP = ("a checkpoint (run directory, ckpt-*.pt / best.pt, exported folder, shipped name): its stored "
+                   "config describes the model and data; or a YAML config with model.pretrained")
+
+
+def checkpoint_config_loader(command: str):
+    """Config loader for commands that evaluate a checkpoint: SOURCE may be the checkpoint itself."""
+
+    def loader(source, overrides):
+        from beit.hub import command_config
+
+        return command_config(source, overrides, command)
+
+    return loader
+
+
 def register(subparsers) -> None:
     from beit.cli import add_train_command as _add_train_command
 
     _add_train_command(subparsers, "finetune", "fine-tune a classifier from model.pretrained (or from scratch)",
                        _finetune)
-    _add_train_command(subparsers, "linprobe", "linear probe on every block of a frozen backbone", _linprobe)
-    _add_train_command(subparsers, "knn", "k-NN accuracy of frozen features (k=20, T=0.07)", _knn)
-    _add_train_command(subparsers, "eval", "top-1/top-5, per-class accuracy and confusion matrix of a checkpoint",
-                       _eval)
+    for name, help, run in (("linprobe", "linear probe on every block of a frozen backbone", _linprobe),
+                            ("knn", "k-NN accuracy of frozen features (k=20, T=0.07)", _knn),
+                            ("eval", "top-1/top-5, per-class accuracy and confusion matrix of a checkpoint", _eval)):
+        _add_train_command(subparsers, name, help, run, checkpoint_config_loader(name), CHECKPOINT_HELP)

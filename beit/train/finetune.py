@@ -99,6 +99,9 @@ def run_finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
 
     run_dir = launch(cfg, build_finetune_task, resume=resume, overwrite=overwrite)
     if is_main_process():
+        from beit.export import export_run
+
+        export_run(cfg, run_dir)
         summary = read_summary(run_dir)
         last = summary.get("eval", {})
         write_results(run_dir, {"command": "finetune", "pretrained": cfg.model.pretrained,

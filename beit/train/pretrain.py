@@ -80,6 +80,11 @@ def build_pretrain_task(cfg: Config, device: torch.device):
 
 
 def run_pretrain(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
+    from beit.export import export_run
+    from beit.train.evaluate import is_main_process
     from beit.train.runner import launch
 
-    return launch(cfg, build_pretrain_task, resume=resume, overwrite=overwrite)
+    run_dir = launch(cfg, build_pretrain_task, resume=resume, overwrite=overwrite)
+    if is_main_process():
+        export_run(cfg, run_dir)
+    return run_dir
