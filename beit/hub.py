@@ -135,21 +135,22 @@ def model_kind(sd: dict) -> str:
 
 
 def infer_config(raw: dict, path: Path) -> Config:
-    """A `Config` whose model section rebuilds the checkpoint: sizes from the tensors, the preset with the same
-    patch size, width, depth and heads. Data defaults follow the model (image size, channels)."""
+    """A `Config` whose model section rebuilds the checkpoint: every size from the tensors, on a preset with
+    the same patch size and kind (MIM or not). Data defaults follow the model (image size, channels)."""
     from beit.convert import hf_config_from_state_dict, to_official, unwrap_state_dict
     from beit.models.presets import PRESETS
 
     sd = to_official(unwrap_state_dict(raw))
     hf = hf_config_from_state_dict(sd)
     kind = model_kind(sd)
-    want = dict(patch_size=hf["patch_size"], embed_dim=hf["hidden_size"])
     mim = kind == "mim"
+    # Every size is set explicitly below; the preset supplies the rest (patch size, mlp ratio, init).
     names = [n for n, p in PRESETS.items() if bool(p.get("vocab_size")) == mim
-             and all(p.get(k, 16 if k == "patch_size" else None) == v for k, v in want.items())]
+             and p.get("patch_size", 16) == hf["patch_size"]]
+    names.sort(key=lambda n: PRESETS[n]["embed_dim"] != hf["hidden_size"])  # same width first
     if not names:
-        raise ValueError(f"{path}: no preset has patch size {want['patch_size']} and width {want['embed_dim']}; "
-                         f"build the model with beit.create_model(...) and load it with pretrained=PATH")
+        raise ValueError(f"{path}: no preset has patch size {hf['patch_size']}; build the model with "
+                         f"beit.create_model(...) and load it with pretrained=PATH")
     size = hf["image_size"]
     model = dict(
         name=names[0], img_size=size if isinstance(size, int) else size[0], in_chans=hf["num_channels"],
@@ -270,9 +271,9 @@ def command_config(source: str, overrides: list[str], command: str) -> Config:
         cfg = load_config(source, overrides)
         if cfg.model.pretrained and Path(cfg.model.pretrained).exists() or cfg.model.pretrained in ZOO:
             src = read_source(cfg.model.pretrained)
-            if not src.inferred:
-                requested = {k: v for k, v in cfg.model.model_dump().items()
-                             if k == "name" or (v is not None and k in cfg.model.overrides())}
+            if not src.inferred:  # the YAML's model section, preset included, must describe the checkpoint
+                fields = set(ModelConfig.model_fields) - {"name", "pretrained", "grad_checkpointing"}
+                requested = {k: v for k, v in effective_model_kwargs(cfg.model).items() if k in fields}
                 check_model_overrides(src.config.model, requested, f"{source}: model.pretrained={cfg.model.pretrained}")
         return cfg
     src = read_source(source)
