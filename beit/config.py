@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -75,8 +75,12 @@ class TokenizerConfig(_Section):
     final_steps: int = Field(150, ge=0)  # decoder-only steps after the final revival (at most 1/5 of the run)
 
 
+DATASETS = ("fashion_mnist", "mnist", "image_folder", "cifar10", "cifar100", "hf")  # beit/data: datasets.py, extra.py
+
+
 class DataConfig(_Section):
-    dataset: Literal["fashion_mnist", "image_folder", "cifar10", "cifar100"] = "image_folder"
+    # fashion_mnist | mnist | image_folder | cifar10 | cifar100 | hf (datasets on disk) | torchvision:<Class>
+    dataset: str = "image_folder"
     root: str | None = None  # data directory; fashion_mnist defaults to the Debian package path
     img_size: int = 224  # patch view
     in_chans: int = 3
@@ -106,6 +110,14 @@ class DataConfig(_Section):
     label_fraction: float = 1.0  # class-balanced, seeded subset of the training labels
     train_subset: int | None = None  # first N training samples (smoke tests)
     eval_subset: int | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v in DATASETS or (v.startswith("torchvision:") and len(v) > len("torchvision:")):
+            return v
+        raise ValueError(f"unknown dataset {v!r}; use one of {', '.join(DATASETS)} or torchvision:<ClassName> "
+                         f"(e.g. torchvision:STL10)")
 
 
 class OptimConfig(_Section):

@@ -181,6 +181,10 @@ def dataset_class_names(cfg: Config) -> list[str]:
         return list(FASHION_MNIST_CLASSES)
     if d.dataset == "mnist":
         return [str(i) for i in range(10)]
+    if d.dataset == "hf" and d.root and Path(d.root).expanduser().exists():
+        from beit.data.extra import hf_dataset
+
+        return hf_dataset(d.root, "train", "RGB").classes  # memory-mapped: reads the features, not the images
     if d.dataset == "image_folder" and d.root:
         root = Path(d.root).expanduser()
         folder = root / "train" if (root / "train").is_dir() else root

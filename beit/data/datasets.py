@@ -1,4 +1,5 @@
-"""Datasets: Fashion-MNIST (IDX files), ImageFolder (with bad-file handling), CIFAR-10/100, label subsets,
+"""Datasets: Fashion-MNIST (IDX files), ImageFolder (with bad-file handling), CIFAR-10/100, label subsets
+(MNIST, torchvision:<Class> and HF `datasets` folders live in beit/data/extra.py),
 and the masked-image-modeling dataset that yields (patch view, tokenizer view, mask).
 
 Bad image files (ImageFolder). With `on_bad_file="fail"` the first file that cannot be decoded raises, naming
@@ -136,7 +137,9 @@ class ImageFolderDataset(Dataset):
         if on_bad_file not in ("skip", "fail"):
             raise ValueError(f"data.on_bad_file must be 'skip' or 'fail', got {on_bad_file!r}")
         self.root = Path(root)
-        self.classes, self.samples = _scan_folder(self.root)
+        from .extra import cached_scan
+
+        self.classes, self.samples = cached_scan(self.root, _scan_folder)  # a 14M-file tree is listed once
         if not self.samples:
             raise FileNotFoundError(
                 f"no images ({', '.join(IMG_EXTENSIONS)}) under '{self.root}'; expected {self.root}/<class>/*.jpg"
@@ -293,6 +296,16 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
         ds = ImageFolderDataset(folder, mode, transform, cfg.on_bad_file)
     elif cfg.dataset in ("cifar10", "cifar100"):
         ds = _TorchvisionDataset(_cifar(cfg.dataset, cfg.root, train), mode, transform)
+    elif cfg.dataset == "mnist" or cfg.dataset == "hf" or cfg.dataset.startswith("torchvision:"):
+        from . import extra
+
+        if cfg.dataset == "mnist":
+            ds = ArrayImageDataset(*extra.load_mnist(cfg.root, split), mode, transform)
+            ds.classes = extra.MNIST_CLASSES
+        elif cfg.dataset == "hf":
+            ds = extra.hf_dataset(cfg.root, split, mode, transform)
+        else:
+            ds = extra.torchvision_dataset(cfg.dataset, cfg.root, split, mode, transform)
     else:  # unreachable through DataConfig's Literal, kept for direct callers
         raise ValueError(f"unknown data.dataset {cfg.dataset!r}")
     if train and cfg.label_fraction < 1:
