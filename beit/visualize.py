@@ -83,11 +83,20 @@ def register(subparsers):
     p.add_argument("overrides", nargs="*", help="e.g. model.pretrained=runs/fmnist")
     p.add_argument("--out", default="predictions.png")
     p.add_argument("--num", type=int, default=8)
+    p.add_argument("--attention", action="store_true",
+                   help="instead: per head, where the last block's [CLS] token attends (rel-pos bias included)")
 
     def run(a):
         from beit.hub import command_config
 
-        res = prediction_grid(command_config(a.config, a.overrides, "predict"), Path(a.out), a.num)
+        cfg = command_config(a.config, a.overrides, "predict")
+        if a.attention:
+            from beit.attention import attention_grid
+
+            res = attention_grid(cfg, Path(a.out), a.num)
+            print(f"wrote {res['png']} ({res['images']} images x {res['heads']} heads)")
+            return 0
+        res = prediction_grid(cfg, Path(a.out), a.num)
         print(f"wrote {res['png']} (masked-token accuracy on these samples: {res['masked_token_acc']:.1%})")
         return 0
 

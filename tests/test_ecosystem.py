@@ -266,3 +266,39 @@ def test_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"beit {beit.__version__}"
+
+
+# ------------------------------------------------------------------------------------------------ attention
+@pytest.mark.parametrize("preset", ["beit_fmnist_patch4_32", "beit_fmnist_patch4_32_512_vocab"])
+def test_last_block_attention_is_what_the_block_computes(preset):
+    """attn @ v through the block's output projection must give the block's own attention output, so the
+    maps include the rel-pos bias (per-layer tables, or the shared table of MIM models)."""
+    from beit.attention import last_block_attention
+
+    torch.manual_seed(0)
+    model = create_model(preset, depth=2, embed_dim=32, num_heads=2).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_(0, 1)  # zero at init: make the bias matter
+        x = torch.randn(2, 1, 32, 32)
+        attn = last_block_attention(model, x)  # [B, H, N+1, N+1]
+        assert attn.shape == (2, 2, 65, 65)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(2, 2, 65))
+        tokens = model.get_intermediate_layers(x)[-2]
+        blk = model.blocks[-1]
+        h = blk.norm1(tokens)
+        v = torch.nn.functional.linear(h, blk.attn.qkv.weight[64:], blk.attn.v_bias).view(2, 65, 2, 16).transpose(1, 2)
+        ours = blk.attn.proj((attn @ v).transpose(1, 2).reshape(2, 65, 32))
+        shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+        torch.testing.assert_close(ours, blk.attn(h, shared), atol=1e-5, rtol=0)
+
+
+def test_predict_attention_png(run, tmp_path):
+    from beit.cli import main
+
+    out = tmp_path / "attn.png"
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(run), "--attention", "--num", "2", "--out", str(out)])
+    assert e.value.code == 0
+    assert out.stat().st_size > 5_000
