@@ -35,7 +35,13 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = {(Path(r).name if Path(r).is_dir() else Path(r).parent.name): read_run(r) for r in runs}
+    dirs = [Path(r) if Path(r).is_dir() else Path(r).parent for r in runs]
+    names = [d.name for d in dirs]
+    # two runs of the same name (e.g. a/ft and b/ft) are told apart by their parent folder
+    names = [f"{d.parent.name}/{d.name}" if names.count(d.name) > 1 else d.name for d in dirs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"the same run is given twice: {', '.join(map(str, runs))}")
+    data = {name: read_run(r) for name, r in zip(names, runs)}
     eval_keys = sorted({k for rows in data.values() for r in rows if r.get("split") == "eval"
                         for k, v in r.items() if isinstance(v, (int, float)) and k not in ("step", "time")
                         and k not in _SKIP_EVAL})
@@ -47,10 +53,10 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     rows_n = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
     for ax, (split, key, title) in zip(axes.flat, panels):
-        for name, rows in data.items():
+        for i, (name, rows) in enumerate(data.items()):
             x, y = _series(rows, split, key)
-            if x:
-                ax.plot(x, y, marker="o" if split == "eval" and len(x) < 30 else None, ms=3, label=name)
+            if x:  # one colour per run across panels
+                ax.plot(x, y, color=f"C{i}", marker="o" if len(x) < 30 else None, ms=3, label=name)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -59,7 +65,8 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=f"C{i}", label=name) for i, name in enumerate(data)]
+    fig.legend(handles=handles, loc="upper right", fontsize=7)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
