@@ -266,8 +266,9 @@ def command_config(source: str, overrides: list[str], command: str) -> Config:
     """Config of `beit eval|knn|linprobe|predict SOURCE [key=value ...]`.
 
     SOURCE may be a YAML config (as before; a model section that contradicts `model.pretrained`'s stored
-    config is an error) or any checkpoint `load` reads: then its stored config is the base, the run is
-    named `<run>_<command>`, and only data/train/optim/... overrides may change anything.
+    config is an error) or any checkpoint `load` reads: then its stored config is the base (for linprobe
+    with the probe recipe of configs/linprobe/fmnist.yaml: optim, train, batch size), the run is named
+    `<run>_<command>`, and only data/train/optim/... overrides may change anything.
     """
     from beit.config import _merge, parse_overrides
 
@@ -286,6 +287,11 @@ def command_config(source: str, overrides: list[str], command: str) -> Config:
     base = src.config.to_dict()
     base["model"]["pretrained"] = str(src.path)
     stem = base["train"].get("run_name") or Path(source).stem
+    if command == "linprobe":  # the stored optim/train sections are the run's own recipe, not a probe's
+        recipe = load_config(Path(__file__).resolve().parent / "configs" / "linprobe" / "fmnist.yaml").to_dict()
+        base["optim"] = recipe["optim"]
+        base["train"] = {**recipe["train"], "out_dir": base["train"]["out_dir"], "device": base["train"]["device"]}
+        base["data"]["batch_size"] = recipe["data"]["batch_size"]
     base["train"]["run_name"] = f"{stem}_{command}"
     extra.pop("model", None)
     return config_from_dict(_merge(base, extra), f"{source} + overrides")

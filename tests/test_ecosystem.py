@@ -302,3 +302,26 @@ def test_predict_attention_png(run, tmp_path):
         main(["predict", str(run), "--attention", "--num", "2", "--out", str(out)])
     assert e.value.code == 0
     assert out.stat().st_size > 5_000
+
+
+def test_linprobe_from_a_checkpoint_uses_the_probe_recipe(run):
+    from beit.hub import command_config
+
+    probe = load_config("configs/linprobe/fmnist.yaml")
+    cfg = command_config(str(run), ["train.epochs=2"], "linprobe")
+    assert cfg.optim == probe.optim and cfg.train.epochs == 2 and cfg.data.batch_size == probe.data.batch_size
+    assert cfg.train.run_name == "ft_linprobe" and cfg.data.root == load_config(run / "config.yaml").data.root
+
+
+def test_knn_and_export_commands_need_only_the_run(run, tmp_path):
+    from beit.cli import main
+
+    main(["knn", str(run), f"train.out_dir={tmp_path}", "train.knn_k=3"])
+    res = json.loads((tmp_path / "ft_knn" / "results.json").read_text())
+    assert res["top1"] > 50.0  # 3 colour classes, trained features; chance is 33%
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(run), str(tmp_path / "t"), "--to", "timm"])
+    assert e.value.code == 0 and (tmp_path / "t" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit) as e:  # a non-empty destination is refused with one line
+        main(["export", str(run), str(tmp_path / "t"), "--to", "timm"])
+    assert e.value.code == 2
