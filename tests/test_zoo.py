@@ -61,6 +61,8 @@ def test_zoo_names_resolve_to_self_describing_fp16_files(tmp_path, monkeypatch):
     ft = create_model("beit_fmnist_patch4_32", pretrained="fmnist", depth=2, embed_dim=32, num_heads=2)
     assert torch.equal(ft.blocks[1].attn.relative_position_bias_table,
                        mim.rel_pos_bias.relative_position_bias_table.half().float())
+    same = create_model("beit_fmnist_patch4_32", pretrained="fmnist-backbone", depth=2, embed_dim=32, num_heads=2)
+    assert torch.equal(same.blocks[0].mlp.fc1.weight, ft.blocks[0].mlp.fc1.weight)  # zoo names work too
 
 
 def test_missing_zoo_file_says_how_to_make_it(monkeypatch, tmp_path):

@@ -22,10 +22,12 @@ def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit:
     model = Beit(**kwargs)
     if pretrained:
         from beit.convert import load_pretrained
-        from beit.hub import PRETRAINED_TAGS, resolve_path
+        from beit.hub import PRETRAINED_TAGS, ZOO, resolve_path
 
         if (name, pretrained) in PRETRAINED_TAGS:  # a shipped model, e.g. pretrained="fmnist"
             pretrained = resolve_path(PRETRAINED_TAGS[name, pretrained])
+        elif str(pretrained) in ZOO:  # e.g. pretrained="fmnist-backbone"
+            pretrained = resolve_path(pretrained)
 
         load_pretrained(model, pretrained)
     return model
