@@ -325,3 +325,13 @@ def test_knn_and_export_commands_need_only_the_run(run, tmp_path):
     with pytest.raises(SystemExit) as e:  # a non-empty destination is refused with one line
         main(["export", str(run), str(tmp_path / "t"), "--to", "timm"])
     assert e.value.code == 2
+
+
+def test_auto_export_is_configurable(run):
+    from beit.export import export_run
+
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["hf", "timm"]  # the default, after fit
+    cfg = load_config(run / "config.yaml", ["train.export=[]"])
+    assert export_run(cfg, run) == []
+    with pytest.raises(ConfigError, match="train.export"):
+        load_config(None, ["train.export=[onnx]"])
