@@ -192,21 +192,27 @@ def _resume(run: _Run):
         _truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
 
 
+def train_loader(cfg: Config, dataset: Dataset, sampler: ResumableSampler, epoch: int, start_batch: int,
+                 collate_fn: Callable | None = None, pin_memory: bool = False) -> DataLoader:
+    """The training loader of `epoch`, starting `start_batch` micro-batches in (this rank's share).
+
+    Everything random about an epoch's data is a function of (seed, epoch, index), so starting the sampler
+    k batches in reproduces exactly the batches an uninterrupted run would see.
+    """
+    sampler.set_epoch(epoch)
+    sampler.set_start(start_batch * cfg.data.batch_size)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+                      pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch))
+
+
 def _epoch_iterator(run: _Run):
     """A data iterator that starts exactly where an uninterrupted run would be at `run.step`."""
-    cfg, task = run.cfg, run.task
     epoch, k = divmod(run.step, run.steps_per_epoch)
-    # Everything random about an epoch's data is a function of (seed, epoch, index), so starting
-    # the sampler k batches in reproduces exactly the batches an uninterrupted run would see.
-    run.sampler.set_epoch(epoch)
-    run.sampler.set_start(k * cfg.data.batch_size * cfg.optim.accum_steps)
-    if hasattr(task.dataset, "set_epoch"):
-        task.dataset.set_epoch(epoch)
-    return iter(DataLoader(
-        task.dataset, batch_size=cfg.data.batch_size, sampler=run.sampler, num_workers=cfg.data.num_workers,
-        pin_memory=run.info.device.type == "cuda", drop_last=True, collate_fn=task.collate_fn,
-        generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch),
-    ))
+    return iter(train_loader(run.cfg, run.task.dataset, run.sampler, epoch, k * run.cfg.optim.accum_steps,
+                             run.task.collate_fn, pin_memory=run.info.device.type == "cuda"))
 
 
 def _train_one_step(run: _Run) -> float:

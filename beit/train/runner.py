@@ -36,6 +36,16 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.train.out_dir) / (cfg.train.run_name or "run")
 
 
+def open_run_dir(cfg: Config, overwrite: bool) -> Path:
+    """The run directory of a command that trains nothing (`eval`, `knn`): created (replaced with --overwrite),
+    logged to, with the config beside the results."""
+    run_dir = run_dir_of(cfg)
+    ckpt_io.prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+    setup_logging(run_dir, True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return run_dir
+
+
 def launch(cfg: Config, build_task: Callable[[Config, torch.device], Task], resume=False, overwrite=False) -> Path:
     """Set up processes and the run directory, build the task, train. Returns the run directory."""
     info = init_distributed(cfg.train.device, cfg.dist.backend)
