@@ -13,7 +13,7 @@ from beit.train.eval_cli import register as register_train
 
 def build_parser() -> argparse.ArgumentParser:
     from beit.convert.cli import register as register_convert
-    from beit.reproduce import register as register_reproduce
+    from beit.experiments.fashion_mnist import register as register_reproduce
     from beit.tokenizers.cli import register as register_tokenizer
     from beit.visualize import register as register_predict
 
