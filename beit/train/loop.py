@@ -79,6 +79,17 @@ def _check_batch(cfg: Config, info: DistInfo):
     return global_batch
 
 
+def steps_per_epoch_of(cfg: Config, num_samples: int, world_size: int) -> int:
+    """Optimizer steps per epoch (drop_last); a training set smaller than one global batch is a ConfigError."""
+    steps = num_samples // world_size // (cfg.data.batch_size * cfg.optim.accum_steps)
+    if steps == 0:
+        raise ConfigError(
+            f"the training set has {num_samples} samples, fewer than one global batch "
+            f"({cfg.data.batch_size * cfg.optim.accum_steps * world_size}); lower data.batch_size or optim.accum_steps"
+        )
+    return steps
+
+
 @dataclass
 class _Run:
     """What `fit` builds once and then advances step by step: the whole training state of one run."""
@@ -146,25 +157,16 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
 
 def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Run:
     """Optimizer, loss scaler, EMA, sampler and the step counts of the schedule."""
-    device, amp = info.device, cfg.train.amp
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("train.amp=fp16 needs a CUDA device (dynamic loss scaling); use train.amp=bf16 on CPU")
     global_batch = _check_batch(cfg, info)
-    model = task.model.to(device)
+    model = task.model.to(info.device)
     groups = param_groups(model, cfg.optim)
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
 
     sampler = ResumableSampler(len(task.dataset), shuffle=True, seed=cfg.train.seed,
                                rank=info.rank, world_size=info.world_size, drop_last=True)
-    per_rank = len(task.dataset) // info.world_size
-    steps_per_epoch = per_rank // (cfg.data.batch_size * cfg.optim.accum_steps)
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"the training set has {len(task.dataset)} samples, fewer than one global batch ({global_batch}); "
-            f"lower data.batch_size or optim.accum_steps"
-        )
+    steps_per_epoch = steps_per_epoch_of(cfg, len(task.dataset), info.world_size)
     total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     o = cfg.optim
