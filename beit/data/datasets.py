@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from .masking import MaskingGenerator
-from .transforms import TwoViewTransform, pil_mode
+from .transforms import TwoViewTransform, pil_mode, to_mode
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class BadSample(NamedTuple):
 # Fashion-MNIST
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally .gz): uint8 data with big-endian int32 dims after a 4-byte magic."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -64,7 +64,25 @@ def _find_idx(dirs: Sequence[Path], stem: str) -> Path | None:
     return None
 
 
-_FMNIST_CACHE: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+_IDX_CACHE: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def load_idx_split(dirs: Sequence[Path], split: str, name: str, hint: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, H, W], labels int64 [N]) of an MNIST-format split (`train-*` / `t10k-*` IDX files,
+    optionally .gz) from the first of `dirs` holding them, read once per process."""
+    prefix = "train" if split == "train" else "t10k"
+    img_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
+    lbl_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
+    if img_path is None or lbl_path is None:
+        raise FileNotFoundError(f"{name} '{prefix}-images-idx3-ubyte[.gz]' / '{prefix}-labels-idx1-ubyte[.gz]' not "
+                                f"found in {', '.join(map(str, dirs))}. {hint}")
+    key = (str(img_path), str(lbl_path))
+    if key not in _IDX_CACHE:
+        images, labels = read_idx(img_path), read_idx(lbl_path).astype(np.int64)
+        if images.ndim != 3 or len(images) != len(labels):
+            raise ValueError(f"{img_path} / {lbl_path}: {images.shape} images vs {labels.shape} labels")
+        _IDX_CACHE[key] = (images, labels)
+    return _IDX_CACHE[key]
 
 
 def load_fashion_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -72,27 +90,13 @@ def load_fashion_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.nda
 
     Looks in `root`, `root/FashionMNIST/raw` (torchvision layout), `root/raw`, then the Debian package path.
     """
-    prefix = "train" if split == "train" else "t10k"
     dirs = []
     if root:
         r = Path(root).expanduser()
         dirs += [r, r / "FashionMNIST" / "raw", r / "raw"]
     dirs.append(Path(FASHION_MNIST_DEBIAN))
-    img_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
-    lbl_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
-    if img_path is None or lbl_path is None:
-        raise FileNotFoundError(
-            f"Fashion-MNIST '{prefix}-images-idx3-ubyte[.gz]' / '{prefix}-labels-idx1-ubyte[.gz]' not found in "
-            f"{', '.join(map(str, dirs))}. Install them with `apt-get install dataset-fashion-mnist` (as root) "
-            f"or set data.root to a directory holding the IDX files"
-        )
-    key = (str(img_path), str(lbl_path))
-    if key not in _FMNIST_CACHE:
-        images, labels = _read_idx(img_path), _read_idx(lbl_path).astype(np.int64)
-        if images.ndim != 3 or len(images) != len(labels):
-            raise ValueError(f"{img_path} / {lbl_path}: {images.shape} images vs {labels.shape} labels")
-        _FMNIST_CACHE[key] = (images, labels)
-    return _FMNIST_CACHE[key]
+    return load_idx_split(dirs, split, "Fashion-MNIST", "Install them with `apt-get install dataset-fashion-mnist` "
+                          "(as root) or set data.root to a directory holding the IDX files")
 
 
 class ArrayImageDataset(Dataset):
@@ -105,8 +109,7 @@ class ArrayImageDataset(Dataset):
         return len(self.images)
 
     def load_image(self, i: int) -> Image.Image:
-        img = Image.fromarray(self.images[i])
-        return img if img.mode == self.mode else img.convert(self.mode)
+        return to_mode(Image.fromarray(self.images[i]), self.mode)
 
     def __getitem__(self, i: int):
         img = self.load_image(i)
@@ -187,8 +190,7 @@ class _TorchvisionDataset(Dataset):
         return len(self.base)
 
     def load_image(self, i: int) -> Image.Image:
-        img = self.base[i][0]
-        return img if img.mode == self.mode else img.convert(self.mode)
+        return to_mode(self.base[i][0], self.mode)
 
     def __getitem__(self, i: int):
         img = self.load_image(i)

@@ -46,10 +46,10 @@ class PILDataset(Dataset):
         return len(self.targets)
 
     def load_image(self, i: int) -> Image.Image:
+        from beit.data.transforms import to_mode
+
         img = self.get_image(int(i))
-        if not isinstance(img, Image.Image):
-            img = Image.fromarray(np.asarray(img))
-        return img if img.mode == self.mode else img.convert(self.mode)
+        return to_mode(img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img)), self.mode)
 
     def __getitem__(self, i: int):
         img = self.load_image(i)
@@ -59,22 +59,13 @@ class PILDataset(Dataset):
 # ------------------------------------------------------------------------------------------------ MNIST
 def load_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28], labels int64 [N]) from IDX files in root, root/MNIST/raw or root/raw."""
-    from beit.data.datasets import _find_idx, _read_idx
+    from beit.data.datasets import load_idx_split
 
     if not root:
         raise ValueError("data.root must be set for dataset 'mnist' (a folder holding the four IDX files)")
     r = Path(root).expanduser()
-    dirs = [r, r / "MNIST" / "raw", r / "raw"]
-    prefix = "train" if split == "train" else "t10k"
-    img_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
-    lbl_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
-    if img_path is None or lbl_path is None:
-        raise FileNotFoundError(f"MNIST '{prefix}-images-idx3-ubyte[.gz]' / '{prefix}-labels-idx1-ubyte[.gz]' not "
-                                f"found in {', '.join(map(str, dirs))}")
-    images, labels = _read_idx(img_path), _read_idx(lbl_path).astype(np.int64)
-    if images.ndim != 3 or len(images) != len(labels):
-        raise ValueError(f"{img_path} / {lbl_path}: {images.shape} images vs {labels.shape} labels")
-    return images, labels
+    return load_idx_split([r, r / "MNIST" / "raw", r / "raw"], split, "MNIST",
+                          "Set data.root to the folder holding them")
 
 
 # ------------------------------------------------------------------------------------------------ torchvision
