@@ -49,7 +49,7 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     out = tmp_path / "gc.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--tiny", "--device", "cpu",
-                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+                           "--budget", "100000", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert not report["errors"] and not report["skipped"]
@@ -59,7 +59,8 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     assert set(base) == {"ours", "hf", "tokenizer"}
     # Ours and HF run the same ViT and the same tokenizer: FLOPs agree up to HF's lm_head on every token.
     assert base["hf"]["gflop_per_img"] >= base["ours"]["gflop_per_img"] > base["tokenizer"]["gflop_per_img"] > 0
-    assert 0 < base["ours"]["tokenizer_share"] < 1.5
+    # The share is the tokenizer's time alone over the whole step's (a timing ratio, so no bound under load).
+    assert base["ours"]["tokenizer_share"] == pytest.approx(base["tokenizer"]["ms_per_step"] / base["ours"]["ms_per_step"])
     fsdp = report["sections"]["fsdp bf16 batch 1"]["rows"][0]
     assert fsdp["gflop_per_img"] == pytest.approx(report["sections"]["bf16 batch 1"]["rows"][0]["gflop_per_img"])
     loop = report["sections"]["fmnist loop"]["rows"][-1]
