@@ -48,8 +48,9 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "gc.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--tiny", "--device", "cpu",
-                           "--budget", "100000", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--tiny", "--device", "cpu",
+           "--budget", "100000", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert not report["errors"] and not report["skipped"]
@@ -60,7 +61,8 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     # Ours and HF run the same ViT and the same tokenizer: FLOPs agree up to HF's lm_head on every token.
     assert base["hf"]["gflop_per_img"] >= base["ours"]["gflop_per_img"] > base["tokenizer"]["gflop_per_img"] > 0
     # The share is the tokenizer's time alone over the whole step's (a timing ratio, so no bound under load).
-    assert base["ours"]["tokenizer_share"] == pytest.approx(base["tokenizer"]["ms_per_step"] / base["ours"]["ms_per_step"])
+    share = base["tokenizer"]["ms_per_step"] / base["ours"]["ms_per_step"]
+    assert base["ours"]["tokenizer_share"] == pytest.approx(share)
     fsdp = report["sections"]["fsdp bf16 batch 1"]["rows"][0]
     assert fsdp["gflop_per_img"] == pytest.approx(report["sections"]["bf16 batch 1"]["rows"][0]["gflop_per_img"])
     loop = report["sections"]["fmnist loop"]["rows"][-1]
