@@ -185,7 +185,13 @@ class TrainConfig(_Section):
 
 class DistConfig(_Section):
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    find_unused_parameters: bool = False
+    # ddp: every process holds the whole model. fsdp: FSDP2 `fully_shard` per block and on the root
+    # (parameters, gradients and optimizer state sharded); bf16 params / fp32 gradient reduction under
+    # train.amp=bf16; activation checkpointing is model.grad_checkpointing. Checkpoints are gathered to one
+    # file either way (see docs/distributed.md).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    find_unused_parameters: bool = False  # ddp only
+    fsdp_cpu_offload: bool = False  # fsdp on CUDA: parameters, gradients and optimizer state live on the CPU
 
 
 class Config(_Section):
@@ -203,6 +209,15 @@ class Config(_Section):
         if self.train.amp == "fp16" and not _cuda_for(self.train.device):
             raise ValueError(f"train.amp=fp16 needs a CUDA device (dynamic loss scaling) and train.device="
                              f"{self.train.device} has none here; use train.amp=bf16 (or none) on CPU")
+        if self.dist.strategy == "fsdp":
+            if self.train.amp == "fp16":
+                raise ValueError("dist.strategy=fsdp supports train.amp=bf16 or none (fp16's loss scaler is not "
+                                 "shard-aware here); use train.amp=bf16")
+            if self.train.ema_decay is not None:
+                raise ValueError("train.ema_decay needs a full copy of the model, which dist.strategy=fsdp does not "
+                                 "keep; set train.ema_decay=null or use dist.strategy=ddp")
+        elif self.dist.fsdp_cpu_offload:
+            raise ValueError("dist.fsdp_cpu_offload=true needs dist.strategy=fsdp")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ TINY = {
 def write_config(tmp_path: Path, **sections) -> Path:
     cfg = json.loads(json.dumps(TINY))
     for sec, vals in sections.items():
-        cfg[sec].update(vals)
+        cfg.setdefault(sec, {}).update(vals)
     cfg["train"]["out_dir"] = str(tmp_path / "runs")
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))

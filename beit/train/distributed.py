@@ -1,4 +1,5 @@
-"""Process-group setup and DDP wrapping, applied from outside the model (models never import this).
+"""Process-group setup, DDP / FSDP2 wrapping and full-state gathering, applied from outside the model
+(models never import this; torchtitan-style).
 
 `torchrun --nproc_per_node N -m beit pretrain cfg.yaml` sets RANK / WORLD_SIZE / LOCAL_RANK; a plain
 `beit pretrain` runs as a single process with no process group at all.
@@ -6,11 +7,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,146 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, find_unused_parameters: boo
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+def wrap_fsdp(model: nn.Module, info: DistInfo, bf16: bool = False, cpu_offload: bool = False) -> nn.Module:
+    """FSDP2 in place: `fully_shard` each transformer block, then the root (embeddings, heads).
+
+    Parameters become DTensors sharded over the `info.world_size` processes, so build the optimizer after
+    this. bf16: parameters are all-gathered and computed in bf16, gradients reduced in fp32. A single
+    process (no group) is returned unchanged, like `wrap_ddp`.
+    """
+    if not info.enabled:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from beit.models.vit import Block
+
+    if cpu_offload and info.device.type != "cuda":
+        raise ValueError(f"dist.fsdp_cpu_offload=true offloads from a GPU, but train.device is {info.device}")
+    with torch.no_grad():  # ranks initialised with different seeds: start from rank 0's weights, as DDP does
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t, src=0)
+    kw = {"mesh": init_device_mesh(info.device.type, (info.world_size,))}
+    if bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for m in list(model.modules()):
+        if isinstance(m, Block):
+            fully_shard(m, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def no_sync(model: nn.Module, skip: bool):
+    """Context that skips the gradient reduction of a non-final accumulation micro-batch (DDP or FSDP2)."""
+    if not skip:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if is_fsdp(model):
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's global value (a collective: every rank calls it); plain tensors pass through."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
+    """(model state dict, optimizer state dict) in the single-process layout, whatever the wrapping.
+
+    For FSDP2 this gathers the shards (a collective: every rank must call it) to rank 0's CPU; other ranks
+    get empty dicts. The optimizer state is re-keyed from parameter names to the integer positions of a
+    plain `optimizer.state_dict()`, so DDP and FSDP checkpoints are one format.
+    """
+    if not is_fsdp(model):
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    if optimizer is None:
+        return msd, None
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    if not osd:
+        return msd, {}
+    index, groups = {}, []
+    for g in osd["param_groups"]:
+        ids = [index.setdefault(name, len(index)) for name in g["params"]]
+        groups.append({**g, "params": ids})
+    return msd, {"state": {index[k]: v for k, v in osd["state"].items()}, "param_groups": groups}
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_sd: dict,
+                    optim_sd: dict | None = None):
+    """Load a single-process-layout state (as `full_state` writes) into a plain, DDP or FSDP2 model."""
+    if not is_fsdp(model):
+        model.load_state_dict(model_sd)
+        if optimizer is not None and optim_sd is not None:
+            optimizer.load_state_dict(optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True)  # every rank holds the whole dict and keeps its shard
+    set_model_state_dict(model, model_sd, options=opts)
+    if optimizer is None or optim_sd is None:
+        return
+    names = {p: n for n, p in model.named_parameters()}
+    order = [names[p] for g in optimizer.param_groups for p in g["params"]]
+    if len(order) != sum(len(g["params"]) for g in optim_sd["param_groups"]):
+        raise ValueError("the checkpoint's optimizer holds a different set of parameters than this model's")
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optim_sd["param_groups"]]
+    state = {order[i]: v for i, v in optim_sd["state"].items()}
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=opts)
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's `t` ([n_rank, ...], n may differ) along dim 0, in rank order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    world = dist.get_world_size()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

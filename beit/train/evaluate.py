@@ -15,13 +15,13 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from beit.builders import build_eval_loader, build_labeled_dataset, build_model, resolve_pretrained  # noqa: F401
 from beit.config import Config, ConfigError
 from beit.train.checkpoint import unwrap
-from beit.train.distributed import resolve_device
+from beit.train.distributed import all_gather_cat, all_reduce_max, rank_and_world, resolve_device
 from beit.train.loop import autocast
 from beit.train.runner import open_run_dir
 
@@ -50,20 +50,51 @@ def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], dev
              amp: str = "bf16", desc: str = "eval", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply `fn` (images [B, C, H, W] -> [B, ...]) to every batch. Returns (outputs fp32 on CPU, labels).
 
+    Under a process group (torchrun), each rank runs a contiguous 1/world share of the loader's dataset and
+    the outputs are gathered in dataset order, so every rank returns what one process would. Ranks with
+    fewer batches repeat a forward so that FSDP's per-forward collectives stay matched.
     A progress bar with ETA (`desc`) shows on the main process when stderr is a terminal and `progress`."""
-    outs, labels = [], []
+    rank, world = rank_and_world()
+    if world > 1:
+        loader = _shard(loader, rank, world)
+    outs, labels, x = [], [], None
     show = progress and is_main_process()
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None if show else True):
-        x, y = batch[0], batch[1]
-        if x is None:  # every file of the batch was undecodable (already logged by the dataset)
+        if batch[0] is None:  # every file of the batch was undecodable (already logged by the dataset)
             continue
+        x, y = batch[0].to(device, non_blocking=True), batch[1]
         with amp_context(device, amp):
-            out = fn(x.to(device, non_blocking=True))
-        outs.append(out.float().cpu())
-        labels.append(y)
-    if not outs:
+            out = fn(x)
+        outs.append(out.float())
+        labels.append(y.to(device))
+    if world > 1:
+        for _ in range(int(all_reduce_max(torch.tensor(len(outs), device=device))) - len(outs)):
+            if x is not None:
+                with amp_context(device, amp):
+                    fn(x)
+        shape = _gathered_shape(outs, device)
+        outs = [all_gather_cat(torch.cat(outs) if outs else torch.zeros(0, *shape, device=device))]
+        labels = [all_gather_cat(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))]
+    if not outs or not len(outs[0]):
         raise RuntimeError("the evaluation set yielded no decodable images")
-    return torch.cat(outs), torch.cat(labels)
+    return torch.cat(outs).cpu(), torch.cat(labels).cpu()
+
+
+def _shard(loader: DataLoader, rank: int, world: int) -> DataLoader:
+    """The same loader over this rank's contiguous share of the dataset (rank order = dataset order)."""
+    n = len(loader.dataset)
+    per = -(-n // world)
+    part = Subset(loader.dataset, range(min(n, rank * per), min(n, (rank + 1) * per)))
+    return DataLoader(part, batch_size=loader.batch_size, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+
+
+def _gathered_shape(outs: list[torch.Tensor], device) -> list[int]:
+    """The per-sample output shape, agreed over ranks (a rank whose share was empty has none of its own)."""
+    shape = torch.zeros(8, dtype=torch.long, device=device)  # [D1, D2, ...] padded with zeros
+    if outs:
+        shape[: outs[0].ndim - 1] = torch.tensor(outs[0].shape[1:])
+    return [int(d) for d in all_reduce_max(shape) if d > 0]
 
 
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,11 @@
 
 A `Task` says what differs (the model, a small step function, the data, an optional evaluation); the loop
 owns everything else: AdamW with per-group lr scales, the per-step cosine schedule, gradient accumulation,
-AMP (bf16 autocast on CPU and GPU; fp16 + dynamic loss scaling on GPU), global-norm clipping, DDP,
-metrics, checkpoints and exact resume.
+AMP (bf16 autocast on CPU and GPU; fp16 + dynamic loss scaling on GPU), global-norm clipping, DDP or
+FSDP2, metrics, checkpoints and exact resume.
+
+The step never waits on the device: loss, metrics, the gradient norm and the non-finite check stay as
+device tensors until `train.log_every` (or a checkpoint save) reads them, so a GPU queue stays full.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from beit.data.datasets import BadFileTracker
 from beit.models.vit import Block
 from beit.data.sampler import ResumableSampler
 from beit.train import checkpoint as ckpt_io
-from beit.train.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
+from beit.train.distributed import (DistInfo, all_reduce_sum, barrier, full_state, full_tensor, load_full_state,
+                                    no_sync, wrap_ddp, wrap_fsdp)
 from beit.train.metrics import MetricLogger, MetricWindow
 from beit.train.optim import lr_at, param_groups
 
@@ -114,6 +118,8 @@ class _Run:
     best: float | None = None
     skipped: int = 0  # fp16 overflow steps
     data_iter: Any = None
+    first_bad: torch.Tensor | None = None  # on device: first step whose loss was not finite (-1: none yet)
+    checked_step: int = 0  # steps before this one passed the finite check
     window: MetricWindow = field(default_factory=MetricWindow)
     bad_files: BadFileTracker = field(default_factory=BadFileTracker)
     last_eval: dict = field(default_factory=dict)
@@ -128,13 +134,10 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
     run = _setup(cfg, task, info, run_dir)
     if resume:
         _resume(run)
-    if cfg.train.compile:
-        # Compile block by block, from outside the model: shapes inside a block are static, while the
-        # masked-token gather around them is data-dependent and would force recompilation.
-        for m in run.model.modules():
-            if isinstance(m, Block):
-                m.compile()
-    run.ddp_model = wrap_ddp(run.model, info, cfg.dist.find_unused_parameters)
+    if cfg.dist.strategy == "ddp":
+        run.ddp_model = wrap_ddp(run.model, info, cfg.dist.find_unused_parameters)
+    else:
+        run.ddp_model = run.model  # FSDP2 wrapped in place by _setup
     logger = MetricLogger(run_dir, enabled=info.is_main)
     bar = tqdm(total=run.stop_step, initial=run.step, disable=not (info.is_main and cfg.train.progress),
                unit="step", dynamic_ncols=True)
@@ -159,8 +162,19 @@ def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Ru
     """Optimizer, loss scaler, EMA, sampler and the step counts of the schedule."""
     global_batch = _check_batch(cfg, info)
     model = task.model.to(info.device)
+    if cfg.train.compile:
+        # Compile block by block, from outside the model: shapes inside a block are static, while the
+        # masked-token gather around them is data-dependent and would force recompilation.
+        for m in model.modules():
+            if isinstance(m, Block):
+                m.compile()
+    if cfg.dist.strategy == "fsdp":  # shards the parameters in place: before the optimizer sees them
+        wrap_fsdp(model, info, bf16=cfg.train.amp == "bf16", cpu_offload=cfg.dist.fsdp_cpu_offload)
     groups = param_groups(model, cfg.optim)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    # fused: one kernel for the whole update on CUDA (CPU keeps the reference for-each implementation)
+    fused = info.device.type == "cuda" and not cfg.dist.fsdp_cpu_offload
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  **({"fused": True} if fused else {}))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
 
@@ -182,13 +196,13 @@ def _resume(run: _Run):
     if not found:
         raise ckpt_io.RunDirError(f"--resume: no ckpt-*.pt in '{run.run_dir}'")
     state = ckpt_io.load_training_checkpoint(found[-1])
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    load_full_state(run.model, run.optimizer, state["model"], state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None and state.get("ema") is not None:
         run.ema.module.load_state_dict(state["ema"])
     ckpt_io.set_rng_state(state["rng"])
     run.step, run.best = state["step"], state.get("best")
+    run.checked_step = run.step
     if run.info.is_main:
         log.info(f"resumed from {found[-1]} at step {run.step}")
         _truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
@@ -234,18 +248,17 @@ def _train_one_step(run: _Run) -> float:
         if batch is None:  # every sample of this micro-batch failed to decode (logged by the dataset)
             continue
         batch = to_device(batch, info.device)
-        sync = info.enabled and micro < accum - 1
-        with run.ddp_model.no_sync() if sync else contextlib.nullcontext():
+        with no_sync(run.ddp_model, skip=info.enabled and micro < accum - 1):
             with autocast(info.device, amp):
                 out = run.task.step(run.ddp_model, batch)
             loss = out["loss"]
-            if not torch.isfinite(loss) and amp != "fp16":
-                raise FloatingPointError(f"loss is {loss.item()} at step {run.step}; lower optim.lr or check the data")
+            if amp != "fp16":  # fp16 overflows are the scaler's business (the step is skipped)
+                _note_nonfinite(run, loss)
             run.scaler.scale(loss / accum).backward()
-        run.window.add(**{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
+        run.window.add(**{k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()})
     run.scaler.unscale_(run.optimizer)
     clip = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, clip))
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(run.trainable, clip)).detach()
     scale_before = run.scaler.get_scale()
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -261,10 +274,28 @@ def _train_one_step(run: _Run) -> float:
     return lr
 
 
+def _note_nonfinite(run: _Run, loss: torch.Tensor):
+    """Remember, on the device, the first step whose loss is NaN/inf; `_check_finite` reads it later."""
+    if run.first_bad is None:
+        run.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+    bad = ~torch.isfinite(loss.detach()) & (run.first_bad < 0)
+    run.first_bad = torch.where(bad, run.step, run.first_bad)
+
+
+def _check_finite(run: _Run):
+    """Raise if a loss since the last check was not finite (read at log steps and before every save)."""
+    if run.first_bad is not None and (bad := int(run.first_bad)) >= 0:
+        raise FloatingPointError(
+            f"loss is not finite at step {bad} (checked every train.log_every={run.cfg.train.log_every} steps: "
+            f"steps {run.checked_step}-{run.step - 1}); lower optim.lr or check the data")
+    run.checked_step = run.step
+
+
 def _log_and_evaluate(run: _Run, logger: MetricLogger, bar, lr: float):
     """Every train.log_every steps: the window's means; every eval period: the task's evaluation (+ best.pt)."""
     cfg, info, step = run.cfg, run.info, run.step
     if step % cfg.train.log_every == 0 or step == run.stop_step:
+        _check_finite(run)
         values = {**_mean_over_ranks(run.window.flush(), info, info.device), "lr": lr,
                   "epoch": step / run.steps_per_epoch}
         if cfg.train.amp == "fp16":
@@ -278,16 +309,19 @@ def _log_and_evaluate(run: _Run, logger: MetricLogger, bar, lr: float):
     metric = run.last_eval.get(name) if name else None
     if metric is not None and (run.best is None or metric > run.best):
         run.best = metric
+        model_sd, _ = full_state(run.model)  # every rank: FSDP gathers the shards to rank 0
         if info.is_main and run.run_dir is not None:
-            ckpt_io.atomic_save({"model": run.model.state_dict(), "config": cfg.to_dict(), "step": step,
-                                 name: metric}, run.run_dir / "best.pt")
+            ckpt_io.atomic_save({"model": model_sd, "config": cfg.to_dict(), "step": step, name: metric},
+                                run.run_dir / "best.pt")
     run.model.train()
 
 
 def _save(run: _Run):
+    _check_finite(run)  # never checkpoint weights a non-finite loss has already touched
+    model_sd, optim_sd = full_state(run.model, run.optimizer)  # every rank: FSDP gathers to rank 0
     if run.info.is_main and run.run_dir is not None:
         ckpt_io.save_training_checkpoint(run.run_dir, {
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "model": model_sd, "optimizer": optim_sd,
             "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
             "rng": ckpt_io.rng_state(), "best": run.best, "config": run.cfg.to_dict(),
         }, run.step, run.cfg.train.keep_last)
@@ -325,17 +359,17 @@ def _drop_bad(batch):
 
 
 def _evaluate(task: Task, model, ema, info: DistInfo, logger: MetricLogger, step: int) -> dict:
-    results = {}
+    """Every rank evaluates its share of the eval set (`evaluate.run_over` shards and gathers), so all
+    ranks return the same results; the main process logs them."""
+    model.eval()
+    with torch.no_grad():
+        results = task.evaluate(model)
+        if ema is not None:
+            results.update({f"ema_{k}": v for k, v in task.evaluate(ema.module).items()})
     if info.is_main:
-        model.eval()
-        with torch.no_grad():
-            results = task.evaluate(model)
-            if ema is not None:
-                results.update({f"ema_{k}": v for k, v in task.evaluate(ema.module).items()})
         logger.log(step, "eval", results)
         log.info(f"step {step} eval: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()
                                                    if isinstance(v, (int, float))))
-    barrier()
     return results
 
 
