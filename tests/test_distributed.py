@@ -60,3 +60,22 @@ def test_fsdp_matches_one_process_and_resumes_on_another_count(tmp_path):
     model = beit.load(tmp_path / "fsdp" / "runs" / "cfg")
     final = torch.load(tmp_path / "fsdp" / "runs" / "cfg" / "ckpt-00000006.pt", weights_only=True)["model"]
     assert torch.equal(model.state_dict()["blocks.1.mlp.fc2.weight"], final["blocks.1.mlp.fc2.weight"])
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path):
+    """Top-1/top-5/loss, k-NN and probe features over 2 ranks (uneven shards; FSDP too) = 1 process."""
+    out = tmp_path / "eval.json"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29519", str(Path(__file__).with_name("_dist_eval.py")), str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    single = r["single"]
+    assert len(single["labels"]) == 21
+    assert 0 < single["loss"]
+    for got in (r["sharded"], r["fsdp"]):
+        for k in ("top1", "top5", "knn_top1", "knn_top5"):
+            assert got[k] == single[k], k
+        assert got["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    assert r["sharded"]["labels"] == single["labels"]
+    assert r["sharded"]["probe_features"] == pytest.approx(single["probe_features"], rel=1e-5, abs=1e-6)

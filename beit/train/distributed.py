@@ -76,7 +76,8 @@ def wrap_fsdp(model: nn.Module, info: DistInfo, bf16: bool = False, cpu_offload:
     if not info.enabled:
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard,
+                                        register_fsdp_forward_method)
 
     from beit.models.vit import Block
 
@@ -94,6 +95,9 @@ def wrap_fsdp(model: nn.Module, info: DistInfo, bf16: bool = False, cpu_offload:
         if isinstance(m, Block):
             fully_shard(m, **kw)
     fully_shard(model, **kw)
+    for name in ("forward_features", "forward_head", "forward_mim", "get_intermediate_layers"):
+        if hasattr(model, name):  # evaluation calls these directly: they must gather the root's shards too
+            register_fsdp_forward_method(model, name)
     return model
 
 

@@ -56,7 +56,7 @@ def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], dev
     A progress bar with ETA (`desc`) shows on the main process when stderr is a terminal and `progress`."""
     rank, world = rank_and_world()
     if world > 1:
-        loader = _shard(loader, rank, world)
+        loader, max_batches = _shard(loader, rank, world)
     outs, labels, x = [], [], None
     show = progress and is_main_process()
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None if show else True):
@@ -68,10 +68,9 @@ def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], dev
         outs.append(out.float())
         labels.append(y.to(device))
     if world > 1:
-        for _ in range(int(all_reduce_max(torch.tensor(len(outs), device=device))) - len(outs)):
-            if x is not None:
-                with amp_context(device, amp):
-                    fn(x)
+        for _ in range(max_batches - len(outs) if x is not None else 0):
+            with amp_context(device, amp):
+                fn(x)
         shape = _gathered_shape(outs, device)
         outs = [all_gather_cat(torch.cat(outs) if outs else torch.zeros(0, *shape, device=device))]
         labels = [all_gather_cat(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))]
@@ -80,13 +79,15 @@ def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], dev
     return torch.cat(outs).cpu(), torch.cat(labels).cpu()
 
 
-def _shard(loader: DataLoader, rank: int, world: int) -> DataLoader:
-    """The same loader over this rank's contiguous share of the dataset (rank order = dataset order)."""
+def _shard(loader: DataLoader, rank: int, world: int) -> tuple[DataLoader, int]:
+    """The same loader over this rank's contiguous share of the dataset (rank order = dataset order), and
+    the batch count of the largest share (rank 0's), known without communicating."""
     n = len(loader.dataset)
     per = -(-n // world)
     part = Subset(loader.dataset, range(min(n, rank * per), min(n, (rank + 1) * per)))
-    return DataLoader(part, batch_size=loader.batch_size, num_workers=loader.num_workers,
-                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+    return (DataLoader(part, batch_size=loader.batch_size, num_workers=loader.num_workers,
+                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory),
+            -(-min(n, per) // loader.batch_size))
 
 
 def _gathered_shape(outs: list[torch.Tensor], device) -> list[int]:
