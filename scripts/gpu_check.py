@@ -8,8 +8,8 @@ Sections, each timed with `beit.bench` (ours, HF and the tokenizer alone, altern
      `BeitForMaskedImageModeling` + the same tokenizer: img/s, step MFU (FLOPs counted; the spec-sheet
      dense peak and a matmul peak measured here), peak memory, tokenizer share of the step;
   2. the same step in fp16 with the dynamic loss scaler;
-  3. FSDP2 on one GPU: `fully_shard` per block and on the root, on a 1-process group (wrapped from here,
-     from outside the model, torchtitan-style; the training loop itself uses DDP);
+  3. FSDP2 on one GPU: the training loop's `dist.strategy=fsdp` wrapping (`fully_shard` per block and on
+     the root, bf16 params / fp32 reduction) on a 1-process group;
   4. 20 s of the real Fashion-MNIST pretraining loop (data pipeline included) vs its step alone;
   5. with --compile: the batch-256 step with every block through torch.compile (compile time counted).
 Every section runs in try/except (an error is recorded, the rest still runs), the table is printed as it
@@ -39,10 +39,11 @@ TINY = dict(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2)
 
 
 def fsdp_wrap(device: torch.device):
-    """Start a 1-process group and return `wrap(model)`: fully_shard each block, then the root."""
+    """Start a 1-process group and return `wrap(model)`: the training loop's FSDP2 wrapping
+    (`beit.train.distributed.wrap_fsdp`: fully_shard each block, then the root; bf16 params, fp32 reduce)."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+
+    from beit.train.distributed import DistInfo, wrap_fsdp
 
     if not dist.is_initialized():
         with socket.socket() as s:
@@ -51,15 +52,8 @@ def fsdp_wrap(device: torch.device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                                 device_id=device if device.type == "cuda" else None)
-    mesh = init_device_mesh(device.type, (1,))
-
-    def wrap(model):
-        for blk in model.blocks:
-            fully_shard(blk, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model
-
-    return wrap
+    info = DistInfo(device=device)
+    return lambda model: wrap_fsdp(model, info, bf16=True)
 
 
 def time_steps(builders: list, device, args, peak) -> list[dict]:

@@ -70,10 +70,10 @@ def wrap_fsdp(model: nn.Module, info: DistInfo, bf16: bool = False, cpu_offload:
     """FSDP2 in place: `fully_shard` each transformer block, then the root (embeddings, heads).
 
     Parameters become DTensors sharded over the `info.world_size` processes, so build the optimizer after
-    this. bf16: parameters are all-gathered and computed in bf16, gradients reduced in fp32. A single
-    process (no group) is returned unchanged, like `wrap_ddp`.
+    this. bf16: parameters are all-gathered and computed in bf16, gradients reduced in fp32. Without a
+    process group (a plain single-process run) the model is returned unchanged, like `wrap_ddp`.
     """
-    if not info.enabled:
+    if not (dist.is_available() and dist.is_initialized()):
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard,
@@ -86,7 +86,7 @@ def wrap_fsdp(model: nn.Module, info: DistInfo, bf16: bool = False, cpu_offload:
     with torch.no_grad():  # ranks initialised with different seeds: start from rank 0's weights, as DDP does
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t, src=0)
-    kw = {"mesh": init_device_mesh(info.device.type, (info.world_size,))}
+    kw = {"mesh": init_device_mesh(info.device.type, (dist.get_world_size(),))}
     if bf16:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
