@@ -89,3 +89,23 @@ def test_grad_checkpointing_same_output_and_grads(name, fast_init):
     assert g_off.keys() == g_on.keys() and len(g_off) > 0
     for n in g_off:
         assert torch.allclose(g_off[n], g_on[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_per_block_compile_does_not_recompile_per_drop_path_rate():
+    """12 blocks with 12 drop-path rates, compiled block by block (as train.compile does): one graph for the
+    rate-0 block and one shared by the rest, not one per rate (dynamo stops recompiling at 8)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from beit.models.vit import Block
+
+    torch._dynamo.reset()
+    counters.clear()
+    blocks = [Block(32, 2, 4.0, True, 0.0, 0.0, 0.01 * i, 0.1, (4, 4), 1e-6) for i in range(12)]
+    x = torch.randn(2, 17, 32)
+    for b in blocks:
+        b.compile(backend="eager")
+        x = b(x)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert x.isfinite().all()
+    torch._dynamo.reset()

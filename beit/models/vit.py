@@ -148,11 +148,18 @@ class DropPath(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         self.p = p
+        # The same probability as a tensor, for torch.compile: `bernoulli_(float)` bakes the float into the
+        # graph, so per-block compilation recompiled once per block's rate and stopped at dynamo's limit of 8.
+        self.register_buffer("keep_prob", torch.tensor(1.0 - p), persistent=False)
 
     def forward(self, x):
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        shape = (x.shape[0], *([1] * (x.ndim - 1)))  # one draw per sample
+        if torch.compiler.is_compiling():
+            keep = torch.bernoulli(self.keep_prob.to(x.dtype).expand(shape))
+        else:  # eager keeps timm's exact random stream
+            keep = x.new_empty(shape).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
 
 
