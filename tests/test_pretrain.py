@@ -157,3 +157,42 @@ def test_model_tokenizer_mismatch_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"grid \(8, 8\) != tokenizer grid 16x16"):
         run_pretrain(cfg)
     assert not (tmp_path / "runs" / "cfg").exists()  # nothing was written
+
+
+def test_nonfinite_loss_is_caught_at_the_next_log_step(tmp_path):
+    """The finite check is read at log steps and before saves (the step never waits on the device): a NaN
+    at step 5 raises at the log step 8, or at a save at step 6, naming step 5 and the steps checked."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from beit.config import Config
+    from beit.train.distributed import DistInfo
+    from beit.train.loop import Task, fit
+
+    class Tiny(nn.Linear):
+        depth = 0
+
+        def no_weight_decay(self):
+            return set()
+
+        def layer_id(self, name):
+            return 1
+
+    calls = []
+
+    def step(model, batch):
+        calls.append(1)
+        loss = model(batch[0]).pow(2).mean()
+        return {"loss": loss * float("nan") if len(calls) == 6 else loss}
+
+    for save_every, stop in ((100, 8), (6, 6)):
+        calls.clear()
+        (tmp_path / str(stop)).mkdir()
+        cfg = Config.model_validate({"data": {"batch_size": 8, "num_workers": 0},
+                                     "train": {"epochs": 1, "log_every": 4, "save_every_steps": save_every,
+                                               "device": "cpu", "amp": "none", "progress": False}})
+        task = Task(model=Tiny(2, 1), step=step, dataset=TensorDataset(torch.randn(64, 2)))
+        with pytest.raises(FloatingPointError, match=rf"not finite at step 5 .*covered steps 4-{stop - 1}\)"):
+            fit(cfg, task, tmp_path / str(stop), DistInfo())
+        assert len(calls) == stop  # ran on to the log step / the save
+        assert not list((tmp_path / str(stop)).glob("ckpt-*.pt"))  # NaN-touched weights are never saved

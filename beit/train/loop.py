@@ -286,8 +286,9 @@ def _check_finite(run: _Run):
     """Raise if a loss since the last check was not finite (read at log steps and before every save)."""
     if run.first_bad is not None and (bad := int(run.first_bad)) >= 0:
         raise FloatingPointError(
-            f"loss is not finite at step {bad} (checked every train.log_every={run.cfg.train.log_every} steps: "
-            f"steps {run.checked_step}-{run.step - 1}); lower optim.lr or check the data")
+            f"loss is not finite at step {bad} (read every train.log_every={run.cfg.train.log_every} steps and "
+            f"before saves; this check covered steps {run.checked_step}-{run.step - 1}); lower optim.lr or check "
+            f"the data")
     run.checked_step = run.step
 
 
