@@ -206,9 +206,6 @@ class Config(_Section):
     def _check(self):
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr {self.optim.min_lr:g} is above optim.lr {self.optim.lr:g}")
-        if self.train.amp == "fp16" and not _cuda_for(self.train.device):
-            raise ValueError(f"train.amp=fp16 needs a CUDA device (dynamic loss scaling) and train.device="
-                             f"{self.train.device} has none here; use train.amp=bf16 (or none) on CPU")
         if self.dist.strategy == "fsdp":
             if self.train.amp == "fp16":
                 raise ValueError("dist.strategy=fsdp supports train.amp=bf16 or none (fp16's loss scaler is not "
@@ -218,6 +215,9 @@ class Config(_Section):
                                  "keep; set train.ema_decay=null or use dist.strategy=ddp")
         elif self.dist.fsdp_cpu_offload:
             raise ValueError("dist.fsdp_cpu_offload=true needs dist.strategy=fsdp")
+        if self.train.amp == "fp16" and not _cuda_for(self.train.device):
+            raise ValueError(f"train.amp=fp16 needs a CUDA device (dynamic loss scaling) and train.device="
+                             f"{self.train.device} has none here; use train.amp=bf16 (or none) on CPU")
         return self
 
     def to_dict(self) -> dict[str, Any]:
