@@ -1,7 +1,7 @@
 """The one training loop, shared by pretraining, fine-tuning and linear probing.
 
 A `Task` says what differs (the model, a small step function, the data, an optional evaluation); the loop
-owns everything else: AdamW with per-group lr scales, the per-step cosine schedule, gradient accumulation,
+owns everything else: AdamW with per-group lr scales, the per-step cosine or poly schedule, gradient accumulation,
 AMP (bf16 autocast on CPU and GPU; fp16 + dynamic loss scaling on GPU), global-norm clipping, DDP,
 metrics, checkpoints and exact resume.
 """
@@ -106,7 +106,7 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
             f"the training set has {len(task.dataset)} samples, fewer than one global batch ({global_batch}); "
             f"lower data.batch_size or optim.accum_steps"
         )
-    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
+    total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else round(cfg.optim.warmup_epochs * steps_per_epoch)
     eval_every = max(1, round((task.eval_every_epochs or cfg.train.eval_every_epochs) * steps_per_epoch))
@@ -171,7 +171,7 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
             )
             it = iter(loader)
 
-        lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, warmup, total_steps)
+        lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, warmup, total_steps, cfg.optim.schedule, cfg.optim.poly_power)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
         t0 = time.time()
