@@ -202,11 +202,16 @@ def plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str):
 # ------------------------------------------------------------------------------------------------ beit eval
 def run_eval(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
     """Evaluate `model.pretrained` on the test split: results.json (top-1/top-5, per-class accuracy, confusion
-    matrix) and confusion.png in runs/<run_name>/."""
+    matrix) and confusion.png in runs/<run_name>/. Segmentation data (`beit segment` runs): mIoU and friends."""
+    from beit.data.segmentation import SEG_DATASETS
     from beit.train import checkpoint as ckpt_io
     from beit.train.distributed import resolve_device
     from beit.train.runner import run_dir_of, setup_logging
 
+    if cfg.data.dataset in SEG_DATASETS:
+        from beit.train.segment import run_seg_eval
+
+        return run_seg_eval(cfg, overwrite=overwrite or resume)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg, need_pretrained=True).to(device).eval()  # fails before any run directory exists
     if model.num_classes <= 0:
