@@ -14,8 +14,8 @@ HF's `out_indices` convention differs from the official one: `BeitForSemanticSeg
 and `hidden_states[k]` the output of block k − 1 (0-based). So HF index `i` reads block `i − 2`, and the last
 block (official base: 11) is out of reach (`i` must be a valid stage index ≤ num_hidden_layers). To export
 it exactly we append one all-zero layer (an exact identity: zero LayerScale / zero projections), so block
-11 is `hidden_states[12]`, i.e. HF index 13; the reader drops layers after the last used block (they cannot
-change the logits). HF's own converter copies the official indices verbatim, so the hub ADE20K models read
+11 is `hidden_states[12]`, i.e. HF index 13; config.json records it as `beit_identity_layers` (transformers
+keeps unknown fields and ignores them) and the reader drops it again. HF's own converter copies the official indices verbatim, so the hub ADE20K models read
 blocks [1, 3, 5, 9] (base) / [5, 9, 13, 21] (large); `segmenter_kwargs_from_hf_config` reproduces HF's
 behaviour exactly (that is what parity means) and says so in a warning.
 """
@@ -64,6 +64,8 @@ HF5_TO_HUB_SEG: list[tuple[str, str]] = [
     (rf"(decode_head|auxiliary_head)\.(.+)\.normalization\.{_BN}", r"\1.\2.bn.\3"),
 ]
 _HEAD_PREFIXES = ("neck.", "decode_head.", "auxiliary_head.")
+# config.json field (ignored by transformers) counting the all-zero layers appended on export; the reader drops them.
+IDENTITY_LAYERS_KEY = "beit_identity_layers"
 
 
 def _num_blocks(sd: Mapping[str, torch.Tensor]) -> int:
@@ -147,6 +149,8 @@ def segmenter_kwargs_from_hf_config(cfg: Mapping) -> dict:
     n = cfg.get("num_hidden_layers", 12)
     hf_idx = cfg.get("out_indices") or [3, 5, 7, 11]
     blocks = blocks_from_hf_out_indices(hf_idx, n)
+    if cfg.get(IDENTITY_LAYERS_KEY, 0) and blocks[-1] >= n - cfg[IDENTITY_LAYERS_KEY]:
+        raise ValueError(f"HF config: out_indices {hf_idx} read an appended identity layer ({IDENTITY_LAYERS_KEY})")
     if blocks != sorted(blocks):
         raise ValueError(f"HF out_indices {hf_idx} read blocks {blocks}, not in increasing order")
     if hf_idx in ([3, 5, 7, 11], [7, 11, 15, 23]):
@@ -158,7 +162,8 @@ def segmenter_kwargs_from_hf_config(cfg: Mapping) -> dict:
         raise ValueError(f"hidden_size {cfg.get('hidden_size')} is not divisible by num_attention_heads {heads}")
     return dict(
         img_size=size if isinstance(size, int) else size[0], patch_size=cfg.get("patch_size", 16),
-        in_chans=cfg.get("num_channels", 3), embed_dim=cfg.get("hidden_size", 768), depth=blocks[-1] + 1,
+        in_chans=cfg.get("num_channels", 3), embed_dim=cfg.get("hidden_size", 768),
+        depth=n - cfg.get(IDENTITY_LAYERS_KEY, 0),
         num_heads=heads, mlp_ratio=cfg.get("intermediate_size", 3072) / cfg.get("hidden_size", 768),
         init_values=cfg.get("layer_scale_init_value", 0.1), layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
         use_abs_pos_emb=cfg.get("use_absolute_position_embeddings", False),
@@ -191,7 +196,7 @@ def hf_seg_config(sd: Mapping[str, torch.Tensor], arch: Mapping) -> dict:
     aux = "auxiliary_head.conv_seg.weight" in sd
     cfg.update(
         architectures=["BeitForSemanticSegmentation"], num_hidden_layers=_num_blocks(backbone) + pad,
-        out_indices=hf_idx,
+        out_indices=hf_idx, **{IDENTITY_LAYERS_KEY: pad},
         use_mean_pooling=True,  # BeitModel's own final norm is Identity, as in the official backbone
         pool_scales=list(arch.get("pool_scales", (1, 2, 3, 6))), use_auxiliary_head=aux,
         auxiliary_channels=sd["auxiliary_head.conv_seg.weight"].shape[1] if aux else 256,
@@ -270,9 +275,9 @@ def load_segmenter(model, path_or_sd, strict_shapes: bool = True):
                              f"hidden_states[i-1]); the model reads {list(model.out_indices)}: build it with "
                              f"out_indices={want} (and depth >= {want[-1] + 1}) for the same logits")
     ours = seg_to_ours(sd, layout)
-    # Blocks past the model's depth (HF export padding, unused HF layers) cannot change the logits.
-    dropped = [k for k in ours if (m := re.match(r"backbone\.blocks\.(\d+)\.", k)) and int(m.group(1)) >= model.depth
-               and layout == "hf" and model.depth > model.out_indices[-1]]
+    # HF blocks past the model's depth (the identity layers of an export) cannot change the logits.
+    dropped = [k for k in ours if layout == "hf" and (m := re.match(r"backbone\.blocks\.(\d+)\.", k))
+               and int(m.group(1)) >= model.depth]
     backbone = {k.removeprefix("backbone."): v for k, v in ours.items() if k.startswith("backbone.") and k not in dropped}
     report = load_pretrained(model.backbone, backbone, strict_shapes)
     report.layout, report.dropped = layout, report.dropped + dropped
@@ -335,7 +340,7 @@ def convert_segmenter(src: str | os.PathLike, dst: str | os.PathLike, to: str,
     if to not in ("official", "hf"):
         raise ValueError(f"a segmenter converts to 'official' (mmseg ADE20K layout) or 'hf', not '{to}'")
     ours = seg_to_ours(sd, layout)
-    if layout == "hf" and hf_cfg is not None:  # drop HF layers past the last used block (export padding)
+    if layout == "hf" and hf_cfg is not None:  # drop the identity layers an export appended
         ours = {k: v for k, v in ours.items()
-                if not ((m := re.match(r"backbone\.blocks\.(\d+)\.", k)) and int(m.group(1)) > arch["out_indices"][-1])}
+                if not ((m := re.match(r"backbone\.blocks\.(\d+)\.", k)) and int(m.group(1)) >= arch["depth"])}
     return layout, save_segmenter_as(ours, dst, "mmseg" if to == "official" else "hf", arch or None)
