@@ -20,7 +20,7 @@ from beit.convert.segmentation import (
     save_segmenter_as,
     segmenter_from_hf,
 )
-from beit.convert import to_official
+from beit.convert import load_pretrained, to_official
 from beit.models import create_model
 from beit.models.segmentation import BeitSegmenter, create_segmenter, load_pretrained_backbone, upsample_logits
 
@@ -175,10 +175,15 @@ def test_hf_folder_in_exact_logits(tmp_path, caplog):
 @pytest.mark.parametrize("out_indices", [(0, 2, 3, 5), (1, 2, 3, 4)])
 def test_to_hf_with_cli_round_trip_exact(tmp_path, out_indices):
     ours = randomize_(BeitSegmenter(**TINY, out_indices=out_indices), seed=2)
-    torch.save({"model": ours.state_dict()}, tmp_path / "seg.pth")
+    if out_indices[-1] == 5:  # a bare state dict: the indices come from the command line
+        torch.save({"model": ours.state_dict()}, tmp_path / "seg.pth")
+        extra = ["--out-indices", ",".join(map(str, out_indices))]
+    else:  # a training checkpoint: from the model config it carries
+        config = {"model": {"name": "beit_base_patch16_512_upernet", "out_indices": list(out_indices), "depth": 6}}
+        torch.save({"model": ours.state_dict(), "config": config, "step": 5}, tmp_path / "seg.pth")
+        extra = []
     with pytest.raises(SystemExit) as exit_:
-        cli_main(["convert", str(tmp_path / "seg.pth"), str(tmp_path / "hf"), "--to", "hf",
-                  "--out-indices", ",".join(map(str, out_indices))])
+        cli_main(["convert", str(tmp_path / "seg.pth"), str(tmp_path / "hf"), "--to", "hf", *extra])
     assert exit_.value.code == 0
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["architectures"] == ["BeitForSemanticSegmentation"] and cfg["layer_norm_eps"] == 1e-6
@@ -195,6 +200,10 @@ def test_to_hf_with_cli_round_trip_exact(tmp_path, out_indices):
     back = segmenter_from_hf(tmp_path / "hf")
     assert back.out_indices == list(out_indices)
     assert_same_tensors(back.state_dict(), ours.state_dict())
+    # the generic loader takes a segmenter too
+    again = BeitSegmenter(**TINY, out_indices=out_indices)
+    assert load_pretrained(again, tmp_path / "seg.pth").layout == "ours"
+    assert_same_tensors(again.state_dict(), ours.state_dict())
 
 
 def test_to_hf_refuses_what_hf_cannot_express(tmp_path):
