@@ -15,9 +15,10 @@ and `hidden_states[k]` the output of block k − 1 (0-based). So HF index `i` re
 block (official base: 11) is out of reach (`i` must be a valid stage index ≤ num_hidden_layers). To export
 it exactly we append one all-zero layer (an exact identity: zero LayerScale / zero projections), so block
 11 is `hidden_states[12]`, i.e. HF index 13; config.json records it as `beit_identity_layers` (transformers
-keeps unknown fields and ignores them) and the reader drops it again. HF's own converter copies the official indices verbatim, so the hub ADE20K models read
-blocks [1, 3, 5, 9] (base) / [5, 9, 13, 21] (large); `segmenter_kwargs_from_hf_config` reproduces HF's
-behaviour exactly (that is what parity means) and says so in a warning.
+keeps unknown fields and ignores them) and the reader drops it again. HF's own converter copies the
+official indices verbatim, so the hub ADE20K models read blocks [1, 3, 5, 9] (base) / [5, 9, 13, 21]
+(large); `segmenter_kwargs_from_hf_config` reproduces HF's behaviour exactly (that is what parity means) and
+says so in a warning.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ HF5_TO_HUB_SEG: list[tuple[str, str]] = [
     (rf"fpn\.fpn1\.normalization\.{_BN}", r"fpn1.1.\1"),
     (r"fpn\.fpn1\.conv_transpose2\.(weight|bias)", r"fpn1.3.\1"),
     (r"fpn\.fpn2\.(weight|bias)", r"fpn2.0.\1"),
-    (r"decode_head\.psp_modules\.blocks\.(\d+)\.conv\.convolution\.weight", r"decode_head.psp_modules.\1.1.conv.weight"),
+    (r"decode_head\.psp_modules\.blocks\.(\d+)\.conv\.convolution\.weight",
+     r"decode_head.psp_modules.\1.1.conv.weight"),
     (rf"decode_head\.psp_modules\.blocks\.(\d+)\.conv\.normalization\.{_BN}", r"decode_head.psp_modules.\1.1.bn.\2"),
     (r"decode_head\.psp_bottleneck\.convolution\.weight", r"decode_head.bottleneck.conv.weight"),
     (rf"decode_head\.psp_bottleneck\.normalization\.{_BN}", r"decode_head.bottleneck.bn.\1"),
@@ -170,7 +172,8 @@ def segmenter_kwargs_from_hf_config(cfg: Mapping) -> dict:
         use_shared_rel_pos_bias=cfg.get("use_shared_relative_position_bias", False),
         drop_path_rate=cfg.get("drop_path_rate", 0.1),
         num_classes=len(cfg["id2label"]) if cfg.get("id2label") else cfg.get("num_labels", 2),
-        out_indices=blocks, channels=cfg.get("hidden_size", 768), pool_scales=tuple(cfg.get("pool_scales", (1, 2, 3, 6))),
+        out_indices=blocks, channels=cfg.get("hidden_size", 768),
+        pool_scales=tuple(cfg.get("pool_scales", (1, 2, 3, 6))),
         use_aux_head=cfg.get("use_auxiliary_head", True), aux_channels=cfg.get("auxiliary_channels", 256),
         aux_num_convs=cfg.get("auxiliary_num_convs", 1), aux_weight=cfg.get("auxiliary_loss_weight", 0.4),
     )
@@ -277,7 +280,8 @@ def load_segmenter(model, path_or_sd, strict_shapes: bool = True):
     # HF blocks past the model's depth (the identity layers of an export) cannot change the logits.
     dropped = [k for k in ours if layout == "hf" and (m := re.match(r"backbone\.blocks\.(\d+)\.", k))
                and int(m.group(1)) >= model.depth]
-    backbone = {k.removeprefix("backbone."): v for k, v in ours.items() if k.startswith("backbone.") and k not in dropped}
+    backbone = {k.removeprefix("backbone."): v for k, v in ours.items()
+                if k.startswith("backbone.") and k not in dropped}
     report = load_pretrained(model.backbone, backbone, strict_shapes)
     report.layout, report.dropped = layout, report.dropped + dropped
 

@@ -1,6 +1,6 @@
 """BEiT + UperNet semantic segmentation, as in the paper's ADE20K experiment.
 
-image ─► BEiT blocks (per-layer rel-pos bias) ─► tokens of 4 blocks (`out_indices`, 0-based) as maps on the patch grid
+image ─► BEiT blocks (per-layer rel-pos bias) ─► tokens of 4 blocks (`out_indices`, 0-based) as patch-grid maps
       ─► neck: maps at strides 4, 8, 16, 32 (transposed convs / identity / max-pool)
       ─► UperNet decode head (PPM on the coarsest map + FPN)   ─► logits at stride 4      [B, K, H/4, W/4]
       ─► FCN auxiliary head on the stride-16 map (training only) ─► aux logits at stride 16 [B, K, H/16, W/16]
@@ -45,8 +45,9 @@ class ConvModule(nn.Module):
 class FeaturePyramid(nn.Module):
     """Patch-grid maps [B, D, H/p, W/p] -> maps at strides 4, 8, 16, 32 of the image.
 
-    Official: patch 16 -> fpn1 = ConvT·BN·GELU·ConvT (×4), fpn2 = ConvT (×2), fpn3 = identity, fpn4 = max-pool (÷2);
-    patch 8 -> ConvT (×2), identity, ÷2, ÷4. Patch 4 (our small preset) continues the pattern: identity, ÷2, ÷4, ÷8.
+    Official: patch 16 -> fpn1 = ConvT·BN·GELU·ConvT (×4), fpn2 = ConvT (×2), fpn3 = identity,
+    fpn4 = max-pool (÷2); patch 8 -> ConvT (×2), identity, ÷2, ÷4. Patch 4 (our small preset) continues the
+    pattern: identity, ÷2, ÷4, ÷8.
     """
 
     def __init__(self, dim: int, patch_size: int):
