@@ -47,8 +47,10 @@ _UPERNET = dict(pool_scales=(1, 2, 3, 6), use_aux_head=True, aux_channels=256, a
 SEG_PRESETS: dict[str, dict] = {
     "beit_base_patch16_512_upernet": {**_BASE, **_SEG_BACKBONE, **_UPERNET, "img_size": 512, "num_classes": 150,
                                       "drop_path_rate": 0.1, "out_indices": (3, 5, 7, 11), "channels": 768},
+    # (LayerScale init 1e-6 in the large ADE20K config; it only matters without a pretrained backbone.)
     "beit_large_patch16_640_upernet": {**_LARGE, **_SEG_BACKBONE, **_UPERNET, "img_size": 640, "num_classes": 150,
-                                       "drop_path_rate": 0.2, "out_indices": (7, 11, 15, 23), "channels": 1024},
+                                       "init_values": 1e-6, "drop_path_rate": 0.2, "out_indices": (7, 11, 15, 23),
+                                       "channels": 1024},
     # fmnist_scenes: 64 px single-channel canvases, background + 10 garments. The Fashion-MNIST backbone
     # (32 px pretraining, 8x8 grid) at 64 px: 16x16 grid, rel-pos tables resized on load. Patch 4 puts the
     # grid at stride 4 already, so the neck only pools; small head channels keep CPU training feasible.
