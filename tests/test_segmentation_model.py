@@ -263,3 +263,15 @@ def test_official_mmseg_layout_in_and_out(tmp_path):
     written = torch.load(tmp_path / "back.pth", weights_only=True)["state_dict"]
     want = {k: v for k, v in official.items() if not k.endswith("relative_position_index")}
     assert_same_tensors(written, want)
+
+
+def test_base_ade20k_preset_hf_config():
+    """The official base ADE20K preset as an HF config: HF indices block + 2, one identity layer for block 11."""
+    from beit.convert.segmentation import hf_seg_config
+
+    model = create_segmenter("beit_base_patch16_512_upernet")
+    assert (model.out_indices, model.channels, model.num_classes, model.img_size) == ([3, 5, 7, 11], 768, 150, 512)
+    cfg = hf_seg_config(model.state_dict(), {"out_indices": model.out_indices})
+    assert cfg["out_indices"] == [5, 7, 9, 13] and cfg["num_hidden_layers"] == 13
+    assert cfg["beit_identity_layers"] == 1 and cfg["image_size"] == 512 and cfg["auxiliary_channels"] == 256
+    assert transformers.BeitConfig(**cfg).out_indices == [5, 7, 9, 13]  # HF accepts it
