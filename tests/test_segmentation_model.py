@@ -275,3 +275,22 @@ def test_base_ade20k_preset_hf_config():
     assert cfg["out_indices"] == [5, 7, 9, 13] and cfg["num_hidden_layers"] == 13
     assert cfg["beit_identity_layers"] == 1 and cfg["image_size"] == 512 and cfg["auxiliary_channels"] == 256
     assert transformers.BeitConfig(**cfg).out_indices == [5, 7, 9, 13]  # HF accepts it
+
+
+def test_mmseg1_layout_in():
+    """mmsegmentation 1.x's BEiT port: OpenMMLab backbone names and a Feature2Pyramid neck."""
+    from beit.convert import from_official
+
+    ours = randomize_(BeitSegmenter(**TINY, out_indices=(1, 2, 3, 5)), seed=4)
+    sd = ours.state_dict()
+    mm = from_official({k[9:]: v for k, v in sd.items() if k.startswith("backbone.")}, "mmpretrain")
+    assert "backbone.layers.0.ffn.layers.0.0.weight" in mm
+    for k, v in sd.items():
+        if not k.startswith("backbone."):
+            k = k.replace("neck.fpn1.", "neck.upsample_4x.").replace("neck.fpn2.", "neck.upsample_2x.")
+            mm[k] = v
+    assert "neck.upsample_4x.1.running_var" in mm and "neck.upsample_2x.0.weight" in mm
+    fresh = BeitSegmenter(**TINY, out_indices=(1, 2, 3, 5))
+    report = load_pretrained_backbone(fresh, {"state_dict": mm, "meta": {}})
+    assert report.layout == "mmseg1" and not report.missing and not report.unexpected
+    assert_same_tensors(fresh.state_dict(), sd)

@@ -5,6 +5,7 @@ Three layouts, each a whole-model state dict:
   module names (`conv`, `bn`, `psp_modules.i.1`, `bottleneck`, `conv_seg`, …; see beit/models/segmentation.py).
 * mmseg: the official ADE20K files (unilm `beit/semantic_segmentation`, mmseg 0.x): identical except that the
   neck lives in the backbone (`backbone.fpn1.*`).
+* mmseg1: mmsegmentation 1.x's port (OpenMMLab backbone names, `neck.upsample_4x` …); read only.
 * hf: the hub layout of `BeitForSemanticSegmentation` (what `save_pretrained` writes): backbone under `beit.`
   (renamed by beit/convert/layouts.py), neck `fpn1.*`/`fpn2.*`, classifiers `classifier` instead of `conv_seg`.
   transformers ≥ 5 in-memory names (`fpn.fpn1.conv_transpose1`, `psp_bottleneck`, `convolution`, …) are read too.
@@ -36,12 +37,19 @@ from beit.convert.layouts import from_official, rename, to_official, unwrap_stat
 
 log = logging.getLogger(__name__)
 
-SEG_LAYOUTS = ("ours", "mmseg", "hf")
+SEG_LAYOUTS = ("ours", "mmseg", "mmseg1", "hf")
 
 # ------------------------------------------------------------------------------------------------ key maps
 # Only the non-backbone keys; the backbone goes through beit/convert/layouts.py.
 OURS_TO_MMSEG: list[tuple[str, str]] = [(r"neck\.(fpn\d\..+)", r"backbone.\1")]
 MMSEG_TO_OURS: list[tuple[str, str]] = [(r"backbone\.(fpn\d\..+)", r"neck.\1")]
+# mmsegmentation 1.x's own port (`configs/beit`, converted by its tools/model_converters/beit2mmseg.py): the
+# backbone has OpenMMLab names (`backbone.layers.i.ln1`, `ffn.layers.0.0`, as mmpretrain) and the neck is a
+# `Feature2Pyramid`. Read only.
+MMSEG1_NECK_TO_OURS: list[tuple[str, str]] = [
+    (r"neck\.upsample_4x\.(0|1|3)\.(.+)", r"neck.fpn1.\1.\2"),
+    (r"neck\.upsample_2x\.0\.(.+)", r"neck.fpn2.0.\1"),
+]
 OURS_TO_HF: list[tuple[str, str]] = [
     (r"neck\.(fpn\d\..+)", r"\1"),
     (r"(decode_head|auxiliary_head)\.conv_seg\.(weight|bias)", r"\1.classifier.\2"),
@@ -77,13 +85,15 @@ def _num_blocks(sd: Mapping[str, torch.Tensor]) -> int:
 
 # ------------------------------------------------------------------------------------------------ layouts
 def detect_seg_layout(sd: Mapping[str, torch.Tensor]) -> str | None:
-    """'ours', 'mmseg' or 'hf' for a whole-segmenter state dict; None when it has no decode head (a backbone)."""
+    """'ours', 'mmseg', 'mmseg1' or 'hf' for a whole-segmenter state dict; None when it has no decode head (a backbone)."""
     if not any(k.startswith("decode_head.") for k in sd):
         return None
     if any(k.startswith("beit.") for k in sd):
         return "hf"
     if any(k.startswith("backbone.fpn") for k in sd):
         return "mmseg"
+    if any(k.startswith("backbone.layers.") for k in sd):
+        return "mmseg1"
     return "ours"  # (a neck without weights, e.g. patch 4, makes ours and mmseg the same)
 
 
@@ -94,6 +104,10 @@ def seg_to_ours(sd: Mapping[str, torch.Tensor], layout: str | None = None) -> di
         return dict(sd)
     if layout == "mmseg":
         return rename(sd, MMSEG_TO_OURS)
+    if layout == "mmseg1":
+        backbone = to_official({k: v for k, v in sd.items() if k.startswith("backbone.")}, "mmpretrain")
+        head = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
+        return {**{f"backbone.{k}": v for k, v in backbone.items()}, **rename(head, MMSEG1_NECK_TO_OURS)}
     if layout == "hf":
         head = {k: v for k, v in sd.items() if not k.startswith("beit.")}
         backbone = to_official({k: v for k, v in sd.items() if k.startswith("beit.")}, "hf")

@@ -221,7 +221,8 @@ def load_pretrained_backbone(model: BeitSegmenter, path_or_sd):
     OpenMMLab; a run directory uses its newest checkpoint) goes into `.backbone` with the fine-tuning
     surgery: a shared rel-pos table is cloned into every layer, tables and abs pos_embed are resized to the
     new grid, lm_head / mask_token / norm are left out (reported as unexpected). A whole-segmenter checkpoint
-    (ours, the official mmseg ADE20K layout, an HF `BeitForSemanticSegmentation` folder) loads everything; a
+    (ours, the official mmseg 0.x ADE20K layout, mmsegmentation 1.x's port, an HF `BeitForSemanticSegmentation`
+    folder or state dict) loads everything; a
     classifier (`conv_seg`) of another class count is dropped and stays freshly initialised.
     """
     from beit.convert.segmentation import load_segmenter
