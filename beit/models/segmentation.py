@@ -147,13 +147,12 @@ class BeitSegmenter(nn.Module):
     def _init_head_weights(self):
         # mmcv defaults: kaiming-normal (fan_out, relu) convs in ConvModule; normal(0, 0.01) classifiers;
         # ConvTranspose2d keeps PyTorch's default (the official backbone does not re-initialise it).
-        for head in (self.decode_head, self.auxiliary_head):
-            for m in head.modules() if head is not None else ():
+        for head in filter(None, (self.decode_head, self.auxiliary_head)):
+            for m in head.modules():
                 if isinstance(m, ConvModule):
                     nn.init.kaiming_normal_(m.conv.weight, mode="fan_out", nonlinearity="relu")
-            if head is not None:
-                nn.init.normal_(head.conv_seg.weight, std=0.01)
-                nn.init.zeros_(head.conv_seg.bias)
+            nn.init.normal_(head.conv_seg.weight, std=0.01)
+            nn.init.zeros_(head.conv_seg.bias)
 
     # ---------------------------------------------------------------- interface for the trainer
     @property
