@@ -190,7 +190,8 @@ def test_fmnist_scenes_are_deterministic_and_labels_follow_the_pixels():
             # A pixel is labelled exactly where some garment's own pixel was bright enough and drawn.
             assert np.array_equal(mask > 0, pixels > FashionScenes.threshold)
             counts += np.bincount(mask.ravel(), minlength=11)
-    assert np.array_equal(np.asarray(train.load_pair(7)[0]), np.asarray(FashionScenes(None, "train", 50).load_pair(7)[0]))
+    again = FashionScenes(None, "train", 50)
+    assert np.array_equal(np.asarray(train.load_pair(7)[0]), np.asarray(again.load_pair(7)[0]))
     assert (counts[1:] > 0).sum() >= 9  # the garments of many classes appear
     # Train scenes draw only training images: every garment pixel is a resized training image pixel, so a
     # scene built from test images only would differ; check the split ids feed the generator.
@@ -254,7 +255,8 @@ def test_ade20k_layout_reduces_the_zero_label(tmp_path):
         (tmp_path / "images" / sub).mkdir(parents=True)
         (tmp_path / "annotations" / sub).mkdir(parents=True)
         Image.new("RGB", (4, 2)).save(tmp_path / "images" / sub / "x.jpg")
-        Image.fromarray(np.array([[0, 1, 2, 150], [150, 0, 1, 1]], np.uint8)).save(tmp_path / "annotations" / sub / "x.png")
+        labels = np.array([[0, 1, 2, 150], [150, 0, 1, 1]], np.uint8)
+        Image.fromarray(labels).save(tmp_path / "annotations" / sub / "x.png")
     cfg = load_config("configs/segment/beit_base_p16_ade20k_upernet.yaml", [f"data.root={tmp_path}"])
     ds = build_seg_dataset(cfg, "test")
     assert len(ds.classes) == 150 and ds.classes[:3] == ["wall", "building", "sky"]
