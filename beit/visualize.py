@@ -23,19 +23,15 @@ from beit.config import Config, ConfigError, load_config
 
 @torch.no_grad()
 def prediction_grid(cfg: Config, out: Path, num: int = 8, seed: int = 0) -> dict:
-    from beit.data import MIMDataset, build_dataset, build_mask_generator, build_two_view_transform
-    from beit.tokenizers import create_tokenizer
-    from beit.train.evaluate import build_model
+    from beit.builders import build_mim_dataset, build_model, build_tokenizer  # lazy: `beit --help` stays light
 
-    tokenizer = create_tokenizer(cfg.tokenizer.name, weights=cfg.tokenizer.weights)
+    tokenizer = build_tokenizer(cfg)
     if getattr(tokenizer, "decoder", None) is None:
         raise ConfigError(f"tokenizer '{cfg.tokenizer.name}' has no decoder, so predictions cannot be drawn")
     model = build_model(cfg, need_pretrained=True).eval()
     if model.lm_head is None:
         raise ConfigError(f"model {cfg.model.name} has no lm_head: use the pretraining preset and checkpoint")
-    base = build_dataset(cfg.data, "test")
-    data = MIMDataset(base, build_two_view_transform(cfg.data, cfg.tokenizer.image_size),
-                      build_mask_generator(cfg.data, model.grid), seed=seed)
+    data = build_mim_dataset(cfg, model.grid, split="test", seed=seed)
     items = [data[i] for i in np.random.default_rng(seed).choice(len(data), num, replace=False)]
     image = torch.stack([it["image"] for it in items])  # [n, C, H, W] normalised
     tok_image = torch.stack([it["tok_image"] for it in items])  # [n, C, h, w] in [0, 1]

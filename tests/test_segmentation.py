@@ -336,8 +336,8 @@ def test_segment_trains_evaluates_resumes_and_draws(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ reproduce
 def test_scenes_driver_plans_a_controlled_pair_and_skips_finished_stages(tmp_path, monkeypatch):
-    import beit.reproduce as rep
-    import beit.reproduce_scenes as rs
+    import beit.experiments.fashion_mnist as rep
+    import beit.experiments.fmnist_scenes as rs
 
     stages = rs.plan_scenes(tmp_path, "full")
     assert [s.name for s in stages] == ["pretrain", "segment_pretrained", "segment_scratch"]
@@ -346,7 +346,7 @@ def test_scenes_driver_plans_a_controlled_pair_and_skips_finished_stages(tmp_pat
     strip = lambda s: [o for o in s.overrides if not o.startswith(("model.pretrained=", "train.run_name="))]  # noqa
     assert strip(pre) == strip(scratch)
     for s in stages:
-        assert load_config(s.config, s.overrides).train.run_name == rep._run_name(s)
+        assert load_config(s.config, s.overrides).train.run_name == s.name
     given = rs.plan_scenes(tmp_path, "smoke", pretrained="runs/x")
     assert [s.name for s in given] == ["segment_pretrained", "segment_scratch"]
 

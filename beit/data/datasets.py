@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from .masking import MaskingGenerator
-from .transforms import TwoViewTransform, pil_mode
+from .transforms import TwoViewTransform, pil_mode, to_mode
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class BadSample(NamedTuple):
 # Fashion-MNIST
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally .gz): uint8 data with big-endian int32 dims after a 4-byte magic."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -87,7 +87,7 @@ def load_fashion_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.nda
         )
     key = (str(img_path), str(lbl_path))
     if key not in _FMNIST_CACHE:
-        images, labels = _read_idx(img_path), _read_idx(lbl_path).astype(np.int64)
+        images, labels = read_idx(img_path), read_idx(lbl_path).astype(np.int64)
         if images.ndim != 3 or len(images) != len(labels):
             raise ValueError(f"{img_path} / {lbl_path}: {images.shape} images vs {labels.shape} labels")
         _FMNIST_CACHE[key] = (images, labels)
@@ -104,8 +104,7 @@ class ArrayImageDataset(Dataset):
         return len(self.images)
 
     def load_image(self, i: int) -> Image.Image:
-        img = Image.fromarray(self.images[i])
-        return img if img.mode == self.mode else img.convert(self.mode)
+        return to_mode(Image.fromarray(self.images[i]), self.mode)
 
     def __getitem__(self, i: int):
         img = self.load_image(i)
@@ -184,8 +183,7 @@ class _TorchvisionDataset(Dataset):
         return len(self.base)
 
     def load_image(self, i: int) -> Image.Image:
-        img = self.base[i][0]
-        return img if img.mode == self.mode else img.convert(self.mode)
+        return to_mode(self.base[i][0], self.mode)
 
     def __getitem__(self, i: int):
         img = self.load_image(i)

@@ -261,18 +261,14 @@ def run_segment(cfg: Config, resume: bool = False, overwrite: bool = False) -> P
 def run_seg_eval(cfg: Config, overwrite: bool = False) -> Path:
     """`beit eval` of a segmentation checkpoint: results.json (mIoU, mAcc, aAcc, per-class IoU / accuracy)."""
     from beit.data.segmentation import build_seg_dataset
-    from beit.train import checkpoint as ckpt_io
     from beit.train.distributed import resolve_device
     from beit.train.evaluate import resolve_pretrained, write_results
-    from beit.train.runner import run_dir_of, setup_logging
+    from beit.train.runner import open_run_dir
 
     device = resolve_device(cfg.train.device)
     test = build_seg_dataset(cfg, "test")
     model = build_segmenter(cfg, len(test.classes), load="all").to(device)  # fails before any run directory
-    run_dir = run_dir_of(cfg)
-    ckpt_io.prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
-    setup_logging(run_dir, True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    run_dir = open_run_dir(cfg, overwrite=overwrite)
     metrics, _ = evaluate_segmenter(model, build_eval_loader(cfg, test), cfg, device, list(test.classes))
     write_results(run_dir, {"checkpoint": resolve_pretrained(cfg.model.pretrained), "split": "test",
                             "num_images": len(test), "eval_mode": cfg.seg.eval_mode, **metrics})

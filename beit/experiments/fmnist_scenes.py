@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from beit.reproduce import CONFIGS, WALL_TIME, Stage, _read_wall, _run_name, run_stage
+from beit.experiments.fashion_mnist import CONFIGS, WALL_TIME, Stage, _read_wall, run_stage
 
 log = logging.getLogger("beit")
 
@@ -43,19 +43,19 @@ def plan_scenes(out: Path, variant: str, pretrained: str | None = None) -> list[
         name = f"segment_{init}"
         stages.append(Stage(name, "segment", CONFIGS / "segment" / "fmnist_scenes.yaml", common + [
             f"model.pretrained={pretrained if init == 'pretrained' else 'null'}", f"train.run_name={name}"]
-            + v["segment"], done_file="results.json"))
+            + v["segment"], done_file="results.json", init=init))
     return stages
 
 
 def collect_scenes(out: Path, stages: list[Stage], wall: dict[str, float]) -> dict:
     results = {"runs": {}, "stage_wall_time_s": wall, "pending_stages": []}
     for s in stages:
-        path = out / _run_name(s) / s.done_file
+        path = out / s.name / s.done_file
         if not path.exists():
             results["pending_stages"].append(s.name)
         elif s.command == "segment":
             r = json.loads(path.read_text())
-            results["runs"][s.name.removeprefix("segment_")] = {
+            results["runs"][s.init] = {
                 k: r.get(k) for k in ("mIoU", "mAcc", "aAcc", "best_mIoU", "steps", "per_class_iou", "pretrained")}
     runs = results["runs"]
     if all(i in runs for i in INITS):
@@ -114,13 +114,13 @@ def _draw_predictions(out: Path, stages: list[Stage], num: int = 6):
     from beit.config import load_config
     from beit.visualize import save_segmentation_grid, segmentation_columns
 
-    seg = {s.name.removeprefix("segment_"): s for s in stages if s.command == "segment"}
-    if not all((out / _run_name(seg[i]) / seg[i].done_file).exists() for i in INITS):
+    seg = {s.init: s for s in stages if s.command == "segment"}
+    if not all((out / seg[i].name / seg[i].done_file).exists() for i in INITS):
         return
     cols = {}
     for init in INITS:
         s = seg[init]
-        cfg = load_config(s.config, s.overrides + [f"model.pretrained={out / _run_name(s)}"])
+        cfg = load_config(s.config, s.overrides + [f"model.pretrained={out / s.name}"])
         cols.update(segmentation_columns(cfg, num, label=init))
     save_segmentation_grid(cols, out / "predictions.png")
 
