@@ -24,7 +24,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from beit.builders import resolve_pretrained
 from beit.config import Config, ConfigError
+from beit.convert import read_checkpoint
+from beit.data import collate_skip_bad
+from beit.data.segmentation import build_seg_dataset
+from beit.models.segmentation import create_segmenter, load_pretrained_backbone, upsample_logits
+from beit.train.distributed import resolve_device
+from beit.train.evaluate import amp_context, is_main_process, read_summary, write_results
+from beit.train.loop import Task
+from beit.train.runner import launch, open_run_dir
 
 log = logging.getLogger("beit")
 
@@ -62,8 +71,6 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
 def slide_logits(model: nn.Module, images: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
     """[B, C, H, W] -> averaged logits [B, K, H, W] from crop x crop windows every `stride` pixels. A window
     that overhangs a small image is padded with 0 and its logits cut back."""
-    from beit.models.segmentation import upsample_logits
-
     b, _, h, w = images.shape
     total, count = None, images.new_zeros(1, 1, h, w)
     for y in window_starts(h, crop, stride):
@@ -81,8 +88,6 @@ def slide_logits(model: nn.Module, images: torch.Tensor, crop: int, stride: int)
 
 def whole_logits(model: nn.Module, images: torch.Tensor, crop: int) -> torch.Tensor:
     """[B, C, H, W] -> logits [B, K, H, W]: the whole image resized to the model's crop x crop input."""
-    from beit.models.segmentation import upsample_logits
-
     h, w = images.shape[-2:]
     x = images if (h, w) == (crop, crop) else F.interpolate(images, (crop, crop), mode="bilinear", align_corners=False)
     return upsample_logits(model(x), (h, w)).float()
@@ -105,8 +110,6 @@ def eval_stride(cfg: Config) -> int:
 def evaluate_segmenter(model: nn.Module, loader: DataLoader, cfg: Config, device: torch.device,
                        names: list[str], keep: int = 0) -> tuple[dict, list]:
     """Metrics over `loader`; also returns the first `keep` (image, mask, prediction) triples for drawing."""
-    from beit.train.evaluate import amp_context
-
     infer, k, kept = seg_infer(cfg), len(names), []
     totals = torch.zeros(4, k, dtype=torch.float64)
     model.eval()
@@ -129,9 +132,6 @@ def evaluate_segmenter(model: nn.Module, loader: DataLoader, cfg: Config, device
 def build_segmenter(cfg: Config, num_classes: int, load: str = "backbone") -> nn.Module:
     """`create_segmenter(model.name, **overrides)` checked against data and seg config. load="backbone": the
     backbone from `model.pretrained` (null = scratch); load="all": the whole segmenter from a `beit segment` run."""
-    from beit.models.segmentation import create_segmenter, load_pretrained_backbone
-    from beit.train.evaluate import resolve_pretrained
-
     model = create_segmenter(cfg.model.name, **cfg.model.overrides())
     check_seg_config(cfg, model, num_classes)
     path = resolve_pretrained(cfg.model.pretrained)
@@ -172,8 +172,6 @@ def check_seg_config(cfg: Config, model: nn.Module, num_classes: int) -> None:
 
 
 def load_segmenter_weights(model: nn.Module, path: str) -> None:
-    from beit.convert import read_checkpoint
-
     state = read_checkpoint(path)
     state = state.get("model", state) if isinstance(state, dict) else state
     want = model.state_dict()
@@ -185,9 +183,6 @@ def load_segmenter_weights(model: nn.Module, path: str) -> None:
 
 
 def build_eval_loader(cfg: Config, dataset=None) -> DataLoader:
-    from beit.data import collate_skip_bad
-    from beit.data.segmentation import build_seg_dataset
-
     dataset = dataset if dataset is not None else build_seg_dataset(cfg, "test")
     return DataLoader(dataset, batch_size=cfg.seg.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers,
                       collate_fn=collate_skip_bad)
@@ -205,8 +200,6 @@ def _train_forward(model: nn.Module):
 
 
 def make_seg_step(ignore_index: int) -> Callable[[nn.Module, tuple], dict]:
-    from beit.models.segmentation import upsample_logits
-
     def seg_step(model, batch):
         x, y = batch  # [B, C, S, S], [B, S, S]
         with _train_forward(model) as m:
@@ -224,10 +217,6 @@ def make_seg_step(ignore_index: int) -> Callable[[nn.Module, tuple], dict]:
 
 
 def build_segment_task(cfg: Config, device: torch.device):
-    from beit.data import collate_skip_bad
-    from beit.data.segmentation import build_seg_dataset
-    from beit.train.loop import Task
-
     # Data and config errors first: they are cheap to find, a large checkpoint is not cheap to load.
     train = build_seg_dataset(cfg, "train")
     test = build_seg_dataset(cfg, "test")
@@ -245,9 +234,6 @@ def build_segment_task(cfg: Config, device: torch.device):
 
 
 def run_segment(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
-    from beit.train.evaluate import is_main_process, read_summary, write_results
-    from beit.train.runner import launch
-
     run_dir = launch(cfg, build_segment_task, resume=resume, overwrite=overwrite)
     if is_main_process():
         summary = read_summary(run_dir)
@@ -260,11 +246,6 @@ def run_segment(cfg: Config, resume: bool = False, overwrite: bool = False) -> P
 # ------------------------------------------------------------------------------------------------ beit eval
 def run_seg_eval(cfg: Config, overwrite: bool = False) -> Path:
     """`beit eval` of a segmentation checkpoint: results.json (mIoU, mAcc, aAcc, per-class IoU / accuracy)."""
-    from beit.data.segmentation import build_seg_dataset
-    from beit.train.distributed import resolve_device
-    from beit.train.evaluate import resolve_pretrained, write_results
-    from beit.train.runner import open_run_dir
-
     device = resolve_device(cfg.train.device)
     test = build_seg_dataset(cfg, "test")
     model = build_segmenter(cfg, len(test.classes), load="all").to(device)  # fails before any run directory
