@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -75,11 +75,14 @@ class TokenizerConfig(_Section):
     final_steps: int = Field(150, ge=0)  # decoder-only steps after the final revival (at most 1/5 of the run)
 
 
+DATASETS = ("fashion_mnist", "mnist", "image_folder", "cifar10", "cifar100", "hf")  # beit/data: datasets.py, extra.py
+SEG_DATASETS = ("ade20k", "seg_folder", "fmnist_scenes")  # `beit segment`: beit/data/segmentation.py
+
+
 class DataConfig(_Section):
-    # Classification / pretraining: fashion_mnist, image_folder, cifar10, cifar100. Segmentation (`beit segment`):
-    # ade20k (ADEChallengeData2016), seg_folder (images/ + masks/), fmnist_scenes (generated from Fashion-MNIST).
-    dataset: Literal["fashion_mnist", "image_folder", "cifar10", "cifar100", "ade20k", "seg_folder",
-                     "fmnist_scenes"] = "image_folder"
+    # fashion_mnist | mnist | image_folder | cifar10 | cifar100 | hf (datasets on disk) | torchvision:<Class>;
+    # segmentation (`beit segment`): ade20k (ADEChallengeData2016) | seg_folder (images/ + masks/) | fmnist_scenes
+    dataset: str = "image_folder"
     root: str | None = None  # data directory; fashion_mnist defaults to the Debian package path
     img_size: int = Field(224, gt=0)  # patch view
     in_chans: Literal[1, 3] = 3
@@ -131,6 +134,15 @@ class DataConfig(_Section):
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ValueError(f"data.crop_ratio must satisfy 0 < min <= max, got {list(self.crop_ratio)}")
         return self
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v in DATASETS or v in SEG_DATASETS or (v.startswith("torchvision:") and len(v) > len("torchvision:")):
+            return v
+        raise ValueError(f"unknown dataset {v!r}; use one of {', '.join(DATASETS + SEG_DATASETS)} or "
+                         f"torchvision:<ClassName> "
+                         f"(e.g. torchvision:STL10)")
 
 
 class SegConfig(_Section):
@@ -189,6 +201,9 @@ class TrainConfig(_Section):
     compile: bool = False
     progress: bool = True
     probe_cache_features: bool = False  # linprobe: embed once with the eval transform (no augmentation)
+    # Written when fine-tuning / pretraining ends: <run>/<export_dir>/<format> (see `beit export`); [] = none.
+    export: list[Literal["hf", "timm"]] = ["hf", "timm"]
+    export_dir: str = "export"
 
 
 class DistConfig(_Section):

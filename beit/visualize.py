@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beit.config import Config, ConfigError, load_config
+from beit.config import SEG_DATASETS, Config, ConfigError
 
 
 @torch.no_grad()
@@ -118,18 +118,27 @@ def register(subparsers):
     p = subparsers.add_parser("predict", help="draw what a model predicts: masked tokens (pretraining) or "
                               "label maps (segmentation), as a PNG",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="the pretraining or segmentation config (model, tokenizer, data sections)")
+    p.add_argument("config", help="the pretraining or segmentation checkpoint (run directory, ckpt-*.pt, exported "
+                   "folder) or a config with model.pretrained")
     p.add_argument("overrides", nargs="*", help="e.g. model.pretrained=runs/fmnist")
     p.add_argument("--out", default="predictions.png")
     p.add_argument("--num", type=int, default=8)
+    p.add_argument("--attention", action="store_true",
+                   help="instead: per head, where the last block's [CLS] token attends (rel-pos bias included)")
 
     def run(a):
-        from beit.data.segmentation import SEG_DATASETS
+        from beit.hub import command_config
 
-        cfg = load_config(a.config, a.overrides)
+        cfg = command_config(a.config, a.overrides, "predict")
         if cfg.data.dataset in SEG_DATASETS:
             save_segmentation_grid(segmentation_columns(cfg, a.num), Path(a.out))
             print(f"wrote {a.out} (input | ground truth | prediction)")
+            return 0
+        if a.attention:
+            from beit.attention import attention_grid
+
+            res = attention_grid(cfg, Path(a.out), a.num)
+            print(f"wrote {res['png']} ({res['images']} images x {res['heads']} heads)")
             return 0
         res = prediction_grid(cfg, Path(a.out), a.num)
         print(f"wrote {res['png']} (masked-token accuracy on these samples: {res['masked_token_acc']:.1%})")

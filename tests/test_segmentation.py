@@ -329,6 +329,9 @@ def test_segment_trains_evaluates_resumes_and_draws(tmp_path, capsys):
           "train.run_name=ev"])
     ev = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert ev["mIoU"] == pytest.approx(res["mIoU"]) and ev["aAcc"] == pytest.approx(res["aAcc"])
+    main(["eval", str(tmp_path / "seg"), "seg.eval_batch_size=8"])  # the run itself: its stored config
+    ev2 = json.loads((tmp_path / "seg_eval" / "results.json").read_text())
+    assert ev2["mIoU"] == pytest.approx(res["mIoU"])
     assert _main(["predict", SCENES, *TINY[:-1], f"model.pretrained={tmp_path / 'seg'}",
                   "--out", str(tmp_path / "p.png"), "--num", "3"]) == 0
     assert (tmp_path / "p.png").stat().st_size > 0

@@ -32,14 +32,13 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 
-from beit.config import Config, ConfigError
+from beit.config import SEG_DATASETS, Config, ConfigError
 
 from .datasets import IMG_EXTENSIONS, BadSample, load_fashion_mnist
 from .transforms import _check_stats, pil_mode
 
 log = logging.getLogger(__name__)
 
-SEG_DATASETS = ("ade20k", "seg_folder", "fmnist_scenes")
 MASK_MODES = ("L", "P")  # 8-bit single-channel label maps
 ADE20K_CLASSES = (Path(__file__).resolve().parent.parent / "assets" / "ade20k_classes.txt").read_text().splitlines()
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",

@@ -11,7 +11,8 @@ from beit.models.vit import Beit
 
 def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit:
     """Build preset `name` with keyword overrides; `pretrained=PATH` loads a checkpoint of any supported
-    layout (ours, official/timm, HF, OpenMMLab), adapting rel-pos tables and position embeddings."""
+    layout (ours, official/timm, HF, OpenMMLab), adapting rel-pos tables and position embeddings, or names
+    a shipped model (`pretrained="fmnist"` for `beit_fmnist_patch4_32`, see `beit.hub.PRETRAINED_TAGS`)."""
     if name in SEG_PRESETS:
         raise KeyError(f"'{name}' is a segmentation preset: build it with create_segmenter('{name}')")
     if name not in PRESETS:
@@ -24,6 +25,12 @@ def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit:
     model = Beit(**kwargs)
     if pretrained:
         from beit.convert import load_pretrained
+        from beit.hub import PRETRAINED_TAGS, ZOO, resolve_path
+
+        if (name, pretrained) in PRETRAINED_TAGS:  # a shipped model, e.g. pretrained="fmnist"
+            pretrained = resolve_path(PRETRAINED_TAGS[name, pretrained])
+        elif str(pretrained) in ZOO:  # e.g. pretrained="fmnist-backbone"
+            pretrained = resolve_path(pretrained)
 
         load_pretrained(model, pretrained)
     return model
