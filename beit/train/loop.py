@@ -1,7 +1,7 @@
 """The one training loop, shared by pretraining, fine-tuning and linear probing.
 
 A `Task` says what differs (the model, a small step function, the data, an optional evaluation); the loop
-owns everything else: AdamW with per-group lr scales, the per-step cosine schedule, gradient accumulation,
+owns everything else: AdamW with per-group lr scales, the per-step cosine or poly schedule, gradient accumulation,
 AMP (bf16 autocast on CPU and GPU; fp16 + dynamic loss scaling on GPU), global-norm clipping, DDP,
 metrics, checkpoints and exact resume.
 """
@@ -105,7 +105,7 @@ class _Run:
     sampler: ResumableSampler
     global_batch: int
     steps_per_epoch: int
-    total_steps: int  # the schedule's length (train.epochs)
+    total_steps: int  # the schedule's length (train.steps, else train.epochs)
     stop_step: int  # where this run stops (train.max_steps may stop earlier)
     warmup: int
     eval_every: int
@@ -167,7 +167,7 @@ def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Ru
     sampler = ResumableSampler(len(task.dataset), shuffle=True, seed=cfg.train.seed,
                                rank=info.rank, world_size=info.world_size, drop_last=True)
     steps_per_epoch = steps_per_epoch_of(cfg, len(task.dataset), info.world_size)
-    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
+    total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     o = cfg.optim
     warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
@@ -223,7 +223,8 @@ def _train_one_step(run: _Run) -> float:
     amp, accum = cfg.train.amp, cfg.optim.accum_steps
     if run.data_iter is None or run.step % run.steps_per_epoch == 0:
         run.data_iter = _epoch_iterator(run)
-    lr = lr_at(run.step, cfg.optim.lr, cfg.optim.min_lr, run.warmup, run.total_steps)
+    lr = lr_at(run.step, cfg.optim.lr, cfg.optim.min_lr, run.warmup, run.total_steps, cfg.optim.schedule,
+               cfg.optim.poly_power)
     for g in run.optimizer.param_groups:
         g["lr"] = lr * g["lr_scale"]
     t0 = time.time()
