@@ -279,6 +279,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+# Keys that may differ between a run and its --resume (docs/reliability.md): cadence, length, where it runs.
+RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps", "train.log_every", "train.save_every_steps", "train.keep_last",
+                     "train.eval_every_epochs", "train.knn_every_epochs", "train.progress", "train.out_dir",
+                     "train.run_name", "data.num_workers")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_config(stored: dict, cfg: Config, source: str):
+    """--resume with a config that differs from the run's stored one (`source`) is an error naming the keys,
+    except RESUME_MAY_CHANGE."""
+    old, new = _flatten(config_from_dict(stored, source).to_dict()), _flatten(cfg.to_dict())
+    diff = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE]
+    if diff:
+        raise ConfigError(
+            f"--resume: the config differs from the run's ({source}) in " + ", ".join(
+                f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in diff)
+            + f". Resume with the run's values, or start a new run. Keys that may change on resume: "
+            + ", ".join(RESUME_MAY_CHANGE))
+
+
 def config_from_dict(d: dict[str, Any], source: str = "checkpoint config") -> Config:
     try:
         return Config.model_validate(d)

@@ -80,7 +80,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "global" in str(e):  # the pickle references a class/function: more than weights
+        if "Unsupported global" in str(e):  # the pickle references a class/function: more than weights
             raise ValueError(
                 f"{path}: weights_only loading failed because the file pickles Python objects besides "
                 f"tensors (e.g. argparse args or an optimizer); beit does not unpickle arbitrary objects "
@@ -88,9 +88,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                 f"torch.save(ckpt['model'], 'weights.pth') in a session you trust, or convert to "
                 f".safetensors. Detail: {str(e).strip().splitlines()[-3] if str(e).strip() else e}"
             ) from e
-        raise ValueError(f"cannot read checkpoint {path}: not a valid torch file (corrupt?): {e}") from e
-    except Exception as e:  # zip errors, truncation, EOF
-        raise ValueError(f"cannot read checkpoint {path} (corrupt or truncated?): {e}") from e
+        raise ValueError(f"cannot read checkpoint {path}: not a valid torch file, truncated or corrupt "
+                         f"({type(e).__name__}); re-create or re-copy it") from None
+    except Exception as e:  # zip errors, truncation, EOF; torch's own text advises unpickling, which is wrong here
+        raise ValueError(f"cannot read checkpoint {path}: truncated or corrupt ({type(e).__name__}); "
+                         f"re-create or re-copy it") from None
 
 
 def _read_sharded(index: Path) -> dict:
