@@ -91,6 +91,16 @@ def test_dataset_smaller_than_a_batch_fails_before_the_run_directory(tmp_path, c
     assert not any(tmp_path.iterdir())
 
 
+@needs_fmnist
+@pytest.mark.parametrize("override,says", [("model.vocab_size=256", "model vocab_size 256 != tokenizer vocab_size 512"),
+                                           ("data.img_size=28", "data.img_size 28 != model img_size 32")])
+def test_model_data_tokenizer_mismatch_fails_before_the_run_directory(tmp_path, capsys, override, says):
+    with pytest.raises(SystemExit):
+        main(["pretrain", CONFIG, override, f"train.out_dir={tmp_path}"])
+    assert says in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------------------------------------ 2. preemption
 @needs_fmnist
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
