@@ -257,8 +257,16 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or defaults when `path` is None), apply dotted overrides, validate."""
+# Defaults of one command where they differ from the section defaults (which follow pretraining), applied
+# under the file: official fine-tuning (unilm run_class_finetuning.py) clips nothing and warms up 5 epochs.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "finetune": {"optim": {"clip_grad": None, "warmup_epochs": 5}},
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, command: str | None = None) -> Config:
+    """Read a YAML config (or defaults when `path` is None), apply dotted overrides, validate. `command`
+    selects its COMMAND_DEFAULTS for keys the file and overrides leave out."""
     raw: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -269,7 +277,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    raw = _merge(raw, parse_overrides(overrides or []))
+    raw = _merge(_merge(COMMAND_DEFAULTS.get(command, {}), raw), parse_overrides(overrides or []))
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:

@@ -5,7 +5,7 @@ fine-tuning surgery, and write official / HF / OpenMMLab files.
     load_pretrained(model, path_or_sd) -> LoadReport
     save_checkpoint_as(sd, path, layout)          # official | hf | mmpretrain
 
-`load_pretrained` does, in the official order (unilm `run_class_finetuning.py`, see the reference §2.9):
+`load_pretrained` does, in the official order (unilm `run_class_finetuning.py`):
 unwrap `model`/`module`/`state_dict` and prefixes, drop `relative_position_index`, detect the layout and
 rename to official keys, drop a wrong-size `head` (re-initialised), clone a shared rel-pos table into
 every layer if the model uses per-layer tables, resize tables (geometric-grid cubic) and `pos_embed`

@@ -17,7 +17,8 @@ def add_train_command(sub, name: str, help: str, run):
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.epochs=2")
     p.add_argument("--resume", action="store_true", help="continue the run in its run directory, exactly")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
-    p.set_defaults(func=lambda a: run(load_config(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite))
+    p.set_defaults(func=lambda a: run(load_config(a.config, a.overrides, command=name), resume=a.resume,
+                                      overwrite=a.overwrite))
     return p
 
 
