@@ -162,6 +162,26 @@ def _shape_hint(key: str, ckpt: torch.Tensor, want: torch.Tensor, sd: Mapping, m
     return "wrong model configuration for this checkpoint?"
 
 
+def _resize_to_grid(sd: dict, model_sd: dict, grid: tuple[int, int], checkpoint_grid, report: LoadReport):
+    """Resize the checkpoint's rel-pos tables and abs pos_embed (in place) to the model's patch grid."""
+    for key in [k for k in sd if k.endswith("relative_position_bias_table")]:
+        want = model_sd.get(key)
+        if want is None or sd[key].shape == want.shape or sd[key].shape[1:] != want.shape[1:]:
+            continue  # absent (reported), equal, or a head-count mismatch (error below)
+        src = checkpoint_grid or grid_from_table_rows(sd[key].shape[0])
+        if src is None:
+            continue  # error below, with the hint to pass checkpoint_grid
+        sd[key] = resize_rel_pos_table(sd[key], grid, src)
+        report.resized.append(key)
+    if "pos_embed" in sd and "pos_embed" in model_sd:
+        want = model_sd["pos_embed"]
+        if sd["pos_embed"].shape != want.shape and sd["pos_embed"].shape[-1] == want.shape[-1]:
+            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, checkpoint_grid)
+            report.resized.append("pos_embed")
+    if report.resized:
+        log.info("resized to grid %s: %s", grid, ", ".join(report.resized))
+
+
 def load_pretrained(
     model: torch.nn.Module,
     path_or_sd: str | os.PathLike | Mapping,
@@ -204,22 +224,7 @@ def load_pretrained(
             report.expanded_shared_rel_pos = True
 
     # 3. resolution: rel-pos tables and abs pos_embed to the model's grid.
-    for key in [k for k in sd if k.endswith("relative_position_bias_table")]:
-        want = model_sd.get(key)
-        if want is None or sd[key].shape == want.shape or sd[key].shape[1:] != want.shape[1:]:
-            continue  # absent (reported), equal, or a head-count mismatch (error below)
-        src = checkpoint_grid or grid_from_table_rows(sd[key].shape[0])
-        if src is None:
-            continue  # error below, with the hint to pass checkpoint_grid
-        sd[key] = resize_rel_pos_table(sd[key], grid, src)
-        report.resized.append(key)
-    if "pos_embed" in sd and "pos_embed" in model_sd:
-        want = model_sd["pos_embed"]
-        if sd["pos_embed"].shape != want.shape and sd["pos_embed"].shape[-1] == want.shape[-1]:
-            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, checkpoint_grid)
-            report.resized.append("pos_embed")
-    if report.resized:
-        log.info("resized to grid %s: %s", grid, ", ".join(report.resized))
+    _resize_to_grid(sd, model_sd, grid, checkpoint_grid, report)
 
     # 4. shapes must now agree.
     for key in [k for k in sd if k in model_sd and sd[k].shape != model_sd[k].shape]:
