@@ -12,17 +12,23 @@ from beit.train.eval_cli import register as register_train
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from beit import __version__
     from beit.convert.cli import register as register_convert
+    from beit.export import register as register_export
     from beit.experiments.fashion_mnist import register as register_reproduce
+    from beit.plot import register as register_plot
     from beit.tokenizers.cli import register as register_tokenizer
     from beit.visualize import register as register_predict
 
     parser = argparse.ArgumentParser(prog="beit", description="BEiT: BERT pre-training of image transformers")
+    parser.add_argument("--version", action="version", version=f"beit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_train(sub)
     register_predict(sub)
     register_tokenizer(sub)
     register_convert(sub)
+    register_export(sub)
+    register_plot(sub)
     register_reproduce(sub)
     return parser
 
@@ -34,7 +40,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from beit.train.loop import NonFiniteLossError
 
     return (ConfigError, RunDirError, TokenizerError, CheckpointWriteError, NonFiniteLossError, FileNotFoundError,
-            KeyError, ValueError)
+            FileExistsError, KeyError, ValueError)
 
 
 def _resume_line(argv: list[str]) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -75,8 +75,12 @@ class TokenizerConfig(_Section):
     final_steps: int = Field(150, ge=0)  # decoder-only steps after the final revival (at most 1/5 of the run)
 
 
+DATASETS = ("fashion_mnist", "mnist", "image_folder", "cifar10", "cifar100", "hf")  # beit/data: datasets.py, extra.py
+
+
 class DataConfig(_Section):
-    dataset: Literal["fashion_mnist", "image_folder", "cifar10", "cifar100"] = "image_folder"
+    # fashion_mnist | mnist | image_folder | cifar10 | cifar100 | hf (datasets on disk) | torchvision:<Class>
+    dataset: str = "image_folder"
     root: str | None = None  # data directory; fashion_mnist defaults to the Debian package path
     img_size: int = Field(224, gt=0)  # patch view
     in_chans: Literal[1, 3] = 3
@@ -129,6 +133,14 @@ class DataConfig(_Section):
             raise ValueError(f"data.crop_ratio must satisfy 0 < min <= max, got {list(self.crop_ratio)}")
         return self
 
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v in DATASETS or (v.startswith("torchvision:") and len(v) > len("torchvision:")):
+            return v
+        raise ValueError(f"unknown dataset {v!r}; use one of {', '.join(DATASETS)} or torchvision:<ClassName> "
+                         f"(e.g. torchvision:STL10)")
+
 
 class OptimConfig(_Section):
     lr: float = Field(1.5e-3, gt=0)
@@ -166,6 +178,9 @@ class TrainConfig(_Section):
     compile: bool = False
     progress: bool = True
     probe_cache_features: bool = False  # linprobe: embed once with the eval transform (no augmentation)
+    # Written when fine-tuning / pretraining ends: <run>/<export_dir>/<format> (see `beit export`); [] = none.
+    export: list[Literal["hf", "timm"]] = ["hf", "timm"]
+    export_dir: str = "export"
 
 
 class DistConfig(_Section):

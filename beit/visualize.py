@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beit.config import Config, ConfigError, load_config
+from beit.config import Config, ConfigError
 
 
 @torch.no_grad()
@@ -74,13 +74,25 @@ def _save_grid(columns: list[torch.Tensor], out: Path, titles: list[str]):
 def register(subparsers):
     p = subparsers.add_parser("predict", help="draw what a pretrained model predicts at masked positions (PNG)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="the pretraining config (model, tokenizer, data sections)")
+    p.add_argument("config", help="the pretraining checkpoint (run directory, ckpt-*.pt, exported folder) or a "
+                   "pretraining config with model.pretrained")
     p.add_argument("overrides", nargs="*", help="e.g. model.pretrained=runs/fmnist")
     p.add_argument("--out", default="predictions.png")
     p.add_argument("--num", type=int, default=8)
+    p.add_argument("--attention", action="store_true",
+                   help="instead: per head, where the last block's [CLS] token attends (rel-pos bias included)")
 
     def run(a):
-        res = prediction_grid(load_config(a.config, a.overrides), Path(a.out), a.num)
+        from beit.hub import command_config
+
+        cfg = command_config(a.config, a.overrides, "predict")
+        if a.attention:
+            from beit.attention import attention_grid
+
+            res = attention_grid(cfg, Path(a.out), a.num)
+            print(f"wrote {res['png']} ({res['images']} images x {res['heads']} heads)")
+            return 0
+        res = prediction_grid(cfg, Path(a.out), a.num)
         print(f"wrote {res['png']} (masked-token accuracy on these samples: {res['masked_token_acc']:.1%})")
         return 0
 

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from beit.builders import build_eval_loader, build_labeled_dataset, build_model, resolve_pretrained  # noqa: F401
 from beit.config import Config, ConfigError
@@ -46,10 +47,13 @@ def amp_context(device: torch.device, amp: str):
 
 @torch.no_grad()
 def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-             amp: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply `fn` (images [B, C, H, W] -> [B, ...]) to every batch. Returns (outputs fp32 on CPU, labels)."""
+             amp: str = "bf16", desc: str = "eval", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply `fn` (images [B, C, H, W] -> [B, ...]) to every batch. Returns (outputs fp32 on CPU, labels).
+
+    A progress bar with ETA (`desc`) shows on the main process when stderr is a terminal and `progress`."""
     outs, labels = [], []
-    for batch in loader:
+    show = progress and is_main_process()
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None if show else True):
         x, y = batch[0], batch[1]
         if x is None:  # every file of the batch was undecodable (already logged by the dataset)
             continue
@@ -90,7 +94,7 @@ def classifier_evaluate(cfg: Config, device: torch.device) -> Callable[[nn.Modul
     loader = build_eval_loader(cfg, "test")
 
     def evaluate(model: nn.Module) -> dict:
-        logits, labels = run_over(loader, model, device, cfg.train.amp)
+        logits, labels = run_over(loader, model, device, cfg.train.amp, "eval (test)", cfg.train.progress)
         return {**accuracy(logits, labels), "loss": nn.functional.cross_entropy(logits, labels).item()}
 
     return evaluate
@@ -156,7 +160,7 @@ def run_eval(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
                           f"a fine-tuned classifier — use `beit knn` or `beit linprobe` for a pretrained backbone")
     run_dir = open_run_dir(cfg, overwrite=overwrite or resume)
     loader = build_eval_loader(cfg, "test")
-    logits, labels = run_over(loader, model, device, cfg.train.amp)
+    logits, labels = run_over(loader, model, device, cfg.train.amp, "eval (test)", cfg.train.progress)
     k = model.num_classes
     if int(labels.max()) >= k:
         raise ConfigError(f"the data has label {int(labels.max())} but the model has {k} classes")

@@ -26,6 +26,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from beit.builders import build_labeled_dataset, build_model
 from beit.config import Config, ConfigError
 from beit.data import collate_skip_bad
+from beit.export import export_run
 from beit.train.evaluate import classifier_evaluate, is_main_process, read_summary, write_results
 from beit.train.loop import Task
 from beit.train.runner import launch
@@ -95,6 +96,7 @@ def build_finetune_task(cfg: Config, device: torch.device):
 def run_finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     run_dir = launch(cfg, build_finetune_task, resume=resume, overwrite=overwrite)
     if is_main_process():
+        export_run(cfg, run_dir)
         summary = read_summary(run_dir)
         last = summary.get("eval", {})
         write_results(run_dir, {"command": "finetune", "pretrained": cfg.model.pretrained,

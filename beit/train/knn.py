@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from beit.builders import build_eval_loader, build_model
 from beit.config import Config
@@ -33,14 +34,14 @@ log = logging.getLogger("beit")
 @torch.no_grad()
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                 chunk: int = 1024) -> dict[str, float]:
+                 chunk: int = 1024, progress: bool = False) -> dict[str, float]:
     """Weighted k-NN over L2-normalised features. Returns {"top1": %, "top5": %}."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     k = min(k, len(train_feats))
     bank = F.normalize(train_feats.float(), dim=1)  # [N, D]
     queries = F.normalize(test_feats.float(), dim=1)
     votes = []
-    for q in queries.split(chunk):
+    for q in tqdm(queries.split(chunk), desc="k-NN vote", leave=False, disable=None if progress else True):
         sim, idx = (q @ bank.T).topk(k, dim=1)  # [b, k]
         weight = (sim / temperature).exp()
         onehot = F.one_hot(train_labels[idx], num_classes).float()  # [b, k, K]
@@ -60,11 +61,14 @@ def knn_evaluate(model: nn.Module, cfg: Config) -> dict[str, float]:
     net.eval()
     try:
         fn = lambda x: pooled_features(net, x)  # noqa: E731
-        train_feats, train_labels = run_over(build_eval_loader(cfg, "train"), fn, device, cfg.train.amp)
-        test_feats, test_labels = run_over(build_eval_loader(cfg, "test"), fn, device, cfg.train.amp)
+        train_feats, train_labels = run_over(build_eval_loader(cfg, "train"), fn, device, cfg.train.amp,
+                                             "k-NN features (train)", cfg.train.progress)
+        test_feats, test_labels = run_over(build_eval_loader(cfg, "test"), fn, device, cfg.train.amp,
+                                           "k-NN features (test)", cfg.train.progress)
     finally:
         net.train(was_training)
-    res = knn_classify(train_feats, train_labels, test_feats, test_labels, cfg.train.knn_k, cfg.train.knn_temperature)
+    res = knn_classify(train_feats, train_labels, test_feats, test_labels, cfg.train.knn_k, cfg.train.knn_temperature,
+                       progress=cfg.train.progress)
     return {f"knn_{k}": v for k, v in res.items()}
 
 

@@ -106,7 +106,8 @@ def _augment_transform(cfg: Config):
 
 def _cache(probe: LinearProbe, cfg: Config, split: str, device) -> TensorDataset:
     t0 = time.time()
-    feats, labels = run_over(build_eval_loader(cfg, split), probe.features, device, cfg.train.amp)
+    feats, labels = run_over(build_eval_loader(cfg, split), probe.features, device, cfg.train.amp,
+                             f"features ({split})", cfg.train.progress)
     log.info(f"cached {split} features {list(feats.shape)} in {time.time() - t0:.0f}s")
     return TensorDataset(feats.half(), labels)  # fp16 halves the memory; the heads upcast
 
@@ -136,7 +137,7 @@ def build_linprobe_task(cfg: Config, device: torch.device):
         test_loader, collate = build_eval_loader(cfg, "test", test), collate_skip_bad
 
     def evaluate(model: nn.Module) -> dict:
-        logits, labels = run_over(test_loader, model, device, cfg.train.amp)
+        logits, labels = run_over(test_loader, model, device, cfg.train.amp, "eval (test)", cfg.train.progress)
         return per_layer_accuracy(logits, labels)
 
     return Task(model=probe, step=probe_step, dataset=train, collate_fn=collate, evaluate=evaluate,

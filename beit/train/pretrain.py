@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from beit.builders import build_mim_dataset, build_model, build_tokenizer
 from beit.config import Config, ConfigError
 from beit.data import collate_mim_skip_bad
+from beit.export import export_run
+from beit.train.evaluate import is_main_process
 from beit.train.knn import knn_evaluate
 from beit.train.loop import Task
 from beit.train.runner import launch
@@ -77,4 +79,7 @@ def build_pretrain_task(cfg: Config, device: torch.device) -> Task:
 
 
 def run_pretrain(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
-    return launch(cfg, build_pretrain_task, resume=resume, overwrite=overwrite)
+    run_dir = launch(cfg, build_pretrain_task, resume=resume, overwrite=overwrite)
+    if is_main_process():
+        export_run(cfg, run_dir)
+    return run_dir
