@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None):
         result = args.func(args)
     except Exception as e:
         if type(e).__name__ == "Preempted":  # beit.train.loop.Preempted (not imported here: --help stays light)
-            print(f"beit {args.command}: {e}. Resume with: {_resume_line(sys.argv[1:] if argv is None else argv)}",
-                  file=sys.stderr)
+            argv = sys.argv[1:] if argv is None else argv
+            again = _resume_line(argv) if hasattr(args, "resume") else "beit " + " ".join(argv)  # drivers resume
+            print(f"beit {args.command}: {e}. Resume with: {again}", file=sys.stderr)
             sys.exit(e.exit_code)
         if not isinstance(e, _user_errors()):
             raise
