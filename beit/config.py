@@ -1,7 +1,7 @@
 """Typed run configuration.
 
-A run is described by one YAML file with the sections `model`, `tokenizer`, `data`, `optim`, `train`
-and `dist`. Each section is a pydantic model that forbids unknown keys, so a typo is an error that names
+A run is described by one YAML file with the sections `model`, `tokenizer`, `data`, `optim`, `train`,
+`dist` and (segmentation) `seg`. Each section is a pydantic model that forbids unknown keys, so a typo is an error that names
 the key (with a "did you mean"), never a silently ignored default. Command-line overrides use dotted
 keys: `beit pretrain cfg.yaml optim.lr=1e-3 train.epochs=2`.
 """
@@ -76,10 +76,12 @@ class TokenizerConfig(_Section):
 
 
 DATASETS = ("fashion_mnist", "mnist", "image_folder", "cifar10", "cifar100", "hf")  # beit/data: datasets.py, extra.py
+SEG_DATASETS = ("ade20k", "seg_folder", "fmnist_scenes")  # `beit segment`: beit/data/segmentation.py
 
 
 class DataConfig(_Section):
-    # fashion_mnist | mnist | image_folder | cifar10 | cifar100 | hf (datasets on disk) | torchvision:<Class>
+    # fashion_mnist | mnist | image_folder | cifar10 | cifar100 | hf (datasets on disk) | torchvision:<Class>;
+    # segmentation (`beit segment`): ade20k (ADEChallengeData2016) | seg_folder (images/ + masks/) | fmnist_scenes
     dataset: str = "image_folder"
     root: str | None = None  # data directory; fashion_mnist defaults to the Debian package path
     img_size: int = Field(224, gt=0)  # patch view
@@ -136,10 +138,28 @@ class DataConfig(_Section):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        if v in DATASETS or (v.startswith("torchvision:") and len(v) > len("torchvision:")):
+        if v in DATASETS or v in SEG_DATASETS or (v.startswith("torchvision:") and len(v) > len("torchvision:")):
             return v
-        raise ValueError(f"unknown dataset {v!r}; use one of {', '.join(DATASETS)} or torchvision:<ClassName> "
+        raise ValueError(f"unknown dataset {v!r}; use one of {', '.join(DATASETS + SEG_DATASETS)} or "
+                         f"torchvision:<ClassName> "
                          f"(e.g. torchvision:STL10)")
+
+
+class SegConfig(_Section):
+    """Semantic segmentation (`beit segment`): the mmseg ADE20K pipeline. The crop is `data.img_size`."""
+
+    scale: tuple[int, int] = (2048, 512)  # resize target (long, short edge), keep ratio; eval uses it at ratio 1
+    ratio_range: tuple[float, float] = (0.5, 2.0)  # train: the scale is multiplied by U(ratio_range)
+    cat_max_ratio: float = Field(0.75, gt=0, le=1)  # crop retries (10) while one class covers more than this
+    photometric: bool = True  # mmseg PhotoMetricDistortion (brightness, contrast, saturation, hue)
+    ignore_index: int = 255  # label excluded from loss and metrics; also the padding value of masks
+    reduce_zero_label: bool | None = None  # 0 -> ignore, k -> k-1; null: on for ade20k, off otherwise
+    class_names: str | None = None  # seg_folder: text file, one class name per line (default root/classes.txt)
+    eval_mode: Literal["slide", "whole"] = "slide"
+    stride: int | None = None  # sliding-window stride; null = 2/3 of the crop (341 for 512, as official)
+    eval_batch_size: int = 1  # images per evaluation batch (sizes differ on ADE20K: keep 1 there)
+    scenes: tuple[int, int] = (20000, 2000)  # fmnist_scenes: (train, test) scenes
+    scene_seed: int = 0  # fmnist_scenes: the scenes are a function of this seed and the index
 
 
 class OptimConfig(_Section):
@@ -156,11 +176,14 @@ class OptimConfig(_Section):
     recipe_batch_size: int | None = Field(None, gt=0)  # the global batch the lr was tuned for; a mismatch warns loudly
     decay_mask_token: bool = True  # official: mask_token is weight-decayed
     decay_rel_pos_bias: bool = True  # official: rel-pos tables are weight-decayed
+    schedule: Literal["cosine", "poly"] = "cosine"  # after warmup: cosine to min_lr, or poly decay to min_lr
+    poly_power: float = 1.0  # poly: lr = min_lr + (lr - min_lr) * (1 - progress) ** poly_power (mmseg)
 
 
 class TrainConfig(_Section):
     epochs: float = Field(800, ge=0)
-    max_steps: int | None = Field(None, ge=0)  # stop early (smoke runs); schedules still span `epochs`
+    max_steps: int | None = Field(None, ge=0)  # stop early (smoke runs); schedules still span `epochs` (or `steps`)
+    steps: int | None = Field(None, gt=0)  # train length in optimizer steps (segmentation: 160k); overrides `epochs`
     seed: int = 0
     amp: Literal["bf16", "fp16", "none"] = "bf16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -201,6 +224,7 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     dist: DistConfig = DistConfig()
+    seg: SegConfig = SegConfig()
 
     @model_validator(mode="after")
     def _check(self):
@@ -287,8 +311,16 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or defaults when `path` is None), apply dotted overrides, validate."""
+# Defaults of one command where they differ from the section defaults (which follow pretraining), applied
+# under the file: official fine-tuning (unilm run_class_finetuning.py) clips nothing and warms up 5 epochs.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "finetune": {"optim": {"clip_grad": None, "warmup_epochs": 5}},
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, command: str | None = None) -> Config:
+    """Read a YAML config (or defaults when `path` is None), apply dotted overrides, validate. `command`
+    selects its COMMAND_DEFAULTS for keys the file and overrides leave out."""
     raw: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -299,7 +331,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    raw = _merge(raw, parse_overrides(overrides or []))
+    raw = _merge(_merge(COMMAND_DEFAULTS.get(command, {}), raw), parse_overrides(overrides or []))
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
@@ -307,6 +339,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None and cfg.train.run_name is None:
         cfg.train.run_name = path.stem
     return cfg
+
+
+# Keys that may differ between a run and its --resume (docs/reliability.md): cadence, length, where it runs.
+RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps", "train.log_every", "train.save_every_steps", "train.keep_last",
+                     "train.eval_every_epochs", "train.knn_every_epochs", "train.progress", "train.out_dir",
+                     "train.run_name", "data.num_workers")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_config(stored: dict, cfg: Config, source: str):
+    """--resume with a config that differs from the run's stored one (`source`) is an error naming the keys,
+    except RESUME_MAY_CHANGE."""
+    old, new = _flatten(config_from_dict(stored, source).to_dict()), _flatten(cfg.to_dict())
+    diff = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE]
+    if diff:
+        raise ConfigError(
+            f"--resume: the config differs from the run's ({source}) in " + ", ".join(
+                f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in diff)
+            + f". Resume with the run's values, or start a new run. Keys that may change on resume: "
+            + ", ".join(RESUME_MAY_CHANGE))
 
 
 def config_from_dict(d: dict[str, Any], source: str = "checkpoint config") -> Config:

@@ -161,7 +161,7 @@ def test_model_tokenizer_mismatch_fails_before_any_work(tmp_path):
 
 def test_nonfinite_loss_is_caught_at_the_next_log_step(tmp_path):
     """The finite check is read at log steps and before saves (the step never waits on the device): a NaN
-    at step 5 raises at the log step 8, or at a save at step 6, naming step 5 and the steps checked."""
+    in the 6th step raises at the log step 8, or at a save after step 6, naming step 6 and the steps checked."""
     from torch import nn
     from torch.utils.data import TensorDataset
 
@@ -192,7 +192,7 @@ def test_nonfinite_loss_is_caught_at_the_next_log_step(tmp_path):
                                      "train": {"epochs": 1, "log_every": 4, "save_every_steps": save_every,
                                                "device": "cpu", "amp": "none", "progress": False}})
         task = Task(model=Tiny(2, 1), step=step, dataset=TensorDataset(torch.randn(64, 2)))
-        with pytest.raises(FloatingPointError, match=rf"not finite at step 5 .*covered steps 4-{stop - 1}\)"):
+        with pytest.raises(FloatingPointError, match=rf"loss is nan at step 6; .*covered steps 5-{stop}\)"):
             fit(cfg, task, tmp_path / str(stop), DistInfo())
         assert len(calls) == stop  # ran on to the log step / the save
         assert not list((tmp_path / str(stop)).glob("ckpt-*.pt"))  # NaN-touched weights are never saved

@@ -1,4 +1,5 @@
-"""Sub-commands `pretrain`, `finetune`, `linprobe`, `knn`, `eval`: `register(subparsers)` adds them to `beit`.
+"""Sub-commands `pretrain`, `finetune`, `segment`, `linprobe`, `knn`, `eval`: `register(subparsers)` adds them
+to `beit`.
 
 Each takes `CONFIG [section.key=value ...] [--resume] [--overwrite]`. `knn` and `eval` train nothing:
 --resume is accepted for symmetry and, like --overwrite, replaces their run directory. The task modules are
@@ -10,17 +11,19 @@ from __future__ import annotations
 from beit.config import load_config
 
 
-def add_train_command(sub, name: str, help: str, run, config_loader=load_config, config_help=None):
+def add_train_command(sub, name: str, help: str, run, config_loader=None, config_help=None):
     """`beit NAME CONFIG [key=value ...] [--resume | --overwrite]` calling `run(cfg, resume=, overwrite=)`.
 
-    `config_loader(CONFIG, overrides) -> Config` reads CONFIG (a YAML file; for commands that evaluate a
-    checkpoint, also the checkpoint itself, see `beit.hub.command_config`)."""
+    `config_loader(CONFIG, overrides) -> Config` reads CONFIG (default: the YAML file, with the command's
+    `COMMAND_DEFAULTS`; for commands that evaluate a checkpoint, also the checkpoint itself, see
+    `beit.hub.command_config`)."""
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("config", help=config_help or "YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.epochs=2")
     p.add_argument("--resume", action="store_true", help="continue the run in its run directory, exactly")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
-    p.set_defaults(func=lambda a: run(config_loader(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite))
+    load = config_loader or (lambda path, overrides: load_config(path, overrides, command=name))
+    p.set_defaults(func=lambda a: run(load(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite))
     return p
 
 
@@ -35,6 +38,12 @@ def _finetune(cfg, **kw):
     from beit.train.finetune import run_finetune
 
     return run_finetune(cfg, **kw)
+
+
+def _segment(cfg, **kw):
+    from beit.train.segment import run_segment
+
+    return run_segment(cfg, **kw)
 
 
 def _linprobe(cfg, **kw):
@@ -74,7 +83,10 @@ def register(subparsers) -> None:
     add_train_command(subparsers, "pretrain", "masked image modeling pretraining (BEiT)", _pretrain)
     add_train_command(subparsers, "finetune", "fine-tune a classifier from model.pretrained (or from scratch)",
                       _finetune)
+    add_train_command(subparsers, "segment", "semantic segmentation: BEiT + UperNet from model.pretrained "
+                      "(or from scratch)", _segment)
     for name, help, run in (("linprobe", "linear probe on every block of a frozen backbone", _linprobe),
                             ("knn", "k-NN accuracy of frozen features (k=20, T=0.07)", _knn),
-                            ("eval", "top-1/top-5, per-class accuracy and confusion matrix of a checkpoint", _eval)):
+                            ("eval", "top-1/top-5, per-class accuracy and confusion matrix of a checkpoint; mIoU, "
+                             "mAcc, aAcc and per-class IoU of a segmentation run", _eval)):
         add_train_command(subparsers, name, help, run, checkpoint_config_loader(name), CHECKPOINT_HELP)

@@ -1,7 +1,7 @@
 """The one training loop, shared by pretraining, fine-tuning and linear probing.
 
 A `Task` says what differs (the model, a small step function, the data, an optional evaluation); the loop
-owns everything else: AdamW with per-group lr scales, the per-step cosine schedule, gradient accumulation,
+owns everything else: AdamW with per-group lr scales, the per-step cosine or poly schedule, gradient accumulation,
 AMP (bf16 autocast on CPU and GPU; fp16 + dynamic loss scaling on GPU), global-norm clipping, DDP or
 FSDP2, metrics, checkpoints and exact resume.
 
@@ -15,6 +15,8 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,7 +111,7 @@ class _Run:
     sampler: ResumableSampler
     global_batch: int
     steps_per_epoch: int
-    total_steps: int  # the schedule's length (train.epochs)
+    total_steps: int  # the schedule's length (train.steps, else train.epochs)
     stop_step: int  # where this run stops (train.max_steps may stop earlier)
     warmup: int
     eval_every: int
@@ -119,6 +121,7 @@ class _Run:
     skipped: int = 0  # fp16 overflow steps
     data_iter: Any = None
     first_bad: torch.Tensor | None = None  # on device: first step whose loss was not finite (-1: none yet)
+    first_bad_loss: torch.Tensor | None = None  # on device: that loss
     checked_step: int = 0  # steps before this one passed the finite check
     window: MetricWindow = field(default_factory=MetricWindow)
     bad_files: BadFileTracker = field(default_factory=BadFileTracker)
@@ -148,14 +151,70 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
 
     t_start = time.time()
     run.model.train()
-    while run.step < run.stop_step:
-        lr = _train_one_step(run)
-        bar.update(1)
-        _log_and_evaluate(run, logger, bar, lr)
-        if run.step % cfg.train.save_every_steps == 0 or run.step == run.stop_step:
-            _save(run)
+    with _StopSignals() as stop:
+        while run.step < run.stop_step:
+            lr = _train_one_step(run)
+            bar.update(1)
+            _log_and_evaluate(run, logger, bar, lr)
+            stopping = stop.agreed(info)  # SIGTERM / SIGINT: the step is finished; checkpoint and leave
+            if stopping or run.step % cfg.train.save_every_steps == 0 or run.step == run.stop_step:
+                _save(run)
+            if stopping:
+                bar.close()
+                logger.close()
+                raise Preempted(stop.name, run.step, ckpt_io.list_checkpoints(run_dir)[-1] if run_dir else None)
     bar.close()
     return _finish(run, logger, time.time() - t_start)
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM / SIGINT after finishing a step and writing a checkpoint."""
+
+    exit_code = 75  # EX_TEMPFAIL: "try again" (--resume); distinct from errors (1, 2)
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint} written")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf (bf16/fp32: fp16 skips such steps through its loss scaler)."""
+
+
+class _StopSignals:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (handlers restored on exit)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "signal"
+
+    def agreed(self, info: DistInfo) -> bool:
+        """Whether any process was signalled, so that all ranks stop after the same step."""
+        if not info.enabled:
+            return self.signum is not None
+        flag = torch.tensor([float(self.signum is not None)], device=info.device)
+        all_reduce_sum(flag)
+        return bool(flag.item() > 0)
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
 
 
 def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Run:
@@ -181,7 +240,7 @@ def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Ru
     sampler = ResumableSampler(len(task.dataset), shuffle=True, seed=cfg.train.seed,
                                rank=info.rank, world_size=info.world_size, drop_last=True)
     steps_per_epoch = steps_per_epoch_of(cfg, len(task.dataset), info.world_size)
-    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
+    total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     o = cfg.optim
     warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
@@ -191,20 +250,20 @@ def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Ru
 
 
 def _resume(run: _Run):
-    """Load the newest checkpoint of the run directory: weights, optimizer, scaler, EMA, RNG, step."""
-    found = ckpt_io.list_checkpoints(run.run_dir)
-    if not found:
-        raise ckpt_io.RunDirError(f"--resume: no ckpt-*.pt in '{run.run_dir}'")
-    state = ckpt_io.load_training_checkpoint(found[-1])
-    load_full_state(run.model, run.optimizer, state["model"], state["optimizer"])
+    """Load the newest intact checkpoint of the run directory: weights, optimizer, scaler, EMA, RNG, step and
+    the metric window not yet logged."""
+    path, state = ckpt_io.load_latest_intact(run.run_dir)
+    load_full_state(run.model, run.optimizer, state["model"], state["optimizer"])  # FSDP: each rank its shard
     run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None and state.get("ema") is not None:
         run.ema.module.load_state_dict(state["ema"])
     ckpt_io.set_rng_state(state["rng"])
     run.step, run.best = state["step"], state.get("best")
     run.checked_step = run.step
+    if state.get("metric_window") is not None:
+        run.window.load_state_dict(state["metric_window"])
     if run.info.is_main:
-        log.info(f"resumed from {found[-1]} at step {run.step}")
+        log.info(f"resumed from {path} at step {run.step}")
         _truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
 
 
@@ -237,7 +296,8 @@ def _train_one_step(run: _Run) -> float:
     amp, accum = cfg.train.amp, cfg.optim.accum_steps
     if run.data_iter is None or run.step % run.steps_per_epoch == 0:
         run.data_iter = _epoch_iterator(run)
-    lr = lr_at(run.step, cfg.optim.lr, cfg.optim.min_lr, run.warmup, run.total_steps)
+    lr = lr_at(run.step, cfg.optim.lr, cfg.optim.min_lr, run.warmup, run.total_steps, cfg.optim.schedule,
+               cfg.optim.poly_power)
     for g in run.optimizer.param_groups:
         g["lr"] = lr * g["lr_scale"]
     t0 = time.time()
@@ -275,20 +335,19 @@ def _train_one_step(run: _Run) -> float:
 
 
 def _note_nonfinite(run: _Run, loss: torch.Tensor):
-    """Remember, on the device, the first step whose loss is NaN/inf; `_check_finite` reads it later."""
+    """Remember, on the device, the first step whose loss is NaN/inf and that loss; `_check_finite` reads it."""
     if run.first_bad is None:
         run.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        run.first_bad_loss = torch.zeros((), device=loss.device)
     bad = ~torch.isfinite(loss.detach()) & (run.first_bad < 0)
     run.first_bad = torch.where(bad, run.step, run.first_bad)
+    run.first_bad_loss = torch.where(bad, loss.detach().float(), run.first_bad_loss)
 
 
 def _check_finite(run: _Run):
     """Raise if a loss since the last check was not finite (read at log steps and before every save)."""
-    if run.first_bad is not None and (bad := int(run.first_bad)) >= 0:
-        raise FloatingPointError(
-            f"loss is not finite at step {bad} (read every train.log_every={run.cfg.train.log_every} steps and "
-            f"before saves; this check covered steps {run.checked_step}-{run.step - 1}); lower optim.lr or check "
-            f"the data")
+    if run.first_bad is not None and int(run.first_bad) >= 0:
+        raise _non_finite(run, float(run.first_bad_loss), int(run.first_bad) + 1)
     run.checked_step = run.step
 
 
@@ -317,6 +376,15 @@ def _log_and_evaluate(run: _Run, logger: MetricLogger, bar, lr: float):
     run.model.train()
 
 
+def _non_finite(run: _Run, loss: float, step: int) -> NonFiniteLossError:
+    found = ckpt_io.list_checkpoints(run.run_dir) if run.run_dir is not None else []
+    last = f"the last good checkpoint is {found[-1]} (--resume continues from it)" if found else "no checkpoint yet"
+    return NonFiniteLossError(
+        f"loss is {loss} at step {step}; {last}. Lower optim.lr, raise optim.warmup_epochs or check the data "
+        f"(the check is read every train.log_every={run.cfg.train.log_every} steps and before saves; this one "
+        f"covered steps {run.checked_step + 1}-{run.step})")
+
+
 def _save(run: _Run):
     _check_finite(run)  # never checkpoint weights a non-finite loss has already touched
     model_sd, optim_sd = full_state(run.model, run.optimizer)  # every rank: FSDP gathers to rank 0
@@ -325,6 +393,7 @@ def _save(run: _Run):
             "model": model_sd, "optimizer": optim_sd,
             "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
             "rng": ckpt_io.rng_state(), "best": run.best, "config": run.cfg.to_dict(),
+            "metric_window": run.window.state_dict(),
         }, run.step, run.cfg.train.keep_last)
     barrier()
 
