@@ -344,7 +344,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # Keys that may differ between a run and its --resume (docs/reliability.md): cadence, length, where it runs.
 RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps", "train.log_every", "train.save_every_steps", "train.keep_last",
                      "train.eval_every_epochs", "train.knn_every_epochs", "train.progress", "train.out_dir",
-                     "train.run_name", "data.num_workers")
+                     "train.run_name", "data.num_workers", "train.device", "train.compile", "dist.backend",
+                     "dist.strategy", "dist.find_unused_parameters", "dist.fsdp_cpu_offload")
+# ...and these two when the global batch they make with the process count is the checkpoint's (another
+# number of processes at the same global batch).
+RESUME_MAY_CHANGE_AT_SAME_GLOBAL_BATCH = ("data.batch_size", "optim.accum_steps")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -354,17 +358,19 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume_config(stored: dict, cfg: Config, source: str):
+def check_resume_config(stored: dict, cfg: Config, source: str, same_global_batch: bool = False):
     """--resume with a config that differs from the run's stored one (`source`) is an error naming the keys,
-    except RESUME_MAY_CHANGE."""
+    except RESUME_MAY_CHANGE (and RESUME_MAY_CHANGE_AT_SAME_GLOBAL_BATCH when `same_global_batch`)."""
     old, new = _flatten(config_from_dict(stored, source).to_dict()), _flatten(cfg.to_dict())
-    diff = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE]
+    free = RESUME_MAY_CHANGE + (RESUME_MAY_CHANGE_AT_SAME_GLOBAL_BATCH if same_global_batch else ())
+    diff = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k not in free]
     if diff:
         raise ConfigError(
             f"--resume: the config differs from the run's ({source}) in " + ", ".join(
                 f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in diff)
             + f". Resume with the run's values, or start a new run. Keys that may change on resume: "
-            + ", ".join(RESUME_MAY_CHANGE))
+            + ", ".join(RESUME_MAY_CHANGE) + "; and " + ", ".join(RESUME_MAY_CHANGE_AT_SAME_GLOBAL_BATCH)
+            + " if the global batch (per device x accumulation x processes) stays the same")
 
 
 def config_from_dict(d: dict[str, Any], source: str = "checkpoint config") -> Config:

@@ -107,6 +107,15 @@ def save_training_checkpoint(run_dir: Path, state: dict, step: int, keep_last: i
     return path
 
 
+def stored_global_batch(run_dir: Path) -> int | None:
+    """The global batch the newest checkpoint was trained at (None if unknown). Memory-mapped: reads no tensors."""
+    found = list_checkpoints(run_dir)
+    try:
+        return torch.load(found[-1], mmap=True, weights_only=True).get("global_batch") if found else None
+    except Exception:  # corrupt or foreign: resume reports it properly
+        return None
+
+
 def load_training_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)

@@ -393,7 +393,7 @@ def _save(run: _Run):
             "model": model_sd, "optimizer": optim_sd,
             "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
             "rng": ckpt_io.rng_state(), "best": run.best, "config": run.cfg.to_dict(),
-            "metric_window": run.window.state_dict(),
+            "metric_window": run.window.state_dict(), "global_batch": run.global_batch,
         }, run.step, run.cfg.train.keep_last)
     barrier()
 

@@ -54,7 +54,9 @@ def launch(cfg: Config, build_task: Callable[[Config, torch.device], Task], resu
         run_dir = run_dir_of(cfg)
         ckpt_io.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
         if resume and (run_dir / "config.yaml").is_file():
-            check_resume_config(yaml.safe_load((run_dir / "config.yaml").read_text()), cfg, str(run_dir / "config.yaml"))
+            same = ckpt_io.stored_global_batch(run_dir) == cfg.data.batch_size * cfg.optim.accum_steps * info.world_size
+            check_resume_config(yaml.safe_load((run_dir / "config.yaml").read_text()), cfg, str(run_dir / "config.yaml"),
+                                same_global_batch=same)
         setup_logging(None, info.is_main)
         # Per-rank seeds: model-side randomness (drop path) differs across ranks; data randomness is
         # keyed by (seed, epoch, sample index) and so does not depend on the rank at all.
