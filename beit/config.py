@@ -237,6 +237,9 @@ class Config(_Section):
             if self.train.ema_decay is not None:
                 raise ValueError("train.ema_decay needs a full copy of the model, which dist.strategy=fsdp does not "
                                  "keep; set train.ema_decay=null or use dist.strategy=ddp")
+            if self.dist.fsdp_cpu_offload and not _cuda_for(self.train.device):
+                raise ValueError(f"dist.fsdp_cpu_offload=true offloads from a GPU, and train.device="
+                                 f"{self.train.device} has none here; set dist.fsdp_cpu_offload=false")
         elif self.dist.fsdp_cpu_offload:
             raise ValueError("dist.fsdp_cpu_offload=true needs dist.strategy=fsdp")
         if self.train.amp == "fp16" and not _cuda_for(self.train.device):

@@ -29,7 +29,9 @@ def test_fsdp_matches_one_process_and_resumes_on_another_count(tmp_path):
         (tmp_path / d).mkdir()
     one = write_config(tmp_path / "one", **EXACT)
     run("pretrain", str(one))
-    fsdp = write_config(tmp_path / "fsdp", **{**EXACT, "data": HALF, "dist": {"strategy": "fsdp"}})
+    # 2 processes x 8 images x 2 accumulation steps (FSDP's gradient sync is skipped on the first)
+    fsdp = write_config(tmp_path / "fsdp", **{**EXACT, "data": {**HALF, "batch_size": 8}, "optim": {"accum_steps": 2},
+                                              "dist": {"strategy": "fsdp"}})
     run("pretrain", str(fsdp), nproc=2)
     ref, got = losses(tmp_path / "one" / "runs" / "cfg"), losses(tmp_path / "fsdp" / "runs" / "cfg")
     assert len(ref) == len(got) == 6 and ref[-1] < ref[0]
@@ -87,6 +89,8 @@ def test_fsdp_config_limits_are_errors():
 
     for bad, msg in (({"dist": {"strategy": "fsdp"}, "train": {"ema_decay": 0.999}}, "ema_decay"),
                      ({"dist": {"strategy": "fsdp"}, "train": {"amp": "fp16", "device": "cpu"}}, "shard-aware"),
-                     ({"dist": {"fsdp_cpu_offload": True}}, "needs dist.strategy=fsdp")):
+                     ({"dist": {"fsdp_cpu_offload": True}}, "needs dist.strategy=fsdp"),
+                     ({"dist": {"strategy": "fsdp", "fsdp_cpu_offload": True}, "train": {"device": "cpu"}},
+                      "offloads from a GPU")):
         with pytest.raises(ValueError, match=msg):
             Config.model_validate(bad)

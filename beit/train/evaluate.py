@@ -65,18 +65,19 @@ def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], dev
         x, y = batch[0].to(device, non_blocking=True), batch[1]
         with amp_context(device, amp):
             out = fn(x)
-        outs.append(out.float())
-        labels.append(y.to(device))
+        outs.append(out.float().cpu())  # the device holds one batch of outputs at a time
+        labels.append(y)
     if world > 1:
         for _ in range(max_batches - len(outs) if x is not None else 0):
             with amp_context(device, amp):
                 fn(x)
         shape = _gathered_shape(outs, device)
-        outs = [all_gather_cat(torch.cat(outs) if outs else torch.zeros(0, *shape, device=device))]
-        labels = [all_gather_cat(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))]
+        # NCCL gathers device tensors: the whole set passes through the device once, then back to the CPU
+        outs = [all_gather_cat((torch.cat(outs) if outs else torch.zeros(0, *shape)).to(device)).cpu()]
+        labels = [all_gather_cat((torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)).to(device)).cpu()]
     if not outs or not len(outs[0]):
         raise RuntimeError("the evaluation set yielded no decodable images")
-    return torch.cat(outs).cpu(), torch.cat(labels).cpu()
+    return torch.cat(outs), torch.cat(labels)
 
 
 def _shard(loader: DataLoader, rank: int, world: int) -> tuple[DataLoader, int]:
