@@ -28,6 +28,7 @@ def _pretrain(cfg, **kw):
 
 def build_parser() -> argparse.ArgumentParser:
     from beit.convert.cli import register as register_convert
+    from beit.data_cli import register as register_data
     from beit.reproduce import register as register_reproduce
     from beit.tokenizers.cli import register as register_tokenizer
     from beit.train.eval_cli import register as register_eval
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_predict(sub)
     register_tokenizer(sub)
     register_convert(sub)
+    register_data(sub)
     register_reproduce(sub)
     return parser
 
@@ -48,7 +50,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from beit.tokenizers import TokenizerError
     from beit.train.checkpoint import RunDirError
 
-    return ConfigError, RunDirError, TokenizerError, FileNotFoundError, KeyError, ValueError
+    return ConfigError, RunDirError, TokenizerError, FileNotFoundError, FileExistsError, KeyError, ValueError
 
 
 def main(argv: list[str] | None = None):

@@ -76,8 +76,12 @@ class TokenizerConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["fashion_mnist", "image_folder", "cifar10", "cifar100"] = "image_folder"
+    dataset: Literal["fashion_mnist", "image_folder", "cifar10", "cifar100", "webdataset"] = "image_folder"
     root: str | None = None  # data directory; fashion_mnist defaults to the Debian package path
+    # webdataset: tar shards written by `beit data shard` (brace patterns, relative to root unless absolute).
+    shards: str | None = None  # training split, e.g. "train-{000000..000999}.tar"
+    eval_shards: str | None = None  # test split (fine-tuning evaluation, k-NN)
+    shuffle_buffer: int = Field(2000, ge=0)  # samples per loader worker shuffled together (encoded bytes)
     img_size: int = 224  # patch view
     in_chans: int = 3
     mean: list[float] = [0.5, 0.5, 0.5]

@@ -12,6 +12,7 @@ from .datasets import (
     ImageFolderDataset,
     LabeledBatch,
     MIMDataset,
+    MIMItem,
     SubsetDataset,
     balanced_subset,
     build_dataset,
@@ -19,8 +20,10 @@ from .datasets import (
     collate_skip_bad,
     load_fashion_mnist,
 )
+from .loader import batches_per_rank, make_loader
 from .masking import MaskingGenerator, proportional_min_patches
 from .sampler import ResumableSampler
+from .shards import ShardDataset, write_shards
 from .transforms import TwoViewTransform, build_finetune_transform, eval_crop_pct, random_resized_crop_box
 
 
@@ -49,6 +52,15 @@ def build_two_view_transform(cfg, tokenizer_size_px: int) -> TwoViewTransform:
         std=cfg.std,
         in_chans=cfg.in_chans,
     )
+
+
+def build_mim_dataset(base, two_view: TwoViewTransform, mask_gen: MaskingGenerator, seed: int):
+    """Pretraining items from `build_dataset(cfg, "train")`: a `MIMDataset`, or for shards the same
+    `ShardDataset` making `MIMItem`s (views and mask drawn from (seed, epoch, sample index) either way)."""
+    if isinstance(base, ShardDataset):
+        base.make_item, base.seed = MIMItem(two_view, mask_gen, seed), int(seed)
+        return base
+    return MIMDataset(base, two_view, mask_gen, seed)
 
 
 def build_pretrain_loader(
@@ -100,13 +112,17 @@ __all__ = [
     "ImageFolderDataset",
     "LabeledBatch",
     "MIMDataset",
+    "MIMItem",
     "MaskingGenerator",
     "ResumableSampler",
+    "ShardDataset",
     "SubsetDataset",
     "TwoViewTransform",
     "balanced_subset",
+    "batches_per_rank",
     "build_dataset",
     "build_finetune_transform",
+    "build_mim_dataset",
     "build_mask_generator",
     "build_pretrain_loader",
     "build_two_view_transform",
@@ -114,6 +130,8 @@ __all__ = [
     "collate_skip_bad",
     "eval_crop_pct",
     "load_fashion_mnist",
+    "make_loader",
     "proportional_min_patches",
     "random_resized_crop_box",
+    "write_shards",
 ]

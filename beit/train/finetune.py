@@ -84,7 +84,8 @@ def build_finetune_task(cfg: Config, device: torch.device):
         raise ConfigError(f"model {cfg.model.name} has no classification head; set model.num_classes "
                           f"(fine-tuning uses a classifier preset such as beit_base_patch16_224)")
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    num_labels = int(np.max(dataset.targets)) + 1
+    # Shards (streamed, no label array) know their class count from the index `beit data shard` wrote.
+    num_labels = dataset.num_classes if hasattr(dataset, "num_classes") else int(np.max(dataset.targets)) + 1
     if num_labels > model.num_classes:
         raise ConfigError(f"the data has {num_labels} classes but the model head has {model.num_classes}; "
                           f"set model.num_classes={num_labels}")

@@ -19,13 +19,13 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from beit.config import Config, ConfigError
 from beit.data.datasets import BadFileTracker
 from beit.models.vit import Block
-from beit.data.sampler import ResumableSampler
+from beit.data.loader import batches_per_rank, make_loader
 from beit.train import checkpoint as ckpt_io
 from beit.train.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
 from beit.train.metrics import MetricLogger, MetricWindow
@@ -97,10 +97,8 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
 
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
 
-    sampler = ResumableSampler(len(task.dataset), shuffle=True, seed=cfg.train.seed,
-                               rank=info.rank, world_size=info.world_size, drop_last=True)
-    per_rank = len(task.dataset) // info.world_size
-    steps_per_epoch = per_rank // (batch_size * accum)
+    steps_per_epoch = batches_per_rank(task.dataset, batch_size, info.world_size, cfg.data.num_workers,
+                                       cfg.train.epochs) // accum
     if steps_per_epoch == 0:
         raise ConfigError(
             f"the training set has {len(task.dataset)} samples, fewer than one global batch ({global_batch}); "
@@ -158,18 +156,9 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
     while step < stop_step:
         epoch, k = divmod(step, steps_per_epoch)
         if it is None or k == 0:
-            # Everything random about an epoch's data is a function of (seed, epoch, index), so starting
-            # the sampler k batches in reproduces exactly the batches an uninterrupted run would see.
-            sampler.set_epoch(epoch)
-            sampler.set_start(k * batch_size * accum)
-            if hasattr(task.dataset, "set_epoch"):
-                task.dataset.set_epoch(epoch)
-            loader = DataLoader(
-                task.dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                pin_memory=device.type == "cuda", drop_last=True, collate_fn=task.collate_fn,
-                generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch),
-            )
-            it = iter(loader)
+            # A loader that starts k steps into the epoch yields exactly what an uninterrupted run would.
+            it = iter(make_loader(task.dataset, batch_size, cfg.data.num_workers, cfg.train.seed, info.rank,
+                                  info.world_size, epoch, k * accum, task.collate_fn, device.type == "cuda"))
 
         lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, warmup, total_steps)
         for g in optimizer.param_groups:

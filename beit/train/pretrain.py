@@ -56,7 +56,8 @@ def check_compatible(model, tokenizer, cfg: Config):
 
 
 def build_pretrain_task(cfg: Config, device: torch.device):
-    from beit.data import MIMDataset, build_dataset, build_mask_generator, build_two_view_transform, collate_mim_skip_bad
+    from beit.data import (build_dataset, build_mask_generator, build_mim_dataset, build_two_view_transform,
+                           collate_mim_skip_bad)
     from beit.tokenizers import create_tokenizer
     from beit.train.evaluate import build_model
     from beit.train.loop import Task
@@ -68,8 +69,9 @@ def build_pretrain_task(cfg: Config, device: torch.device):
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     check_compatible(model, tokenizer, cfg)
 
-    dataset = MIMDataset(build_dataset(cfg.data, "train"), build_two_view_transform(cfg.data, cfg.tokenizer.image_size),
-                         build_mask_generator(cfg.data, model.grid), seed=cfg.train.seed)
+    dataset = build_mim_dataset(build_dataset(cfg.data, "train"),
+                                build_two_view_transform(cfg.data, cfg.tokenizer.image_size),
+                                build_mask_generator(cfg.data, model.grid), seed=cfg.train.seed)
     evaluate = None
     if cfg.train.knn_every_epochs:  # a cheap signal of representation quality while pretraining
         from beit.train.knn import knn_evaluate
