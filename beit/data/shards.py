@@ -20,7 +20,8 @@ unread that epoch, a different surplus each epoch.
 Resume. A run resumed k batches into epoch e rebuilds the same assignment and buffer order; each worker
 works out how many of its own batches the loader had taken (the loader takes them in turn) and discards
 that many samples from its raw stream -- reading the tar bytes again but decoding nothing -- before it
-decodes the rest. The resumed run therefore sees exactly the batches an uninterrupted run would have seen:
+decodes the rest; the fresh loader's workers are rotated so that the first one asked is the one whose turn
+it was. The resumed run therefore sees exactly the batches an uninterrupted run would have seen:
 no sample twice within an epoch, none lost. This needs the same world size and `data.num_workers` as the
 interrupted run (the order of an epoch depends on both).
 
@@ -157,18 +158,21 @@ def sample_index(key: str) -> int:
     return int(key) if key.isdigit() else zlib.crc32(key.encode())
 
 
-def round_robin_taken(per_worker: list[int], k: int) -> list[int]:
-    """How many batches the DataLoader has taken from each worker after `k` batches, when worker w yields
-    `per_worker[w]` batches and the loader takes them in turn, skipping workers that are done."""
-    taken = [0] * len(per_worker)
-    while k > 0:
-        active = [w for w in range(len(per_worker)) if taken[w] < per_worker[w]]
-        if not active:
-            raise ValueError("resume point beyond the end of the epoch")
-        for w in active[:k]:
-            taken[w] += 1
-        k -= min(k, len(active))
-    return taken
+def round_robin_taken(per_worker: list[int], k: int) -> tuple[list[int], int]:
+    """(batches taken from each worker, the worker whose turn is next) after the DataLoader took `k` batches,
+    when worker w yields `per_worker[w]` batches and the loader takes them in turn, skipping finished workers."""
+    n = len(per_worker)
+    taken, w = [0] * n, 0
+    for _ in range(k):
+        for _ in range(n):  # the next worker that still has a batch
+            if taken[w] < per_worker[w]:
+                break
+            w = (w + 1) % n
+        else:
+            raise ValueError(f"resume point {k} is beyond the end of the epoch ({sum(per_worker)} batches)")
+        taken[w] += 1
+        w = (w + 1) % n
+    return taken, w
 
 
 class ShardDataset(IterableDataset):
@@ -214,7 +218,7 @@ class ShardDataset(IterableDataset):
         """Indices (into self.paths) of the shards worker `worker` of rank `rank` reads in `epoch`, in order."""
         n = len(self.paths)
         order = np.random.default_rng([self.seed, epoch, 0x5A4D]).permutation(n) if self.shuffle else np.arange(n)
-        return order[rank::world_size][worker::num_workers]
+        return order[rank::world_size][worker :: max(num_workers, 1)]  # num_workers 0: the main process reads
 
     def worker_batches(self, epoch: int, rank: int, world_size: int, num_workers: int, batch_size: int) -> list[int]:
         """Full batches each worker of `rank` yields in `epoch` (the loader drops each worker's last partial one)."""
@@ -272,16 +276,20 @@ class ShardDataset(IterableDataset):
 
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skip = 0
+        if self.start_batch:
+            per_worker = self.worker_batches(self.epoch, self.rank, self.world_size, num_workers, self.batch_size)
+            taken, turn = round_robin_taken(per_worker, self.start_batch)
+            # A fresh loader asks its worker 0 first: let it play the worker whose turn it was.
+            worker = (worker + turn) % num_workers
+            skip = taken[worker] * self.batch_size
         shards = self.worker_shards(self.epoch, self.rank, self.world_size, worker, num_workers)
         raw: Iterator[dict] = (s for i in shards for s in self._raw_shard(int(i)))
         if self.shuffle and self.shuffle_buffer > 1:
             seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).generate_state(1)[0])
             raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed))(raw)
-        if self.start_batch:
-            per_worker = self.worker_batches(self.epoch, self.rank, self.world_size, num_workers, self.batch_size)
-            skip = round_robin_taken(per_worker, self.start_batch)[worker] * self.batch_size
-            for _ in range(skip):  # consumed before the interruption: read again, not decoded
-                next(raw)
+        for _ in range(skip):  # consumed before the interruption: read again, not decoded
+            next(raw)
         for sample in raw:
             yield self._decode(sample)
 
