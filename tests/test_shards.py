@@ -228,20 +228,20 @@ def test_pretraining_from_shards_resumes_exactly_and_tracks_idx(tmp_path, fmnist
 
     shards = {"dataset": "webdataset", "root": str(fmnist_shards), "shards": "train-{000000..000003}.tar",
               "train_subset": None, "num_workers": 2}
-    over = {"train": {"epochs": 2, "save_every_steps": 5, "log_every": 2}}
+    over = {"train": {"epochs": 1.5, "save_every_steps": 5, "log_every": 2}}  # 24 steps of 16 per epoch
     for name, data in (("idx", {}), ("full", shards), ("cut", shards)):
         (tmp_path / name).mkdir()
         extra = {"max_steps": 7} if name == "cut" else {}
         run_pretrain(load_config(write_config(tmp_path / name, data=data, train={**over["train"], **extra})))
     cut = tmp_path / "cut" / "runs" / "cfg"
     run_pretrain(load_config(write_config(tmp_path / "cut", data=shards, train=over["train"])), resume=True)
-    a = torch.load(tmp_path / "full" / "runs" / "cfg" / "ckpt-00000032.pt", weights_only=True)["model"]
-    b = torch.load(cut / "ckpt-00000032.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed 7 steps into epoch 0 of 16: bitwise identical
+    a = torch.load(tmp_path / "full" / "runs" / "cfg" / "ckpt-00000024.pt", weights_only=True)["model"]
+    b = torch.load(cut / "ckpt-00000024.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed 7 steps into epoch 0: bitwise identical
     idx, full = _losses(tmp_path / "idx" / "runs" / "cfg"), _losses(tmp_path / "full" / "runs" / "cfg")
-    assert len(idx) == len(full) == 16  # 512 samples / batch 32 = 16 steps per epoch either way
+    assert len(idx) == len(full) == 12  # 512 samples / batch 32 = 16 steps per epoch either way; logged every 2
     assert full[-1] < full[0] - 0.3 and idx[-1] < idx[0] - 0.3
-    assert np.mean(full[-4:]) == pytest.approx(np.mean(idx[-4:]), abs=0.25)  # same data, other order
+    assert np.mean(full[-4:]) == pytest.approx(np.mean(idx[-4:]), abs=0.1)  # same data, other order
 
 
 def test_finetuning_from_shards(tmp_path, fmnist_shards):

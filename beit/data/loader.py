@@ -39,14 +39,16 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, 
     """
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
+    sampler = None
     if isinstance(dataset, ShardDataset):
         dataset.configure(rank, world_size, epoch, batch_size, start_batch)
-        return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                          drop_last=True, collate_fn=collate_fn)
-    sampler = ResumableSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size,
-                               drop_last=True)
-    sampler.set_epoch(epoch)
-    sampler.set_start(start_batch * batch_size)
+    else:
+        sampler = ResumableSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size,
+                                   drop_last=True)
+        sampler.set_epoch(epoch)
+        sampler.set_start(start_batch * batch_size)
+    # Its own generator: the loader's worker seeds must not be drawn from the global RNG, which checkpoints
+    # restore (a resumed run creates one more loader than the run it continues).
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
