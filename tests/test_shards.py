@@ -144,6 +144,10 @@ def test_split_over_ranks_and_workers_no_sample_twice(tmp_path, world, workers):
         assigned = np.concatenate([ds.worker_shards(epoch, r, world, w, max(workers, 1))
                                    for r in range(world) for w in range(max(workers, 1))])
         assert sorted(assigned.tolist()) == list(range(11))
+        for r in range(world):  # the batch counts the epoch length is computed from follow the assignment
+            held = [int(ds.counts[ds.worker_shards(epoch, r, world, w, workers)].sum()) // 4
+                    for w in range(max(workers, 1))]
+            assert ds.worker_batches(epoch, r, world, workers, 4) == held
     # What the loader yields: same number of batches on every rank, no sample twice within an epoch,
     # and nothing lost beyond what the per-worker drop_last has to leave.
     batch = 4

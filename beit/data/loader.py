@@ -26,8 +26,8 @@ def batches_per_rank(dataset: Dataset, batch_size: int, world_size: int, num_wor
     if world_size > len(dataset.paths):
         raise ValueError(f"{len(dataset.paths)} shards cannot feed {world_size} ranks; write at least "
                          f"world_size x data.num_workers shards (`beit data shard --images-per-shard`)")
-    return min(sum(dataset.worker_batches(e, r, world_size, num_workers, batch_size))
-               for e in range(max(1, math.ceil(epochs))) for r in range(world_size))
+    return min(int(dataset.epoch_batches(e, world_size, num_workers, batch_size).sum(1).min())
+               for e in range(max(1, math.ceil(epochs))))
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, rank: int, world_size: int,

@@ -222,8 +222,17 @@ class ShardDataset(IterableDataset):
 
     def worker_batches(self, epoch: int, rank: int, world_size: int, num_workers: int, batch_size: int) -> list[int]:
         """Full batches each worker of `rank` yields in `epoch` (the loader drops each worker's last partial one)."""
-        return [int(self.counts[self.worker_shards(epoch, rank, world_size, w, num_workers)].sum()) // batch_size
-                for w in range(max(num_workers, 1))]
+        return self.epoch_batches(epoch, world_size, num_workers, batch_size)[rank].tolist()
+
+    def epoch_batches(self, epoch: int, world_size: int, num_workers: int, batch_size: int) -> np.ndarray:
+        """[world_size, workers] full batches of every worker in `epoch`: `worker_shards` for all at once
+        (position p of the epoch's shard order goes to rank p % W, worker (p // W) % N)."""
+        n, nw = len(self.paths), max(num_workers, 1)
+        order = np.random.default_rng([self.seed, epoch, 0x5A4D]).permutation(n) if self.shuffle else np.arange(n)
+        p = np.arange(n)
+        owner = (p % world_size) * nw + (p // world_size) % nw
+        samples = np.bincount(owner, weights=self.counts[order], minlength=world_size * nw)
+        return (samples.astype(np.int64) // batch_size).reshape(world_size, nw)
 
     # -- iteration ----------------------------------------------------------------------------------------------
     def _raw_shard(self, i: int) -> Iterator[dict]:
