@@ -276,7 +276,8 @@ class ShardDataset(IterableDataset):
             if self.on_bad_file == "fail":
                 raise RuntimeError(f"cannot decode sample '{name}' ({raw['__url__']}): {type(e).__name__}: {e}. "
                                    f"Fix the shard, or set data.on_bad_file=skip to skip (and count) it") from e
-            log.warning("skipping undecodable sample '%s': %s: %s", name, type(e).__name__, e)
+            if "__bad__" not in raw:  # a missing sample's shard was reported once, not once per sample
+                log.warning("skipping undecodable sample '%s': %s: %s", name, type(e).__name__, e)
             return BadSample(name, f"{type(e).__name__}: {e}")
         return self.make_item(img, label, sample_index(raw["__key__"]), self.epoch)
 
