@@ -19,6 +19,7 @@ from .datasets import (
     collate_mim_skip_bad,
     collate_skip_bad,
     load_fashion_mnist,
+    num_labels,
 )
 from .loader import batches_per_rank, make_loader
 from .masking import MaskingGenerator, proportional_min_patches
@@ -131,6 +132,7 @@ __all__ = [
     "eval_crop_pct",
     "load_fashion_mnist",
     "make_loader",
+    "num_labels",
     "proportional_min_patches",
     "random_resized_crop_box",
     "write_shards",

@@ -305,6 +305,12 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
     return ds
 
 
+def num_labels(ds) -> int:
+    """Number of classes a labelled dataset holds: max label + 1, or for shards (streamed, no label array)
+    the class count of the index `beit data shard` wrote."""
+    return ds.num_classes if hasattr(ds, "num_classes") else int(np.max(ds.targets)) + 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Masked image modeling
 
@@ -320,7 +326,9 @@ class MIMDataset(Dataset):
 
     def __init__(self, base, two_view: TwoViewTransform, mask_gen: MaskingGenerator, seed: int = 0):
         if not hasattr(base, "load_image"):
-            raise TypeError("MIMDataset: base must come from build_dataset(cfg, split) (it needs load_image)")
+            raise ValueError("MIMDataset: base must come from build_dataset(cfg, split) (it needs load_image); "
+                             "streamed shards (data.dataset=webdataset) have no random access: use the source "
+                             "dataset for this command")
         self.base, self.item, self.epoch = base, MIMItem(two_view, mask_gen, seed), 0
 
     @property
