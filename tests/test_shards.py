@@ -158,6 +158,8 @@ def test_split_over_ranks_and_workers_no_sample_twice(tmp_path, world, workers):
         most = max(sum(ds.worker_batches(e, r, world, max(workers, 1), batch)) for e in range(3) for r in range(world))
         assert 61 - len(keys) < world * (max(workers, 1) * batch + (most - steps) * batch)
     assert _epoch_keys(ds, world, workers, batch, 0) != _epoch_keys(ds, world, workers, batch, 1)
+    with pytest.raises(ValueError, match="11 shards cannot feed 12 ranks"):
+        batches_per_rank(ds, batch, 12, workers, epochs=1)
     assert _epoch_keys(ds, world, workers, batch, 1) == _epoch_keys(ds, world, workers, batch, 1)
 
 

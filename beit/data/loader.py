@@ -23,9 +23,7 @@ def batches_per_rank(dataset: Dataset, batch_size: int, world_size: int, num_wor
     """
     if not isinstance(dataset, ShardDataset):
         return len(dataset) // world_size // batch_size
-    if world_size > len(dataset.paths):
-        raise ValueError(f"{len(dataset.paths)} shards cannot feed {world_size} ranks; write at least "
-                         f"world_size x data.num_workers shards (`beit data shard --images-per-shard`)")
+    dataset.check_world_size(world_size)
     return min(int(dataset.epoch_batches(e, world_size, num_workers, batch_size).sum(1).min())
                for e in range(max(1, math.ceil(epochs))))
 

@@ -207,18 +207,24 @@ class ShardDataset(IterableDataset):
     def configure(self, rank: int, world_size: int, epoch: int, batch_size: int, start_batch: int = 0) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if world_size > len(self.paths):
-            raise ValueError(f"{len(self.paths)} shards cannot feed {world_size} ranks; write at least "
-                             f"world_size x data.num_workers shards (`beit data shard --images-per-shard`)")
+        self.check_world_size(world_size)
         self.rank, self.world_size, self.epoch = rank, world_size, int(epoch)
         self.batch_size, self.start_batch = batch_size, start_batch
 
+    def check_world_size(self, world_size: int) -> None:
+        if world_size > len(self.paths):
+            raise ValueError(f"{len(self.paths)} shards cannot feed {world_size} ranks; write at least "
+                             f"world_size x data.num_workers shards (`beit data shard --images-per-shard`)")
+
     # -- the assignment -----------------------------------------------------------------------------------------
+    def shard_order(self, epoch: int) -> np.ndarray:
+        """The epoch's shard order (all ranks), a function of (seed, epoch) only."""
+        n = len(self.paths)
+        return np.random.default_rng([self.seed, epoch, 0x5A4D]).permutation(n) if self.shuffle else np.arange(n)
+
     def worker_shards(self, epoch: int, rank: int, world_size: int, worker: int, num_workers: int) -> np.ndarray:
         """Indices (into self.paths) of the shards worker `worker` of rank `rank` reads in `epoch`, in order."""
-        n = len(self.paths)
-        order = np.random.default_rng([self.seed, epoch, 0x5A4D]).permutation(n) if self.shuffle else np.arange(n)
-        return order[rank::world_size][worker :: max(num_workers, 1)]  # num_workers 0: the main process reads
+        return self.shard_order(epoch)[rank::world_size][worker :: max(num_workers, 1)]  # 0 workers: main reads
 
     def worker_batches(self, epoch: int, rank: int, world_size: int, num_workers: int, batch_size: int) -> list[int]:
         """Full batches each worker of `rank` yields in `epoch` (the loader drops each worker's last partial one)."""
@@ -227,11 +233,9 @@ class ShardDataset(IterableDataset):
     def epoch_batches(self, epoch: int, world_size: int, num_workers: int, batch_size: int) -> np.ndarray:
         """[world_size, workers] full batches of every worker in `epoch`: `worker_shards` for all at once
         (position p of the epoch's shard order goes to rank p % W, worker (p // W) % N)."""
-        n, nw = len(self.paths), max(num_workers, 1)
-        order = np.random.default_rng([self.seed, epoch, 0x5A4D]).permutation(n) if self.shuffle else np.arange(n)
-        p = np.arange(n)
+        nw, p = max(num_workers, 1), np.arange(len(self.paths))
         owner = (p % world_size) * nw + (p // world_size) % nw
-        samples = np.bincount(owner, weights=self.counts[order], minlength=world_size * nw)
+        samples = np.bincount(owner, weights=self.counts[self.shard_order(epoch)], minlength=world_size * nw)
         return (samples.astype(np.int64) // batch_size).reshape(world_size, nw)
 
     # -- iteration ----------------------------------------------------------------------------------------------
