@@ -18,3 +18,11 @@ def create_tokenizer(name_or_path, weights=None, **overrides):
     from beit.tokenizers import create_tokenizer as _create
 
     return _create(name_or_path, weights=weights, **overrides)
+
+
+def load(source, **model_overrides):
+    """The model a checkpoint holds, built from its stored config: a run directory, a ckpt-*.pt / best.pt, a
+    folder written by `beit export`, a shipped name ("fmnist-classifier") or any supported layout."""
+    from beit.hub import load as _load
+
+    return _load(source, **model_overrides)

@@ -6,42 +6,31 @@ import argparse
 import os
 import sys
 
-from beit.config import ConfigError, load_config
-
-
-def add_train_command(sub, name: str, help: str, run):
-    """`beit NAME CONFIG [key=value ...] [--resume | --overwrite]` calling `run(cfg, resume=, overwrite=)`."""
-    p = sub.add_parser(name, help=help, description=help)
-    p.add_argument("config", help="YAML config file (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.epochs=2")
-    p.add_argument("--resume", action="store_true", help="continue the run in its run directory, exactly")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
-    p.set_defaults(func=lambda a: run(load_config(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite))
-    return p
-
-
-def _pretrain(cfg, **kw):
-    from beit.train.pretrain import run_pretrain
-
-    return run_pretrain(cfg, **kw)
+from beit.config import ConfigError
+from beit.train.eval_cli import add_train_command  # noqa: F401  (also reached as beit.cli.add_train_command)
+from beit.train.eval_cli import register as register_train
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from beit import __version__
     from beit.convert.cli import register as register_convert
     from beit.data_cli import register as register_data
-    from beit.reproduce import register as register_reproduce
+    from beit.export import register as register_export
+    from beit.experiments.fashion_mnist import register as register_reproduce
+    from beit.plot import register as register_plot
     from beit.tokenizers.cli import register as register_tokenizer
-    from beit.train.eval_cli import register as register_eval
     from beit.visualize import register as register_predict
 
     parser = argparse.ArgumentParser(prog="beit", description="BEiT: BERT pre-training of image transformers")
+    parser.add_argument("--version", action="version", version=f"beit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_train_command(sub, "pretrain", "masked image modeling pretraining (BEiT)", _pretrain)
-    register_eval(sub)
+    register_train(sub)
     register_predict(sub)
     register_tokenizer(sub)
     register_convert(sub)
     register_data(sub)
+    register_export(sub)
+    register_plot(sub)
     register_reproduce(sub)
     return parser
 

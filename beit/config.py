@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -75,79 +75,118 @@ class TokenizerConfig(_Section):
     final_steps: int = Field(150, ge=0)  # decoder-only steps after the final revival (at most 1/5 of the run)
 
 
+# beit/data: datasets.py, extra.py, shards.py
+DATASETS = ("fashion_mnist", "mnist", "image_folder", "cifar10", "cifar100", "hf", "webdataset")
+
+
 class DataConfig(_Section):
-    dataset: Literal["fashion_mnist", "image_folder", "cifar10", "cifar100", "webdataset"] = "image_folder"
+    # fashion_mnist | mnist | image_folder | cifar10 | cifar100 | hf (datasets on disk) | torchvision:<Class>
+    # | webdataset (tar shards written by `beit data shard`, beit/data/shards.py)
+    dataset: str = "image_folder"
     root: str | None = None  # data directory; fashion_mnist defaults to the Debian package path
-    # webdataset: tar shards written by `beit data shard` (brace patterns, relative to root unless absolute).
+    # webdataset: brace patterns, relative to root unless absolute.
     shards: str | None = None  # training split, e.g. "train-{000000..000999}.tar"
     eval_shards: str | None = None  # test split (fine-tuning evaluation, k-NN)
     shuffle_buffer: int = Field(2000, ge=0)  # samples per loader worker shuffled together (encoded bytes)
-    img_size: int = 224  # patch view
-    in_chans: int = 3
+    img_size: int = Field(224, gt=0)  # patch view
+    in_chans: Literal[1, 3] = 3
     mean: list[float] = [0.5, 0.5, 0.5]
     std: list[float] = [0.5, 0.5, 0.5]
-    batch_size: int = 64  # per device, per micro-batch
-    num_workers: int = 4
+    batch_size: int = Field(64, gt=0)  # per device, per micro-batch
+    num_workers: int = Field(4, ge=0)
     on_bad_file: Literal["skip", "fail"] = "skip"
     # Pretraining augmentation (shared crop, two views).
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    color_jitter: float = 0.4  # pretraining; fine-tuning too, but only where auto_augment is off (as in timm)
-    hflip: float = 0.5
+    color_jitter: float = Field(0.4, ge=0)  # pretraining; fine-tuning too, but only where auto_augment is off (as in timm)
+    hflip: float = Field(0.5, ge=0, le=1)
     # Block-wise masking (BEiT Alg. 1).
-    num_mask_patches: int = 75
-    min_mask_patches: int | None = 16  # null = proportional to the grid (16 / 196 of it)
-    max_mask_patches: int | None = None
-    mask_min_aspect: float = 0.3
+    num_mask_patches: int = Field(75, ge=0)
+    min_mask_patches: int | None = Field(16, ge=0)  # null = proportional to the grid (16 / 196 of it)
+    max_mask_patches: int | None = Field(None, ge=1)
+    mask_min_aspect: float = Field(0.3, gt=0)
     mask_mode: Literal["official", "exact"] = "official"
     # Fine-tuning augmentation (timm's create_transform / Mixup).
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_switch_prob: float = 0.5
-    crop_pct: float | None = None  # eval: Resize(size / crop_pct) + CenterCrop; null = 0.875, 1.0 at >= 384
-    label_fraction: float = 1.0  # class-balanced, seeded subset of the training labels
-    train_subset: int | None = None  # first N training samples (smoke tests)
-    eval_subset: int | None = None
+    reprob: float = Field(0.25, ge=0, le=1)
+    mixup: float = Field(0.8, ge=0)
+    cutmix: float = Field(1.0, ge=0)
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1)
+    crop_pct: float | None = Field(None, gt=0, le=1)  # eval: Resize(size / crop_pct) + CenterCrop; null = 0.875, 1.0 at >= 384
+    label_fraction: float = Field(1.0, gt=0, le=1)  # class-balanced, seeded subset of the training labels
+    train_subset: int | None = Field(None, gt=0)  # first N training samples (smoke tests)
+    eval_subset: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_stats(cls, data):
+        """mean/std left out default to 0.5 per channel, for 1 channel as for 3."""
+        if isinstance(data, dict) and data.get("in_chans") in (1, "1"):
+            data = {"mean": [0.5], "std": [0.5], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != self.in_chans:
+                raise ValueError(f"data.{key} has {len(getattr(self, key))} values but data.in_chans is {self.in_chans}")
+        if min(self.std) <= 0:
+            raise ValueError(f"data.std must be positive, got {self.std}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(self.crop_scale)}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"data.crop_ratio must satisfy 0 < min <= max, got {list(self.crop_ratio)}")
+        return self
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v in DATASETS or (v.startswith("torchvision:") and len(v) > len("torchvision:")):
+            return v
+        raise ValueError(f"unknown dataset {v!r}; use one of {', '.join(DATASETS)} or torchvision:<ClassName> "
+                         f"(e.g. torchvision:STL10)")
 
 
 class OptimConfig(_Section):
-    lr: float = 1.5e-3
-    min_lr: float = 1e-5
-    warmup_epochs: float = 10
-    warmup_steps: int | None = None  # overrides warmup_epochs when set
-    weight_decay: float = 0.05
+    lr: float = Field(1.5e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_epochs: float = Field(10, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)  # overrides warmup_epochs when set
+    weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    clip_grad: float | None = 3.0
-    layer_decay: float | None = None  # e.g. 0.65 for BEiT-B fine-tuning
-    accum_steps: int = 1
-    recipe_batch_size: int | None = None  # the global batch the lr was tuned for; a mismatch warns loudly
+    eps: float = Field(1e-8, gt=0)
+    clip_grad: float | None = Field(3.0, gt=0)
+    layer_decay: float | None = Field(None, gt=0, le=1)  # e.g. 0.65 for BEiT-B fine-tuning
+    accum_steps: int = Field(1, ge=1)
+    recipe_batch_size: int | None = Field(None, gt=0)  # the global batch the lr was tuned for; a mismatch warns loudly
     decay_mask_token: bool = True  # official: mask_token is weight-decayed
     decay_rel_pos_bias: bool = True  # official: rel-pos tables are weight-decayed
 
 
 class TrainConfig(_Section):
-    epochs: float = 800
-    max_steps: int | None = None  # stop early (smoke runs); schedules still span `epochs`
+    epochs: float = Field(800, ge=0)
+    max_steps: int | None = Field(None, ge=0)  # stop early (smoke runs); schedules still span `epochs`
     seed: int = 0
     amp: Literal["bf16", "fp16", "none"] = "bf16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "runs"
     run_name: str | None = None  # default: the config file's stem
-    log_every: int = 10
-    save_every_steps: int = 500
-    keep_last: int = 2
-    eval_every_epochs: float = 1
-    label_smoothing: float = 0.1
-    ema_decay: float | None = None
-    knn_every_epochs: float | None = None
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    log_every: int = Field(10, ge=1)
+    save_every_steps: int = Field(500, ge=1)
+    keep_last: int = Field(2, ge=0)  # newest training checkpoints kept; 0 keeps all
+    eval_every_epochs: float = Field(1, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    knn_every_epochs: float | None = Field(None, gt=0)
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
     compile: bool = False
     progress: bool = True
     probe_cache_features: bool = False  # linprobe: embed once with the eval transform (no augmentation)
+    # Written when fine-tuning / pretraining ends: <run>/<export_dir>/<format> (see `beit export`); [] = none.
+    export: list[Literal["hf", "timm"]] = ["hf", "timm"]
+    export_dir: str = "export"
 
 
 class DistConfig(_Section):
@@ -163,11 +202,29 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     dist: DistConfig = DistConfig()
 
+    @model_validator(mode="after")
+    def _check(self):
+        if self.optim.min_lr > self.optim.lr:
+            raise ValueError(f"optim.min_lr {self.optim.min_lr:g} is above optim.lr {self.optim.lr:g}")
+        if self.train.amp == "fp16" and not _cuda_for(self.train.device):
+            raise ValueError(f"train.amp=fp16 needs a CUDA device (dynamic loss scaling) and train.device="
+                             f"{self.train.device} has none here; use train.amp=bf16 (or none) on CPU")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _cuda_for(device: str) -> bool:
+    """Whether `train.device` will run on CUDA (torch is imported only for fp16 configs: `--help` stays light)."""
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _section_fields(path: tuple) -> list[str]:
@@ -190,6 +247,8 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
             close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
             hint = f" Did you mean '{'.'.join(map(str, e['loc'][:-1] + (close[0],)))}'?" if close else ""
             lines.append(f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
+        elif e["type"] == "value_error":  # a check across keys; its message names them
+            lines.append(str(e["ctx"]["error"]) if "ctx" in e else e["msg"])
         else:
             lines.append(f"bad value for '{key}': {e['msg']} (got {e.get('input')!r})")
     return ConfigError(f"{source}: " + "; ".join(lines))

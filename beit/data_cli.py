@@ -16,7 +16,9 @@ def _source_dataset(src: str, dataset: str | None, split: str, in_chans: int | N
     root = Path(src).expanduser()
     if dataset is None:  # a folder holding Fashion-MNIST's IDX files, else an ImageFolder
         dataset = "fashion_mnist" if root.is_dir() and any(root.glob("*-idx3-ubyte*")) else "image_folder"
-    in_chans = in_chans or (1 if dataset == "fashion_mnist" else 3)
+    if dataset == "webdataset":
+        raise ValueError("--dataset webdataset: SRC is already shards")
+    in_chans = in_chans or (1 if dataset in ("fashion_mnist", "mnist") else 3)
     ds = build_dataset(DataConfig(dataset=dataset, root=str(root), in_chans=in_chans), split)
     if dataset == "fashion_mnist":
         from beit.train.evaluate import FASHION_MNIST_CLASSES
@@ -54,8 +56,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("src", help="data root, as data.root would name it")
     s.add_argument("out", help="output directory")
     s.add_argument("--images-per-shard", type=int, default=10_000, help="samples per shard (default 10000)")
-    s.add_argument("--dataset", choices=["fashion_mnist", "image_folder", "cifar10", "cifar100"],
-                   help="how to read SRC (default: fashion_mnist if it holds IDX files, else image_folder)")
+    s.add_argument("--dataset", help="how to read SRC, any data.dataset but webdataset (default: fashion_mnist if "
+                                     "it holds Fashion-MNIST's IDX files, else image_folder)")
     s.add_argument("--split", choices=["train", "test"], default="train")
     s.add_argument("--in-chans", type=int, choices=[1, 3], help="channels of the PNGs written for in-memory "
                    "datasets (default: 1 for Fashion-MNIST, else 3); ImageFolder files are copied as they are")

@@ -15,24 +15,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beit.config import Config, ConfigError, load_config
+from beit.config import Config, ConfigError
 
 
 @torch.no_grad()
 def prediction_grid(cfg: Config, out: Path, num: int = 8, seed: int = 0) -> dict:
-    from beit.data import MIMDataset, build_dataset, build_mask_generator, build_two_view_transform
-    from beit.tokenizers import create_tokenizer
-    from beit.train.evaluate import build_model
+    from beit.builders import build_mim_dataset, build_model, build_tokenizer  # lazy: `beit --help` stays light
 
-    tokenizer = create_tokenizer(cfg.tokenizer.name, weights=cfg.tokenizer.weights)
+    tokenizer = build_tokenizer(cfg)
     if getattr(tokenizer, "decoder", None) is None:
         raise ConfigError(f"tokenizer '{cfg.tokenizer.name}' has no decoder, so predictions cannot be drawn")
     model = build_model(cfg, need_pretrained=True).eval()
     if model.lm_head is None:
         raise ConfigError(f"model {cfg.model.name} has no lm_head: use the pretraining preset and checkpoint")
-    base = build_dataset(cfg.data, "test")
-    data = MIMDataset(base, build_two_view_transform(cfg.data, cfg.tokenizer.image_size),
-                      build_mask_generator(cfg.data, model.grid), seed=seed)
+    data = build_mim_dataset(cfg, model.grid, split="test", seed=seed)
     items = [data[i] for i in np.random.default_rng(seed).choice(len(data), num, replace=False)]
     image = torch.stack([it["image"] for it in items])  # [n, C, H, W] normalised
     tok_image = torch.stack([it["tok_image"] for it in items])  # [n, C, h, w] in [0, 1]
@@ -78,13 +74,25 @@ def _save_grid(columns: list[torch.Tensor], out: Path, titles: list[str]):
 def register(subparsers):
     p = subparsers.add_parser("predict", help="draw what a pretrained model predicts at masked positions (PNG)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="the pretraining config (model, tokenizer, data sections)")
+    p.add_argument("config", help="the pretraining checkpoint (run directory, ckpt-*.pt, exported folder) or a "
+                   "pretraining config with model.pretrained")
     p.add_argument("overrides", nargs="*", help="e.g. model.pretrained=runs/fmnist")
     p.add_argument("--out", default="predictions.png")
     p.add_argument("--num", type=int, default=8)
+    p.add_argument("--attention", action="store_true",
+                   help="instead: per head, where the last block's [CLS] token attends (rel-pos bias included)")
 
     def run(a):
-        res = prediction_grid(load_config(a.config, a.overrides), Path(a.out), a.num)
+        from beit.hub import command_config
+
+        cfg = command_config(a.config, a.overrides, "predict")
+        if a.attention:
+            from beit.attention import attention_grid
+
+            res = attention_grid(cfg, Path(a.out), a.num)
+            print(f"wrote {res['png']} ({res['images']} images x {res['heads']} heads)")
+            return 0
+        res = prediction_grid(cfg, Path(a.out), a.num)
         print(f"wrote {res['png']} (masked-token accuracy on these samples: {res['masked_token_acc']:.1%})")
         return 0
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from beit.config import DataConfig
+from beit.builders import build_mim_dataset
+from beit.config import Config, DataConfig
 from beit.data import (
     BadFileTracker,
     BadSample,
@@ -22,8 +23,9 @@ from beit.data import (
     balanced_subset,
     build_dataset,
     build_finetune_transform,
-    build_pretrain_loader,
+    collate_mim_skip_bad,
     collate_skip_bad,
+    make_loader,
     random_resized_crop_box,
 )
 from beit.data import datasets as ds_mod
@@ -209,13 +211,21 @@ def test_image_folder_fail_names_file(folder):
         build_dataset(cfg, "test")
 
 
+def _pretrain_loader(data: DataConfig, seed: int, epoch: int, start_batch: int = 0):
+    """The loader the training loop builds for a pretraining run (grid 4x4, tokenizer view 16 px)."""
+    cfg = Config(data=data, train={"seed": seed}, tokenizer={"image_size": 16})
+    dataset = build_mim_dataset(cfg, (4, 4))
+    return make_loader(dataset, data.batch_size, data.num_workers, seed, 0, 1, epoch, start_batch,
+                       collate_mim_skip_bad, pin_memory=False)
+
+
 def test_mim_loader_skips_bad_files_in_workers(folder):
     # No root/train for this cfg: pretraining uses root itself (here: folder/train as root).
     cfg = DataConfig(
         dataset="image_folder", root=str(folder / "train"), img_size=32, batch_size=4, num_workers=1,
         num_mask_patches=6, min_mask_patches=None,
     )
-    loader, sampler, dataset = build_pretrain_loader(cfg, grid=(4, 4), tokenizer_size_px=16, seed=0)
+    loader = _pretrain_loader(cfg, seed=0, epoch=0)
     tracker, n = BadFileTracker(), 0
     for batch in loader:
         tracker.update(batch)
@@ -339,10 +349,8 @@ def test_pretrain_loader_resumes_exactly(tmp_path):
     )
     if not has_fmnist:
         pytest.skip("apt-get install dataset-fashion-mnist")
-    full, _, _ = build_pretrain_loader(cfg, (4, 4), 16, seed=1, epoch=2)
-    ref = list(full)
-    resumed, sampler, _ = build_pretrain_loader(cfg, (4, 4), 16, seed=1, epoch=2, start_sample=8)
-    got = list(resumed)
+    ref = list(_pretrain_loader(cfg, seed=1, epoch=2))
+    got = list(_pretrain_loader(cfg, seed=1, epoch=2, start_batch=2))
     assert len(got) == len(ref) - 2
     for a, b in zip(got, ref[2:]):
         for k in ("image", "tok_image", "mask"):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-import beit.reproduce as rep
+import beit.experiments.fashion_mnist as rep
 from beit.config import load_config
 
 
@@ -23,7 +23,7 @@ def test_every_stage_of_every_variant_is_a_valid_run(tmp_path, variant):
     for s in stages:
         assert s.config.is_file(), s.config  # shipped with the package (beit/configs)
         cfg = load_config(s.config, s.overrides)  # a mistyped override in VARIANTS fails here
-        assert cfg.train.run_name == rep._run_name(s)
+        assert cfg.train.run_name == s.name
     smallest = min(fractions)
     for init in ("pretrained", "scratch"):
         runs = [n for n in names if n.startswith(f"finetune_{init}_{rep._pct(smallest)}pct_")]
@@ -81,11 +81,11 @@ def test_reruns_skip_finished_stages_and_report_mean_std(tmp_path, monkeypatch):
 
 def test_several_seeds_give_mean_and_std(tmp_path):
     stages = [rep.Stage(f"finetune_{init}_1pct_seed{s}", "finetune", rep.CONFIGS / "finetune" / "fmnist.yaml",
-                        [f"train.run_name=finetune_{init}_1pct_seed{s}"]) for init in ("pretrained", "scratch")
-              for s in range(3)]
+                        [f"train.run_name=finetune_{init}_1pct_seed{s}"], init=init, label_fraction=0.01)
+              for init in ("pretrained", "scratch") for s in range(3)]
     for s in stages:
         (tmp_path / s.name).mkdir()
-        top1 = {"pretrained": 75.0, "scratch": 50.0}[s.name.split("_")[1]] + int(s.name[-1])
+        top1 = {"pretrained": 75.0, "scratch": 50.0}[s.init] + int(s.name[-1])
         (tmp_path / s.name / "summary.json").write_text(json.dumps({"eval": {"top1": top1}}))
     row = rep.collect(tmp_path, stages, "full", {})["finetune_top1"]["1"]
     assert row["pretrained"]["mean"] == 76.0 and row["scratch"]["mean"] == 51.0

@@ -13,9 +13,9 @@ import torchvision
 from PIL import Image
 
 from beit.config import DataConfig, load_config
-from beit.data import (ArrayImageDataset, BadFileTracker, MIMDataset, ShardDataset, batches_per_rank,
-                       build_dataset, build_mask_generator, build_mim_dataset, build_two_view_transform,
-                       collate_skip_bad, make_loader, write_shards)
+from beit.data import (ArrayImageDataset, BadFileTracker, MIMDataset, MIMItem, ShardDataset, batches_per_rank,
+                       build_dataset, build_mask_generator, build_two_view_transform, collate_skip_bad, make_loader,
+                       write_shards)
 from beit.data.shards import read_index, round_robin_taken
 
 from test_pretrain import TINY, write_config
@@ -195,7 +195,7 @@ def test_shard_mim_items_equal_map_style_items(tmp_path):
     ref = MIMDataset(base, two_view, masks, seed=3)
     shard_cfg = cfg.model_copy(update={"dataset": "webdataset", "train_subset": None,
                                        "shards": str(tmp_path / "train-{000000..000002}.tar")})
-    ds = build_mim_dataset(build_dataset(shard_cfg, "train"), two_view, masks, seed=3)
+    ds = build_dataset(shard_cfg, "train").with_items(MIMItem(two_view, masks, 3), seed=3)
     ds.configure(0, 1, epoch=2, batch_size=1)
     ref.set_epoch(2)
     got = list(ds)

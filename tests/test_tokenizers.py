@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from beit.config import load_config
+from beit.data.datasets import read_idx
 from beit.tokenizers import SHIPPED, TokenizerError, convert_dalle_pickle, create_tokenizer
 from beit.tokenizers.dalle import DalleTokenizer
 
@@ -101,9 +101,7 @@ def test_convert_dalle_pickle_requires_trust(tmp_path):
 # ------------------------------------------------------------------------------ shipped tokenizer
 def _fmnist_test_images(n: int) -> torch.Tensor:
     """First n Fashion-MNIST test images as [n, 1, 32, 32] floats in [0, 1] (28 -> 32 bilinear)."""
-    with gzip.open(FMNIST_TEST, "rb") as f:
-        raw = f.read()
-    x = torch.from_numpy(np.frombuffer(raw, np.uint8, offset=16).copy()).view(-1, 1, 28, 28)[:n].float()
+    x = torch.from_numpy(read_idx(FMNIST_TEST)[:n].copy())[:, None].float()  # [n, 1, 28, 28]
     return (F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).round().clamp(0, 255)) / 255
 
 

@@ -23,13 +23,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from beit.models.vit import rel_pos_table_size
+
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 LAYER_TABLE = "blocks.{}.attn.relative_position_bias_table"
 NUM_EXTRA_ROWS = 3  # cls→patch, patch→cls, cls→cls: copied unchanged
-
-
-def rel_pos_table_rows(grid: tuple[int, int]) -> int:
-    return (2 * grid[0] - 1) * (2 * grid[1] - 1) + NUM_EXTRA_ROWS
 
 
 def grid_from_table_rows(rows: int) -> tuple[int, int] | None:
@@ -141,9 +139,9 @@ def resize_rel_pos_table(
                 f"(not (2g−1)²+3 for any g); pass src_grid=(h, w) for a non-square grid"
             )
     src_grid, dst_grid = tuple(src_grid), tuple(dst_grid)
-    if table.shape[0] != rel_pos_table_rows(src_grid):
+    if table.shape[0] != rel_pos_table_size(src_grid):
         raise ValueError(
-            f"table has {table.shape[0]} rows but grid {src_grid} needs {rel_pos_table_rows(src_grid)}"
+            f"table has {table.shape[0]} rows but grid {src_grid} needs {rel_pos_table_size(src_grid)}"
         )
     if src_grid == dst_grid:
         return table

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-from torch.utils.data import DataLoader
-
 from .datasets import (
     ArrayImageDataset,
     BadFileTracker,
@@ -55,57 +52,6 @@ def build_two_view_transform(cfg, tokenizer_size_px: int) -> TwoViewTransform:
     )
 
 
-def build_mim_dataset(base, two_view: TwoViewTransform, mask_gen: MaskingGenerator, seed: int):
-    """Pretraining items from `build_dataset(cfg, "train")`: a `MIMDataset`, or for shards the same
-    `ShardDataset` making `MIMItem`s (views and mask drawn from (seed, epoch, sample index) either way)."""
-    if isinstance(base, ShardDataset):
-        base.make_item, base.seed = MIMItem(two_view, mask_gen, seed), int(seed)
-        return base
-    return MIMDataset(base, two_view, mask_gen, seed)
-
-
-def build_pretrain_loader(
-    cfg,
-    grid: tuple[int, int],
-    tokenizer_size_px: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    start_sample: int = 0,
-    epoch: int = 0,
-) -> tuple[DataLoader, ResumableSampler, MIMDataset]:
-    """(loader, sampler, dataset) for BEiT pretraining on the "train" split.
-
-    `start_sample` is the number of GLOBAL samples (all ranks together) already consumed in `epoch`; each rank
-    skips start_sample // world_size of its own. It must be a multiple of world_size. Batches are dicts
-    (see `collate_mim_skip_bad`) of cfg.batch_size per rank, drop_last. For the next epoch call
-    `dataset.set_epoch(e)` and `sampler.set_epoch(e)` before iterating the loader again.
-    """
-    if start_sample % world_size:
-        raise ValueError(f"start_sample={start_sample} must be a multiple of world_size={world_size}")
-    dataset = MIMDataset(
-        build_dataset(cfg, "train"),
-        build_two_view_transform(cfg, tokenizer_size_px),
-        build_mask_generator(cfg, grid),
-        seed,
-    )
-    sampler = ResumableSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size, drop_last=True)
-    dataset.set_epoch(epoch)
-    sampler.set_epoch(epoch)
-    sampler.set_start(start_sample // world_size)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        collate_fn=collate_mim_skip_bad,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,  # workers must re-copy the dataset to see set_epoch
-        drop_last=True,
-    )
-    return loader, sampler, dataset
-
-
 __all__ = [
     "ArrayImageDataset",
     "BadFileTracker",
@@ -123,9 +69,7 @@ __all__ = [
     "batches_per_rank",
     "build_dataset",
     "build_finetune_transform",
-    "build_mim_dataset",
     "build_mask_generator",
-    "build_pretrain_loader",
     "build_two_view_transform",
     "collate_mim_skip_bad",
     "collate_skip_bad",

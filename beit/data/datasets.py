@@ -1,4 +1,5 @@
-"""Datasets: Fashion-MNIST (IDX files), ImageFolder (with bad-file handling), CIFAR-10/100, label subsets,
+"""Datasets: Fashion-MNIST (IDX files), ImageFolder (with bad-file handling), CIFAR-10/100, label subsets
+(MNIST, torchvision:<Class> and HF `datasets` folders live in beit/data/extra.py),
 and the masked-image-modeling dataset that yields (patch view, tokenizer view, mask).
 
 Bad image files (ImageFolder). With `on_bad_file="fail"` the first file that cannot be decoded raises, naming
@@ -24,7 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from .masking import MaskingGenerator
-from .transforms import TwoViewTransform, pil_mode
+from .transforms import TwoViewTransform, pil_mode, to_mode
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class BadSample(NamedTuple):
 # Fashion-MNIST
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally .gz): uint8 data with big-endian int32 dims after a 4-byte magic."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
@@ -63,7 +64,25 @@ def _find_idx(dirs: Sequence[Path], stem: str) -> Path | None:
     return None
 
 
-_FMNIST_CACHE: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+_IDX_CACHE: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def load_idx_split(dirs: Sequence[Path], split: str, name: str, hint: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, H, W], labels int64 [N]) of an MNIST-format split (`train-*` / `t10k-*` IDX files,
+    optionally .gz) from the first of `dirs` holding them, read once per process."""
+    prefix = "train" if split == "train" else "t10k"
+    img_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
+    lbl_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
+    if img_path is None or lbl_path is None:
+        raise FileNotFoundError(f"{name} '{prefix}-images-idx3-ubyte[.gz]' / '{prefix}-labels-idx1-ubyte[.gz]' not "
+                                f"found in {', '.join(map(str, dirs))}. {hint}")
+    key = (str(img_path), str(lbl_path))
+    if key not in _IDX_CACHE:
+        images, labels = read_idx(img_path), read_idx(lbl_path).astype(np.int64)
+        if images.ndim != 3 or len(images) != len(labels):
+            raise ValueError(f"{img_path} / {lbl_path}: {images.shape} images vs {labels.shape} labels")
+        _IDX_CACHE[key] = (images, labels)
+    return _IDX_CACHE[key]
 
 
 def load_fashion_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -71,27 +90,13 @@ def load_fashion_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.nda
 
     Looks in `root`, `root/FashionMNIST/raw` (torchvision layout), `root/raw`, then the Debian package path.
     """
-    prefix = "train" if split == "train" else "t10k"
     dirs = []
     if root:
         r = Path(root).expanduser()
         dirs += [r, r / "FashionMNIST" / "raw", r / "raw"]
     dirs.append(Path(FASHION_MNIST_DEBIAN))
-    img_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
-    lbl_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
-    if img_path is None or lbl_path is None:
-        raise FileNotFoundError(
-            f"Fashion-MNIST '{prefix}-images-idx3-ubyte[.gz]' / '{prefix}-labels-idx1-ubyte[.gz]' not found in "
-            f"{', '.join(map(str, dirs))}. Install them with `apt-get install dataset-fashion-mnist` (as root) "
-            f"or set data.root to a directory holding the IDX files"
-        )
-    key = (str(img_path), str(lbl_path))
-    if key not in _FMNIST_CACHE:
-        images, labels = _read_idx(img_path), _read_idx(lbl_path).astype(np.int64)
-        if images.ndim != 3 or len(images) != len(labels):
-            raise ValueError(f"{img_path} / {lbl_path}: {images.shape} images vs {labels.shape} labels")
-        _FMNIST_CACHE[key] = (images, labels)
-    return _FMNIST_CACHE[key]
+    return load_idx_split(dirs, split, "Fashion-MNIST", "Install them with `apt-get install dataset-fashion-mnist` "
+                          "(as root) or set data.root to a directory holding the IDX files")
 
 
 class ArrayImageDataset(Dataset):
@@ -104,8 +109,7 @@ class ArrayImageDataset(Dataset):
         return len(self.images)
 
     def load_image(self, i: int) -> Image.Image:
-        img = Image.fromarray(self.images[i])
-        return img if img.mode == self.mode else img.convert(self.mode)
+        return to_mode(Image.fromarray(self.images[i]), self.mode)
 
     def __getitem__(self, i: int):
         img = self.load_image(i)
@@ -136,7 +140,9 @@ class ImageFolderDataset(Dataset):
         if on_bad_file not in ("skip", "fail"):
             raise ValueError(f"data.on_bad_file must be 'skip' or 'fail', got {on_bad_file!r}")
         self.root = Path(root)
-        self.classes, self.samples = _scan_folder(self.root)
+        from .extra import cached_scan
+
+        self.classes, self.samples = cached_scan(self.root, _scan_folder)  # a 14M-file tree is listed once
         if not self.samples:
             raise FileNotFoundError(
                 f"no images ({', '.join(IMG_EXTENSIONS)}) under '{self.root}'; expected {self.root}/<class>/*.jpg"
@@ -184,8 +190,7 @@ class _TorchvisionDataset(Dataset):
         return len(self.base)
 
     def load_image(self, i: int) -> Image.Image:
-        img = self.base[i][0]
-        return img if img.mode == self.mode else img.convert(self.mode)
+        return to_mode(self.base[i][0], self.mode)
 
     def __getitem__(self, i: int):
         img = self.load_image(i)
@@ -264,8 +269,9 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
     """Dataset of `(transform(pil_img), label)` for a `DataConfig` and split "train" | "test".
 
     With `transform=None` items are PIL images (mode 'L' if cfg.in_chans == 1 else 'RGB'), as `MIMDataset`
-    expects. `dataset: webdataset` gives an iterable `ShardDataset` (beit/data/shards.py) instead. `label_fraction` (train only) keeps a class-balanced subset seeded by `label_seed`;
-    `train_subset` / `eval_subset` then keep the first N samples.
+    expects. `label_fraction` (train only) keeps a class-balanced subset seeded by `label_seed`;
+    `train_subset` / `eval_subset` then keep the first N samples. `dataset: webdataset` gives an iterable
+    `ShardDataset` (beit/data/shards.py) instead.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -279,10 +285,12 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
             raise ValueError("data.root must be set for dataset 'image_folder' (root/<split>/<class>/*.jpg)")
         root = Path(cfg.root).expanduser()
         folder = root / split
+        if not train and not folder.is_dir() and (root / "val").is_dir():
+            folder = root / "val"  # ImageNet-style layout: val/ is the evaluation split
         if not folder.is_dir():
             if not train:
                 raise FileNotFoundError(
-                    f"no '{split}' folder under data.root '{root}' (expected {folder}/<class>/*.jpg)"
+                    f"no '{split}' (or 'val') folder under data.root '{root}' (expected {folder}/<class>/*.jpg)"
                 )
             log.info("'%s' does not exist; using '%s' itself as the training folder", folder, root)
             folder = root
@@ -295,6 +303,16 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
         return build_shard_dataset(cfg, split, transform, seed=label_seed)
     elif cfg.dataset in ("cifar10", "cifar100"):
         ds = _TorchvisionDataset(_cifar(cfg.dataset, cfg.root, train), mode, transform)
+    elif cfg.dataset == "mnist" or cfg.dataset == "hf" or cfg.dataset.startswith("torchvision:"):
+        from . import extra
+
+        if cfg.dataset == "mnist":
+            ds = ArrayImageDataset(*extra.load_mnist(cfg.root, split), mode, transform)
+            ds.classes = extra.MNIST_CLASSES
+        elif cfg.dataset == "hf":
+            ds = extra.hf_dataset(cfg.root, split, mode, transform)
+        else:
+            ds = extra.torchvision_dataset(cfg.dataset, cfg.root, split, mode, transform)
     else:  # unreachable through DataConfig's Literal, kept for direct callers
         raise ValueError(f"unknown data.dataset {cfg.dataset!r}")
     if train and cfg.label_fraction < 1:

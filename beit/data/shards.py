@@ -194,6 +194,11 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer, self.on_bad_file = shuffle_buffer, on_bad_file
         self.rank, self.world_size, self.epoch, self.batch_size, self.start_batch = 0, 1, 0, 1, 0
 
+    def with_items(self, make_item: Callable[[Image.Image, int, int, int], Any], seed: int) -> "ShardDataset":
+        """Make `make_item(img, label, index, epoch)` items (e.g. `MIMItem` for pretraining) with order seed `seed`."""
+        self.make_item, self.seed = make_item, int(seed)
+        return self
+
     def __len__(self) -> int:  # samples in all shards (one epoch of all ranks)
         return int(self.counts.sum())
 

@@ -55,6 +55,11 @@ def pil_mode(in_chans: int) -> str:
     return "L" if in_chans == 1 else "RGB"
 
 
+def to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """`img` in PIL mode `mode` ('L' or 'RGB'), converted only when it differs."""
+    return img if img.mode == mode else img.convert(mode)
+
+
 def random_resized_crop_box(
     width: int, height: int, scale: Sequence[float], ratio: Sequence[float], rng: np.random.Generator
 ) -> tuple[int, int, int, int]:
@@ -145,9 +150,7 @@ class TwoViewTransform:
         self.patch_interp, self.tokenizer_interp = _interp(patch_interp), _interp(tokenizer_interp)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        if img.mode != self.mode:
-            img = img.convert(self.mode)
-        img = color_jitter(img, self.color_jitter, rng)
+        img = color_jitter(to_mode(img, self.mode), self.color_jitter, rng)
         if rng.random() < self.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         top, left, h, w = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng)

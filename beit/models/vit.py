@@ -36,7 +36,7 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
     ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     coords = torch.stack([ys.flatten(), xs.flatten()])  # [2, N]
     rel = coords[:, :, None] - coords[:, None, :]  # [2, N, N]
-    num_rel = (2 * gh - 1) * (2 * gw - 1) + 3
+    num_rel = rel_pos_table_size(grid)
     index = torch.zeros(gh * gw + 1, gh * gw + 1, dtype=torch.long)
     index[1:, 1:] = (rel[0] + gh - 1) * (2 * gw - 1) + (rel[1] + gw - 1)
     index[0, :] = num_rel - 3  # cls as query
@@ -46,6 +46,7 @@ def relative_position_index(grid: tuple[int, int]) -> torch.Tensor:
 
 
 def rel_pos_table_size(grid: tuple[int, int]) -> int:
+    """Rows of a rel-pos table: every (dy, dx) of the grid plus the 3 cls rows."""
     return (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
 
 

@@ -16,7 +16,9 @@ def _load_images(paths: list[str], tok, size: int | None = None) -> torch.Tensor
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
 
-    mode = "L" if tok.in_chans == 1 else "RGB"
+    from beit.data.transforms import pil_mode
+
+    mode = pil_mode(tok.in_chans)
     imgs = []
     size = size or getattr(getattr(tok, "cfg", None), "image_size", None)
     for p in paths:

@@ -11,56 +11,32 @@ tokenizer.yaml (the `tokenizer:` section a pretraining config can use), metrics.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
 import yaml
 from safetensors.torch import save_file
 
 from beit.config import Config, TokenizerConfig
+from beit.data.datasets import build_dataset
 from beit.tokenizers.dvae import DVAE, kl_to_uniform, map_pixels, recon_nll
+from beit.train.optim import lr_at as cosine_lr
 
 # Dead-code handling is configured by TokenizerConfig (revive_*, usage_entropy_weight, final_steps); these
 # are the sample sizes of its final phase.
 FINAL_PROBE = 4096  # training images on which dead codes are counted at the end
 FINAL_SEED_IMAGES = 1024  # training images whose features seed the revived codes
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
 # ----------------------------------------------------------------------------------------------- data
-def _read_idx_images(path: Path) -> torch.Tensor:
-    """IDX3 gz file -> uint8 [N, 28, 28] (fallback while beit.data.datasets is not there)."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    n, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
-    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=16).copy()).view(n, rows, cols)
-
-
 def _load_split(cfg: Config, split: str) -> torch.Tensor:
     """All images of a split as uint8 [N, C, S, S] at the tokenizer's image size (labels unused)."""
     size, subset = cfg.tokenizer.image_size, cfg.data.train_subset if split == "train" else cfg.data.eval_subset
-    try:
-        from beit.data.datasets import build_dataset  # written by the data owner
-    except ImportError:
-        build_dataset = None
-    if build_dataset is None:
-        if cfg.data.dataset != "fashion_mnist":
-            raise RuntimeError(f"dataset '{cfg.data.dataset}' needs beit.data.datasets.build_dataset, which is missing")
-        root = Path(cfg.data.root) if cfg.data.root else FMNIST_DIR
-        prefix = "train" if split == "train" else "t10k"
-        x = _read_idx_images(root / f"{prefix}-images-idx3-ubyte.gz")[:subset, None]  # [N, 1, 28, 28]
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
-        return x.round().clamp(0, 255).to(torch.uint8)
-    import torchvision.transforms as T
-
     tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
     ds = build_dataset(cfg.data, split, transform=tf)
     n = len(ds) if subset is None else min(subset, len(ds))
@@ -80,12 +56,9 @@ def kl_weight_at(cfg: TokenizerConfig, step: int) -> float:
 
 
 def lr_at(cfg: Config, step: int, total: int) -> float:
+    """The shared per-step schedule (linear warmup over optim.warmup_steps, then cosine to min_lr)."""
     o = cfg.optim
-    warm = o.warmup_steps if o.warmup_steps is not None else 0
-    if step < warm:
-        return o.lr * (step + 1) / warm
-    t = (step - warm) / max(total - warm, 1)
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+    return cosine_lr(step, o.lr, o.min_lr, o.warmup_steps or 0, total)
 
 
 # ---------------------------------------------------------------------------------------- dead codes

@@ -1,10 +1,34 @@
-"""Sub-commands `finetune`, `linprobe`, `knn`, `eval`: `register(subparsers)` adds them to `beit`.
+"""Sub-commands `pretrain`, `finetune`, `linprobe`, `knn`, `eval`: `register(subparsers)` adds them to `beit`.
 
-Each takes `CONFIG [section.key=value ...] [--resume] [--overwrite]` like `beit pretrain`. `knn` and `eval`
-train nothing: --resume is accepted for symmetry and, like --overwrite, replaces their run directory.
+Each takes `CONFIG [section.key=value ...] [--resume] [--overwrite]`. `knn` and `eval` train nothing:
+--resume is accepted for symmetry and, like --overwrite, replaces their run directory. The task modules are
+imported only when a command runs, so `beit --help` does not load torch.
 """
 
 from __future__ import annotations
+
+from beit.config import load_config
+
+
+def add_train_command(sub, name: str, help: str, run, config_loader=load_config, config_help=None):
+    """`beit NAME CONFIG [key=value ...] [--resume | --overwrite]` calling `run(cfg, resume=, overwrite=)`.
+
+    `config_loader(CONFIG, overrides) -> Config` reads CONFIG (a YAML file; for commands that evaluate a
+    checkpoint, also the checkpoint itself, see `beit.hub.command_config`)."""
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("config", help=config_help or "YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.epochs=2")
+    p.add_argument("--resume", action="store_true", help="continue the run in its run directory, exactly")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    p.set_defaults(func=lambda a: run(config_loader(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite))
+    return p
+
+
+def _pretrain(cfg, **kw):
+    from beit.train.pretrain import run_pretrain
+
+    return run_pretrain(cfg, **kw)
+
 
 
 def _finetune(cfg, **kw):
@@ -31,12 +55,26 @@ def _eval(cfg, **kw):
     return run_eval(cfg, **kw)
 
 
-def register(subparsers) -> None:
-    from beit.cli import add_train_command as _add_train_command
+CHECKPOINT_HELP = ("a checkpoint (run directory, ckpt-*.pt / best.pt, exported folder, shipped name): its stored "
+                   "config describes the model and data; or a YAML config with model.pretrained")
 
-    _add_train_command(subparsers, "finetune", "fine-tune a classifier from model.pretrained (or from scratch)",
-                       _finetune)
-    _add_train_command(subparsers, "linprobe", "linear probe on every block of a frozen backbone", _linprobe)
-    _add_train_command(subparsers, "knn", "k-NN accuracy of frozen features (k=20, T=0.07)", _knn)
-    _add_train_command(subparsers, "eval", "top-1/top-5, per-class accuracy and confusion matrix of a checkpoint",
-                       _eval)
+
+def checkpoint_config_loader(command: str):
+    """Config loader for commands that evaluate a checkpoint: SOURCE may be the checkpoint itself."""
+
+    def loader(source, overrides):
+        from beit.hub import command_config
+
+        return command_config(source, overrides, command)
+
+    return loader
+
+
+def register(subparsers) -> None:
+    add_train_command(subparsers, "pretrain", "masked image modeling pretraining (BEiT)", _pretrain)
+    add_train_command(subparsers, "finetune", "fine-tune a classifier from model.pretrained (or from scratch)",
+                      _finetune)
+    for name, help, run in (("linprobe", "linear probe on every block of a frozen backbone", _linprobe),
+                            ("knn", "k-NN accuracy of frozen features (k=20, T=0.07)", _knn),
+                            ("eval", "top-1/top-5, per-class accuracy and confusion matrix of a checkpoint", _eval)):
+        add_train_command(subparsers, name, help, run, checkpoint_config_loader(name), CHECKPOINT_HELP)

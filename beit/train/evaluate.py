@@ -16,68 +16,19 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from beit.builders import build_eval_loader, build_labeled_dataset, build_model, resolve_pretrained  # noqa: F401
 from beit.config import Config, ConfigError
+from beit.train.checkpoint import unwrap
+from beit.train.distributed import resolve_device
+from beit.train.loop import autocast
+from beit.train.runner import open_run_dir
 
 log = logging.getLogger("beit")
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
-
-
-# ------------------------------------------------------------------------------------------------ building
-def resolve_pretrained(path: str | None) -> str | None:
-    """`model.pretrained` may name a run directory (e.g. runs/fmnist_quick): use its newest ckpt-*.pt."""
-    if not path or not Path(path).is_dir():
-        return path
-    from beit.train.checkpoint import list_checkpoints
-
-    found = list_checkpoints(Path(path))
-    if found:
-        return str(found[-1])
-    if (Path(path) / "best.pt").is_file():
-        return str(Path(path) / "best.pt")
-    return path  # maybe an HF directory; load_pretrained decides
-
-
-def build_model(cfg: Config, need_pretrained: bool = False) -> nn.Module:
-    """`create_model(cfg.model.name, pretrained, **overrides)` checked against the data config."""
-    from beit.models import create_model
-
-    if need_pretrained and not cfg.model.pretrained:
-        raise ConfigError("model.pretrained must name a checkpoint (file or run directory) for this command")
-    pretrained = resolve_pretrained(cfg.model.pretrained)
-    if pretrained:
-        log.info(f"loading {pretrained}")
-    model = create_model(cfg.model.name, pretrained, **cfg.model.overrides())
-    problems = []
-    if cfg.data.img_size != model.patch_embed.img_size:
-        problems.append(f"data.img_size {cfg.data.img_size} != model img_size {model.patch_embed.img_size}")
-    if cfg.data.in_chans != model.patch_embed.in_chans:
-        problems.append(f"data.in_chans {cfg.data.in_chans} != model in_chans {model.patch_embed.in_chans}")
-    if problems:
-        raise ConfigError("model and data disagree: " + "; ".join(problems))
-    return model
-
-
-def build_labeled_dataset(cfg: Config, split: str, train_transform: bool = False):
-    """`build_dataset` with the fine-tuning (train) or eval transform; bad label fractions become ConfigErrors."""
-    from beit.data import build_dataset, build_finetune_transform
-
-    try:
-        return build_dataset(cfg.data, split, build_finetune_transform(cfg.data, train=train_transform),
-                             label_seed=cfg.train.seed)
-    except ValueError as e:  # e.g. a label fraction that leaves a class empty
-        raise ConfigError(str(e)) from None
-
-
-def build_eval_loader(cfg: Config, split: str = "test", dataset=None) -> DataLoader:
-    """Sequential loader over `split` with the eval transform (Resize(size / crop_pct) + CenterCrop)."""
-    from beit.data import collate_skip_bad
-
-    dataset = dataset if dataset is not None else build_labeled_dataset(cfg, split)
-    return DataLoader(dataset, batch_size=cfg.data.batch_size * 2, shuffle=False, num_workers=cfg.data.num_workers,
-                      collate_fn=collate_skip_bad, pin_memory=torch.cuda.is_available())
 
 
 def class_names(dataset, cfg: Config) -> list[str]:
@@ -91,17 +42,18 @@ def class_names(dataset, cfg: Config) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ inference
 def amp_context(device: torch.device, amp: str):
-    from beit.train.loop import autocast
-
     return autocast(device, "none" if amp == "fp16" and device.type != "cuda" else amp)
 
 
 @torch.no_grad()
 def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-             amp: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply `fn` (images [B, C, H, W] -> [B, ...]) to every batch. Returns (outputs fp32 on CPU, labels)."""
+             amp: str = "bf16", desc: str = "eval", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply `fn` (images [B, C, H, W] -> [B, ...]) to every batch. Returns (outputs fp32 on CPU, labels).
+
+    A progress bar with ETA (`desc`) shows on the main process when stderr is a terminal and `progress`."""
     outs, labels = [], []
-    for batch in loader:
+    show = progress and is_main_process()
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None if show else True):
         x, y = batch[0], batch[1]
         if x is None:  # every file of the batch was undecodable (already logged by the dataset)
             continue
@@ -117,8 +69,6 @@ def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], dev
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Frozen image features [B, D]: the classifier's pre-logits (fc_norm of the mean patch token) when the
     model has mean pooling, else (MIM / cls-token models) the mean of the final normalised patch tokens."""
-    from beit.train.checkpoint import unwrap
-
     model = unwrap(model)
     tokens = model.forward_features(x)  # [B, N+1, D]
     if getattr(model, "fc_norm", None) is not None:
@@ -144,7 +94,7 @@ def classifier_evaluate(cfg: Config, device: torch.device) -> Callable[[nn.Modul
     loader = build_eval_loader(cfg, "test")
 
     def evaluate(model: nn.Module) -> dict:
-        logits, labels = run_over(loader, model, device, cfg.train.amp)
+        logits, labels = run_over(loader, model, device, cfg.train.amp, "eval (test)", cfg.train.progress)
         return {**accuracy(logits, labels), "loss": nn.functional.cross_entropy(logits, labels).item()}
 
     return evaluate
@@ -203,21 +153,14 @@ def plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str):
 def run_eval(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
     """Evaluate `model.pretrained` on the test split: results.json (top-1/top-5, per-class accuracy, confusion
     matrix) and confusion.png in runs/<run_name>/."""
-    from beit.train import checkpoint as ckpt_io
-    from beit.train.distributed import resolve_device
-    from beit.train.runner import run_dir_of, setup_logging
-
     device = resolve_device(cfg.train.device)
     model = build_model(cfg, need_pretrained=True).to(device).eval()  # fails before any run directory exists
     if model.num_classes <= 0:
         raise ConfigError(f"model {cfg.model.name} has no classification head (num_classes=0); `beit eval` needs "
                           f"a fine-tuned classifier — use `beit knn` or `beit linprobe` for a pretrained backbone")
-    run_dir = run_dir_of(cfg)
-    ckpt_io.prepare_run_dir(run_dir, resume=False, overwrite=overwrite or resume)
-    setup_logging(run_dir, True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    run_dir = open_run_dir(cfg, overwrite=overwrite or resume)
     loader = build_eval_loader(cfg, "test")
-    logits, labels = run_over(loader, model, device, cfg.train.amp)
+    logits, labels = run_over(loader, model, device, cfg.train.amp, "eval (test)", cfg.train.progress)
     k = model.num_classes
     if int(labels.max()) >= k:
         raise ConfigError(f"the data has label {int(labels.max())} but the model has {k} classes")

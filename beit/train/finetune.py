@@ -20,8 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from beit.builders import build_labeled_dataset, build_model
 from beit.config import Config, ConfigError
+from beit.data import collate_skip_bad, num_labels
+from beit.export import export_run
+from beit.train.evaluate import classifier_evaluate, is_main_process, read_summary, write_results
+from beit.train.loop import Task
+from beit.train.runner import launch
 
 log = logging.getLogger("beit")
 
@@ -34,15 +42,11 @@ def build_mixup(cfg: Config, num_classes: int):
     if d.batch_size % 2:
         raise ConfigError(f"mixup/cutmix pair each image with the flipped batch and need an even data.batch_size "
                           f"(got {d.batch_size}); use an even size or set data.mixup=0 data.cutmix=0")
-    from timm.data import Mixup
-
     return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=1.0, switch_prob=d.mixup_switch_prob,
                  mode="batch", label_smoothing=cfg.train.label_smoothing, num_classes=num_classes)
 
 
 def make_classification_step(mixup, smoothing: float):
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
     if mixup is not None:
         criterion = SoftTargetCrossEntropy()
     elif smoothing > 0:
@@ -72,10 +76,6 @@ def make_classification_step(mixup, smoothing: float):
 
 
 def build_finetune_task(cfg: Config, device: torch.device):
-    from beit.data import collate_skip_bad, num_labels
-    from beit.train.evaluate import build_labeled_dataset, build_model, classifier_evaluate
-    from beit.train.loop import Task
-
     # Data and recipe errors first: they are cheap to find, a large checkpoint is not cheap to load.
     dataset = build_labeled_dataset(cfg, "train", train_transform=True)
     build_mixup(cfg, 2)
@@ -94,11 +94,9 @@ def build_finetune_task(cfg: Config, device: torch.device):
 
 
 def run_finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
-    from beit.train.evaluate import is_main_process, read_summary, write_results
-    from beit.train.runner import launch
-
     run_dir = launch(cfg, build_finetune_task, resume=resume, overwrite=overwrite)
     if is_main_process():
+        export_run(cfg, run_dir)
         summary = read_summary(run_dir)
         last = summary.get("eval", {})
         write_results(run_dir, {"command": "finetune", "pretrained": cfg.model.pretrained,

@@ -13,13 +13,20 @@ The memory bank is the training split with the eval transform (no augmentation),
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from beit.builders import build_eval_loader, build_model
 from beit.config import Config
+from beit.train.checkpoint import unwrap
+from beit.train.distributed import resolve_device
+from beit.train.evaluate import accuracy, pooled_features, run_over, write_results
+from beit.train.runner import open_run_dir
 
 log = logging.getLogger("beit")
 
@@ -27,16 +34,14 @@ log = logging.getLogger("beit")
 @torch.no_grad()
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                 chunk: int = 1024) -> dict[str, float]:
+                 chunk: int = 1024, progress: bool = False) -> dict[str, float]:
     """Weighted k-NN over L2-normalised features. Returns {"top1": %, "top5": %}."""
-    from beit.train.evaluate import accuracy
-
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     k = min(k, len(train_feats))
     bank = F.normalize(train_feats.float(), dim=1)  # [N, D]
     queries = F.normalize(test_feats.float(), dim=1)
     votes = []
-    for q in queries.split(chunk):
+    for q in tqdm(queries.split(chunk), desc="k-NN vote", leave=False, disable=None if progress else True):
         sim, idx = (q @ bank.T).topk(k, dim=1)  # [b, k]
         weight = (sim / temperature).exp()
         onehot = F.one_hot(train_labels[idx], num_classes).float()  # [b, k, K]
@@ -50,38 +55,28 @@ def knn_evaluate(model: nn.Module, cfg: Config) -> dict[str, float]:
     Runs on the model's device under cfg.train.amp, in eval mode (the previous mode is restored), so the
     pretraining loop can call it every `train.knn_every_epochs`. Keys: knn_top1, knn_top5.
     """
-    from beit.train.checkpoint import unwrap
-    from beit.train.evaluate import build_eval_loader, pooled_features, run_over
-
     net = unwrap(model)
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
     try:
         fn = lambda x: pooled_features(net, x)  # noqa: E731
-        train_feats, train_labels = run_over(build_eval_loader(cfg, "train"), fn, device, cfg.train.amp)
-        test_feats, test_labels = run_over(build_eval_loader(cfg, "test"), fn, device, cfg.train.amp)
+        train_feats, train_labels = run_over(build_eval_loader(cfg, "train"), fn, device, cfg.train.amp,
+                                             "k-NN features (train)", cfg.train.progress)
+        test_feats, test_labels = run_over(build_eval_loader(cfg, "test"), fn, device, cfg.train.amp,
+                                           "k-NN features (test)", cfg.train.progress)
     finally:
         net.train(was_training)
-    res = knn_classify(train_feats, train_labels, test_feats, test_labels, cfg.train.knn_k, cfg.train.knn_temperature)
+    res = knn_classify(train_feats, train_labels, test_feats, test_labels, cfg.train.knn_k, cfg.train.knn_temperature,
+                       progress=cfg.train.progress)
     return {f"knn_{k}": v for k, v in res.items()}
 
 
 def run_knn(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
     """`beit knn`: k-NN accuracy of `model.pretrained` (or a random init, as a floor) -> results.json."""
-    import time
-
-    from beit.train import checkpoint as ckpt_io
-    from beit.train.distributed import resolve_device
-    from beit.train.evaluate import build_model, write_results
-    from beit.train.runner import run_dir_of, setup_logging
-
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(resolve_device(cfg.train.device))  # fails before any run directory exists
-    run_dir = run_dir_of(cfg)
-    ckpt_io.prepare_run_dir(run_dir, resume=False, overwrite=overwrite or resume)
-    setup_logging(run_dir, True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    run_dir = open_run_dir(cfg, overwrite=overwrite or resume)
     if not cfg.model.pretrained:
         log.warning("model.pretrained is null: k-NN on a randomly initialised model (a floor, not a result)")
     t0 = time.time()

@@ -24,8 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision import transforms as T
 
+from beit.builders import build_eval_loader, build_labeled_dataset, build_model
 from beit.config import Config, ConfigError
+from beit.data import build_dataset, collate_skip_bad, num_labels
+from beit.data.transforms import pil_mode, to_mode
+from beit.train.evaluate import accuracy, is_main_process, read_summary, run_over, write_results
+from beit.train.loop import Task
+from beit.train.runner import launch
 
 log = logging.getLogger("beit")
 
@@ -79,8 +86,6 @@ def probe_step(model: nn.Module, batch) -> dict:
 
 def per_layer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """logits [B, L, K] -> {"top1_layer1": ..., "top5_layer1": ..., "top1": best, "best_layer": 1-based}."""
-    from beit.train.evaluate import accuracy
-
     out = {}
     for i in range(logits.shape[1]):
         acc = accuracy(logits[:, i], labels)
@@ -93,30 +98,21 @@ def per_layer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 def _augment_transform(cfg: Config):
     """Official probe augmentation: RandomResizedCrop (bilinear) + horizontal flip, then normalise."""
-    from torchvision import transforms as T
-
-    from beit.data.transforms import pil_mode
-
     mode = pil_mode(cfg.data.in_chans)
-    return T.Compose([T.Lambda(lambda im: im if im.mode == mode else im.convert(mode)),
+    return T.Compose([T.Lambda(lambda im: to_mode(im, mode)),
                       T.RandomResizedCrop(cfg.data.img_size, interpolation=T.InterpolationMode.BILINEAR),
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(cfg.data.mean, cfg.data.std)])
 
 
 def _cache(probe: LinearProbe, cfg: Config, split: str, device) -> TensorDataset:
-    from beit.train.evaluate import build_eval_loader, run_over
-
     t0 = time.time()
-    feats, labels = run_over(build_eval_loader(cfg, split), probe.features, device, cfg.train.amp)
+    feats, labels = run_over(build_eval_loader(cfg, split), probe.features, device, cfg.train.amp,
+                             f"features ({split})", cfg.train.progress)
     log.info(f"cached {split} features {list(feats.shape)} in {time.time() - t0:.0f}s")
     return TensorDataset(feats.half(), labels)  # fp16 halves the memory; the heads upcast
 
 
 def build_linprobe_task(cfg: Config, device: torch.device):
-    from beit.data import build_dataset, collate_skip_bad, num_labels
-    from beit.train.evaluate import build_eval_loader, build_labeled_dataset, build_model, run_over
-    from beit.train.loop import Task
-
     if cfg.optim.layer_decay is not None:
         raise ConfigError("linear probing trains only the heads: set optim.layer_decay=null")
     if not cfg.model.pretrained:
@@ -141,7 +137,7 @@ def build_linprobe_task(cfg: Config, device: torch.device):
         test_loader, collate = build_eval_loader(cfg, "test", test), collate_skip_bad
 
     def evaluate(model: nn.Module) -> dict:
-        logits, labels = run_over(test_loader, model, device, cfg.train.amp)
+        logits, labels = run_over(test_loader, model, device, cfg.train.amp, "eval (test)", cfg.train.progress)
         return per_layer_accuracy(logits, labels)
 
     return Task(model=probe, step=probe_step, dataset=train, collate_fn=collate, evaluate=evaluate,
@@ -149,9 +145,6 @@ def build_linprobe_task(cfg: Config, device: torch.device):
 
 
 def run_linprobe(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
-    from beit.train.evaluate import is_main_process, read_summary, write_results
-    from beit.train.runner import launch
-
     run_dir = launch(cfg, build_linprobe_task, resume=resume, overwrite=overwrite)
     if is_main_process():
         summary = read_summary(run_dir)

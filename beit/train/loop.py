@@ -13,13 +13,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from beit.config import Config, ConfigError
@@ -78,153 +79,215 @@ def _check_batch(cfg: Config, info: DistInfo):
     return global_batch
 
 
-def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: bool = False) -> dict:
-    """Train `task` as configured. Returns a summary dict (also written to run_dir/summary.json)."""
-    device, amp = info.device, cfg.train.amp
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("train.amp=fp16 needs a CUDA device (dynamic loss scaling); use train.amp=bf16 on CPU")
-    batch_size, accum = cfg.data.batch_size, cfg.optim.accum_steps
-    global_batch = _check_batch(cfg, info)
-
-    model = task.model.to(device)
-    groups = param_groups(model, cfg.optim)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-    trainable = [p for g in groups for p in g["params"]]
-    ema = None
-    if cfg.train.ema_decay:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
-
-    steps_per_epoch = batches_per_rank(task.dataset, batch_size, info.world_size, cfg.data.num_workers,
-                                       cfg.train.epochs) // accum
-    if steps_per_epoch == 0:
+def steps_per_epoch_of(cfg: Config, dataset: Dataset, world_size: int) -> int:
+    """Optimizer steps per epoch (drop_last; for shards what every rank holds, see `batches_per_rank`); a
+    training set smaller than one global batch is a ConfigError."""
+    d = cfg.data
+    steps = batches_per_rank(dataset, d.batch_size, world_size, d.num_workers, cfg.train.epochs) // cfg.optim.accum_steps
+    if steps == 0:
         raise ConfigError(
-            f"the training set has {len(task.dataset)} samples, fewer than one global batch ({global_batch}); "
+            f"the training set has {len(dataset)} samples, fewer than one global batch "
+            f"({d.batch_size * cfg.optim.accum_steps * world_size}, from each loader worker for shards); "
             f"lower data.batch_size or optim.accum_steps"
         )
-    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
-    stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
-    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else round(cfg.optim.warmup_epochs * steps_per_epoch)
-    eval_every = max(1, round((task.eval_every_epochs or cfg.train.eval_every_epochs) * steps_per_epoch))
+    return steps
 
-    step, best, extra_summary = 0, None, {}
+
+@dataclass
+class _Run:
+    """What `fit` builds once and then advances step by step: the whole training state of one run."""
+
+    cfg: Config
+    task: Task
+    info: DistInfo
+    run_dir: Path | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: nn.Module | None
+    trainable: list[torch.Tensor]
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int  # the schedule's length (train.epochs)
+    stop_step: int  # where this run stops (train.max_steps may stop earlier)
+    warmup: int
+    eval_every: int
+    ddp_model: nn.Module | None = None
+    step: int = 0
+    best: float | None = None
+    skipped: int = 0  # fp16 overflow steps
+    data_iter: Any = None
+    window: MetricWindow = field(default_factory=MetricWindow)
+    bad_files: BadFileTracker = field(default_factory=BadFileTracker)
+    last_eval: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.task.model
+
+
+def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: bool = False) -> dict:
+    """Train `task` as configured. Returns a summary dict (also written to run_dir/summary.json)."""
+    run = _setup(cfg, task, info, run_dir)
     if resume:
-        found = ckpt_io.list_checkpoints(run_dir)
-        if not found:
-            raise ckpt_io.RunDirError(f"--resume: no ckpt-*.pt in '{run_dir}'")
-        state = ckpt_io.load_training_checkpoint(found[-1])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
-        ckpt_io.set_rng_state(state["rng"])
-        step, best = state["step"], state.get("best")
-        if info.is_main:
-            log.info(f"resumed from {found[-1]} at step {step}")
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
-
+        _resume(run)
     if cfg.train.compile:
         # Compile block by block, from outside the model: shapes inside a block are static, while the
         # masked-token gather around them is data-dependent and would force recompilation.
-        for m in model.modules():
+        for m in run.model.modules():
             if isinstance(m, Block):
                 m.compile()
-    ddp_model = wrap_ddp(model, info, cfg.dist.find_unused_parameters)
+    run.ddp_model = wrap_ddp(run.model, info, cfg.dist.find_unused_parameters)
     logger = MetricLogger(run_dir, enabled=info.is_main)
-    window = MetricWindow()
-    bar = tqdm(total=stop_step, initial=step, disable=not (info.is_main and cfg.train.progress),
+    bar = tqdm(total=run.stop_step, initial=run.step, disable=not (info.is_main and cfg.train.progress),
                unit="step", dynamic_ncols=True)
     if info.is_main:
-        log.info(f"{stop_step - step} steps to go ({steps_per_epoch}/epoch, global batch {global_batch}, "
-                 f"warmup {warmup}, amp {amp}, device {device}, {info.world_size} process(es))")
+        log.info(f"{run.stop_step - run.step} steps to go ({run.steps_per_epoch}/epoch, global batch "
+                 f"{run.global_batch}, warmup {run.warmup}, amp {cfg.train.amp}, device {info.device}, "
+                 f"{info.world_size} process(es))")
 
-    def save(at_step):
-        if info.is_main and run_dir is not None:
-            ckpt_io.save_training_checkpoint(run_dir, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "ema": ema.module.state_dict() if ema is not None else None,
-                "rng": ckpt_io.rng_state(), "best": best, "config": cfg.to_dict(),
-            }, at_step, cfg.train.keep_last)
-        barrier()
-
-    bad_files, skipped, t_start, last_eval = BadFileTracker(), 0, time.time(), {}
-    model.train()
-    it = None
-    while step < stop_step:
-        epoch, k = divmod(step, steps_per_epoch)
-        if it is None or k == 0:
-            # A loader that starts k steps into the epoch yields exactly what an uninterrupted run would.
-            it = iter(make_loader(task.dataset, batch_size, cfg.data.num_workers, cfg.train.seed, info.rank,
-                                  info.world_size, epoch, k * accum, task.collate_fn, device.type == "cuda"))
-
-        lr = lr_at(step, cfg.optim.lr, cfg.optim.min_lr, warmup, total_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        t0 = time.time()
-        for micro in range(accum):
-            batch = next(it)
-            bad_files.update(batch)
-            batch = _drop_bad(batch)
-            if batch is None:  # every sample of this micro-batch failed to decode (logged by the dataset)
-                continue
-            batch = to_device(batch, device)
-            sync = info.enabled and micro < accum - 1
-            with ddp_model.no_sync() if sync else contextlib.nullcontext():
-                with autocast(device, amp):
-                    out = task.step(ddp_model, batch)
-                loss = out["loss"]
-                if not torch.isfinite(loss) and amp != "fp16":
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower optim.lr or check the data")
-                scaler.scale(loss / accum).backward()
-            window.add(**{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
-        scaler.unscale_(optimizer)
-        clip = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
-        scale_before = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if amp == "fp16" and scaler.get_scale() < scale_before:
-            skipped += 1  # overflow: the step was skipped; its inf/nan norm is not averaged (unilm#598)
-        else:
-            window.add(grad_norm=grad_norm)
-        if ema is not None:
-            ema.update(model, step=step)
-        step += 1
-
-        dt = time.time() - t0
-        window.add(img_per_s=global_batch / dt)
+    t_start = time.time()
+    run.model.train()
+    while run.step < run.stop_step:
+        lr = _train_one_step(run)
         bar.update(1)
-        if step % cfg.train.log_every == 0 or step == stop_step:
-            values = {**_mean_over_ranks(window.flush(), info, device), "lr": lr, "epoch": step / steps_per_epoch}
-            if amp == "fp16":
-                values.update(loss_scale=scaler.get_scale(), skipped_steps=skipped)
-            logger.log(step, "train", values)
-            bar.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "mlm_acc", "acc", "img_per_s") if k in values})
-        if task.evaluate is not None and (step % eval_every == 0 or step == stop_step):
-            last_eval = _evaluate(task, model, ema, info, logger, step)
-            metric = last_eval.get(task.best_metric) if task.best_metric else None
-            if metric is not None and (best is None or metric > best):
-                best = metric
-                if info.is_main and run_dir is not None:
-                    ckpt_io.atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "step": step,
-                                         task.best_metric: metric}, run_dir / "best.pt")
-            model.train()
-        if step % cfg.train.save_every_steps == 0 or step == stop_step:
-            save(step)
+        _log_and_evaluate(run, logger, bar, lr)
+        if run.step % cfg.train.save_every_steps == 0 or run.step == run.stop_step:
+            _save(run)
     bar.close()
+    return _finish(run, logger, time.time() - t_start)
 
-    wall = time.time() - t_start
-    summary = {"steps": step, "total_steps": total_steps, "epochs": step / steps_per_epoch,
-               "global_batch": global_batch, "wall_time_s": wall, **bad_files.summary(),
-               "skipped_steps": skipped, "eval": last_eval, "best": best, **extra_summary}
-    if bad_files.num_skipped and info.is_main:
-        log.warning(f"{bad_files.num_skipped} undecodable files were skipped: {sorted(bad_files.paths)[:10]}")
-    if info.is_main and run_dir is not None:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Run:
+    """Optimizer, loss scaler, EMA and the step counts of the schedule."""
+    global_batch = _check_batch(cfg, info)
+    model = task.model.to(info.device)
+    groups = param_groups(model, cfg.optim)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
+    ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
+
+    steps_per_epoch = steps_per_epoch_of(cfg, task.dataset, info.world_size)
+    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
+    stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
+    o = cfg.optim
+    warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
+    eval_every = max(1, round((task.eval_every_epochs or cfg.train.eval_every_epochs) * steps_per_epoch))
+    return _Run(cfg, task, info, run_dir, optimizer, scaler, ema, [p for g in groups for p in g["params"]],
+                global_batch, steps_per_epoch, total_steps, stop_step, warmup, eval_every)
+
+
+def _resume(run: _Run):
+    """Load the newest checkpoint of the run directory: weights, optimizer, scaler, EMA, RNG, step."""
+    found = ckpt_io.list_checkpoints(run.run_dir)
+    if not found:
+        raise ckpt_io.RunDirError(f"--resume: no ckpt-*.pt in '{run.run_dir}'")
+    state = ckpt_io.load_training_checkpoint(found[-1])
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.module.load_state_dict(state["ema"])
+    ckpt_io.set_rng_state(state["rng"])
+    run.step, run.best = state["step"], state.get("best")
+    if run.info.is_main:
+        log.info(f"resumed from {found[-1]} at step {run.step}")
+        _truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
+
+
+def _epoch_iterator(run: _Run):
+    """A data iterator that starts exactly where an uninterrupted run would be at `run.step`."""
+    cfg, info = run.cfg, run.info
+    epoch, k = divmod(run.step, run.steps_per_epoch)
+    return iter(make_loader(run.task.dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, info.rank,
+                            info.world_size, epoch, k * cfg.optim.accum_steps, run.task.collate_fn,
+                            pin_memory=info.device.type == "cuda"))
+
+
+def _train_one_step(run: _Run) -> float:
+    """One optimizer step over `accum_steps` micro-batches (forward, backward, clip, step). Returns its lr."""
+    cfg, info = run.cfg, run.info
+    amp, accum = cfg.train.amp, cfg.optim.accum_steps
+    if run.data_iter is None or run.step % run.steps_per_epoch == 0:
+        run.data_iter = _epoch_iterator(run)
+    lr = lr_at(run.step, cfg.optim.lr, cfg.optim.min_lr, run.warmup, run.total_steps)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    t0 = time.time()
+    for micro in range(accum):
+        batch = next(run.data_iter)
+        run.bad_files.update(batch)
+        batch = _drop_bad(batch)
+        if batch is None:  # every sample of this micro-batch failed to decode (logged by the dataset)
+            continue
+        batch = to_device(batch, info.device)
+        sync = info.enabled and micro < accum - 1
+        with run.ddp_model.no_sync() if sync else contextlib.nullcontext():
+            with autocast(info.device, amp):
+                out = run.task.step(run.ddp_model, batch)
+            loss = out["loss"]
+            if not torch.isfinite(loss) and amp != "fp16":
+                raise FloatingPointError(f"loss is {loss.item()} at step {run.step}; lower optim.lr or check the data")
+            run.scaler.scale(loss / accum).backward()
+        run.window.add(**{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
+    run.scaler.unscale_(run.optimizer)
+    clip = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, clip))
+    scale_before = run.scaler.get_scale()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if amp == "fp16" and run.scaler.get_scale() < scale_before:
+        run.skipped += 1  # overflow: the step was skipped; its inf/nan norm is not averaged (unilm#598)
+    else:
+        run.window.add(grad_norm=grad_norm)
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.step)
+    run.step += 1
+    run.window.add(img_per_s=run.global_batch / (time.time() - t0))
+    return lr
+
+
+def _log_and_evaluate(run: _Run, logger: MetricLogger, bar, lr: float):
+    """Every train.log_every steps: the window's means; every eval period: the task's evaluation (+ best.pt)."""
+    cfg, info, step = run.cfg, run.info, run.step
+    if step % cfg.train.log_every == 0 or step == run.stop_step:
+        values = {**_mean_over_ranks(run.window.flush(), info, info.device), "lr": lr,
+                  "epoch": step / run.steps_per_epoch}
+        if cfg.train.amp == "fp16":
+            values.update(loss_scale=run.scaler.get_scale(), skipped_steps=run.skipped)
+        logger.log(step, "train", values)
+        bar.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "mlm_acc", "acc", "img_per_s") if k in values})
+    if run.task.evaluate is None or not (step % run.eval_every == 0 or step == run.stop_step):
+        return
+    run.last_eval = _evaluate(run.task, run.model, run.ema, info, logger, step)
+    name = run.task.best_metric
+    metric = run.last_eval.get(name) if name else None
+    if metric is not None and (run.best is None or metric > run.best):
+        run.best = metric
+        if info.is_main and run.run_dir is not None:
+            ckpt_io.atomic_save({"model": run.model.state_dict(), "config": cfg.to_dict(), "step": step,
+                                 name: metric}, run.run_dir / "best.pt")
+    run.model.train()
+
+
+def _save(run: _Run):
+    if run.info.is_main and run.run_dir is not None:
+        ckpt_io.save_training_checkpoint(run.run_dir, {
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
+            "rng": ckpt_io.rng_state(), "best": run.best, "config": run.cfg.to_dict(),
+        }, run.step, run.cfg.train.keep_last)
+    barrier()
+
+
+def _finish(run: _Run, logger: MetricLogger, wall: float) -> dict:
+    summary = {"steps": run.step, "total_steps": run.total_steps, "epochs": run.step / run.steps_per_epoch,
+               "global_batch": run.global_batch, "wall_time_s": wall, **run.bad_files.summary(),
+               "skipped_steps": run.skipped, "eval": run.last_eval, "best": run.best}
+    if run.bad_files.num_skipped and run.info.is_main:
+        log.warning(f"{run.bad_files.num_skipped} undecodable files were skipped: {sorted(run.bad_files.paths)[:10]}")
+    if run.info.is_main and run.run_dir is not None:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     return summary
 

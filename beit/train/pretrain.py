@@ -16,7 +16,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from beit.builders import build_mim_dataset, build_model, build_tokenizer
 from beit.config import Config, ConfigError
+from beit.data import collate_mim_skip_bad
+from beit.export import export_run
+from beit.train.evaluate import is_main_process
+from beit.train.knn import knn_evaluate
+from beit.train.loop import Task
+from beit.train.runner import launch
 
 log = logging.getLogger("beit")
 
@@ -55,33 +62,24 @@ def check_compatible(model, tokenizer, cfg: Config):
         raise ConfigError("model, tokenizer and data disagree: " + "; ".join(problems))
 
 
-def build_pretrain_task(cfg: Config, device: torch.device):
-    from beit.data import (build_dataset, build_mask_generator, build_mim_dataset, build_two_view_transform,
-                           collate_mim_skip_bad)
-    from beit.tokenizers import create_tokenizer
-    from beit.train.evaluate import build_model
-    from beit.train.loop import Task
-
-    tokenizer = create_tokenizer(cfg.tokenizer.name, weights=cfg.tokenizer.weights).to(device)
+def build_pretrain_task(cfg: Config, device: torch.device) -> Task:
+    tokenizer = build_tokenizer(cfg, device)
     model = build_model(cfg)  # create_model + pretrained (file or run directory) + image size/channel checks
     if model.lm_head is None:
         raise ConfigError(f"model.name={cfg.model.name} has no lm_head; pretraining needs a *_vocab preset")
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     check_compatible(model, tokenizer, cfg)
 
-    dataset = build_mim_dataset(build_dataset(cfg.data, "train"),
-                                build_two_view_transform(cfg.data, cfg.tokenizer.image_size),
-                                build_mask_generator(cfg.data, model.grid), seed=cfg.train.seed)
+    dataset = build_mim_dataset(cfg, model.grid)
     evaluate = None
     if cfg.train.knn_every_epochs:  # a cheap signal of representation quality while pretraining
-        from beit.train.knn import knn_evaluate
-
         evaluate = lambda m: knn_evaluate(m, cfg)  # noqa: E731
     return Task(model=model, step=make_mim_step(tokenizer), dataset=dataset, collate_fn=collate_mim_skip_bad,
                 evaluate=evaluate, best_metric=None, eval_every_epochs=cfg.train.knn_every_epochs)
 
 
 def run_pretrain(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
-    from beit.train.runner import launch
-
-    return launch(cfg, build_pretrain_task, resume=resume, overwrite=overwrite)
+    run_dir = launch(cfg, build_pretrain_task, resume=resume, overwrite=overwrite)
+    if is_main_process():
+        export_run(cfg, run_dir)
+    return run_dir

@@ -13,7 +13,7 @@ import torch
 from beit.config import Config
 from beit.train import checkpoint as ckpt_io
 from beit.train.distributed import barrier, cleanup, init_distributed
-from beit.train.loop import Task, fit
+from beit.train.loop import Task, fit, steps_per_epoch_of
 
 log = logging.getLogger("beit")
 
@@ -36,6 +36,16 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.train.out_dir) / (cfg.train.run_name or "run")
 
 
+def open_run_dir(cfg: Config, overwrite: bool) -> Path:
+    """The run directory of a command that trains nothing (`eval`, `knn`): created (replaced with --overwrite),
+    logged to, with the config beside the results."""
+    run_dir = run_dir_of(cfg)
+    ckpt_io.prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+    setup_logging(run_dir, True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return run_dir
+
+
 def launch(cfg: Config, build_task: Callable[[Config, torch.device], Task], resume=False, overwrite=False) -> Path:
     """Set up processes and the run directory, build the task, train. Returns the run directory."""
     info = init_distributed(cfg.train.device, cfg.dist.backend)
@@ -49,6 +59,7 @@ def launch(cfg: Config, build_task: Callable[[Config, torch.device], Task], resu
         random.seed(cfg.train.seed + info.rank)
         # Build first: a bad checkpoint, dataset or config fails here and leaves no run directory behind.
         task = build_task(cfg, info.device)
+        steps_per_epoch_of(cfg, task.dataset, info.world_size)
         barrier()
         if info.is_main:
             ckpt_io.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)

@@ -24,17 +24,19 @@ from typing import Callable
 from beit.config import load_config
 
 log = logging.getLogger("beit")
-CONFIGS = Path(__file__).resolve().parent / "configs"  # a link to the repository's configs/, shipped in the wheel
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # a link to the repository's configs/, shipped in the wheel
 WALL_TIME = "stage_wall_time.json"  # seconds per finished stage, kept across resumed runs
 
 
 @dataclass
 class Stage:
-    name: str
+    name: str  # also its run directory under the output folder (train.run_name)
     command: str  # pretrain | finetune | linprobe | knn | tokenizer
     config: Path
     overrides: list[str] = field(default_factory=list)
     done_file: str = "summary.json"
+    init: str | None = None  # fine-tuning: "pretrained" or "scratch"
+    label_fraction: float | None = None  # fine-tuning: data.label_fraction
 
 
 def _runner(command: str) -> Callable:
@@ -106,7 +108,8 @@ def plan(out: Path, variant: str, retrain_tokenizer: bool = False) -> list[Stage
                                          ("scratch", "fmnist_scratch.yaml", [])):
                 name = f"finetune_{init}_{_pct(frac)}pct_seed{seed}"
                 stages.append(Stage(name, "finetune", CONFIGS / "finetune" / cfg, common + init_over + extra + [
-                    f"train.run_name={name}", f"data.label_fraction={frac}", f"train.seed={seed}"]))
+                    f"train.run_name={name}", f"data.label_fraction={frac}", f"train.seed={seed}"],
+                    init=init, label_fraction=frac))
     if v.get("knn", []) is not None:
         stages.append(Stage("knn", "knn", CONFIGS / "knn" / "fmnist.yaml",
                             common + [pretrained, "train.run_name=knn"] + v.get("knn", []), done_file="results.json"))
@@ -115,7 +118,7 @@ def plan(out: Path, variant: str, retrain_tokenizer: bool = False) -> list[Stage
                             common + [pretrained, "train.run_name=linprobe"], done_file="results.json"))
     # Order: the cheap label-efficiency runs that carry the claim first (smallest fraction first), then the
     # probes, then the expensive 100%-label runs.
-    stages.sort(key=lambda st: 0 if st.name in ("tokenizer", "pretrain") else 2 if "_100pct_" in st.name else 1)
+    stages.sort(key=lambda st: 0 if st.command in ("tokenizer", "pretrain") else 2 if st.label_fraction == 1.0 else 1)
     return stages
 
 
@@ -124,7 +127,7 @@ def _pct(frac: float) -> str:
 
 
 def run_stage(stage: Stage, out: Path) -> float:
-    run_dir = out / _run_name(stage)
+    run_dir = out / stage.name
     if (run_dir / stage.done_file).exists():
         log.info(f"[{stage.name}] done already, skipping ({run_dir})")
         return 0.0
@@ -145,23 +148,15 @@ def run_stage(stage: Stage, out: Path) -> float:
     return time.time() - t0
 
 
-def _run_name(stage: Stage) -> str:
-    for o in stage.overrides:
-        if o.startswith("train.run_name="):
-            return o.split("=", 1)[1]
-    return stage.name
-
-
 def collect(out: Path, stages: list[Stage], variant: str, wall: dict[str, float]) -> dict:
     """Gather every stage's numbers into one results dict (also written as results.json)."""
     ft: dict[str, dict[str, list[float]]] = {}
-    pending = [s.name for s in stages if not (out / _run_name(s) / s.done_file).exists()]
+    pending = [s.name for s in stages if not (out / s.name / s.done_file).exists()]
     for s in stages:
         if s.command != "finetune" or s.name in pending:
             continue
-        summary = json.loads((out / _run_name(s) / "summary.json").read_text())
-        init, pct = s.name.split("_")[1], s.name.split("_")[2].removesuffix("pct")
-        ft.setdefault(pct, {}).setdefault(init, []).append(summary["eval"]["top1"])
+        summary = json.loads((out / s.name / "summary.json").read_text())
+        ft.setdefault(_pct(s.label_fraction), {}).setdefault(s.init, []).append(summary["eval"]["top1"])
     results = {"variant": variant, "hardware": f"{platform.processor() or platform.machine()}, "
                f"{__import__('os').cpu_count()} cores", "finetune_top1": {}, "stage_wall_time_s": wall,
                "pending_stages": pending}

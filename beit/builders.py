@@ -1,0 +1,91 @@
+"""Everything a command builds from a `Config`, in one place: model, tokenizer, datasets with their transforms.
+
+    model     = build_model(cfg)                        # preset + overrides + model.pretrained, checked vs data
+    tokenizer = build_tokenizer(cfg, device)            # frozen target generator (pretraining)
+    train     = build_mim_dataset(cfg, model.grid)      # two views + block mask per image (pretraining)
+    train     = build_labeled_dataset(cfg, "train", train_transform=True)   # fine-tuning / probing
+    loader    = build_eval_loader(cfg, "test")          # sequential, eval transform
+
+Each task (`beit.train.pretrain`, `finetune`, `linprobe`) turns these into a `Task` for the shared loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from beit.config import Config, ConfigError
+from beit.data import (MIMDataset, MIMItem, ShardDataset, build_dataset, build_finetune_transform,
+                       build_mask_generator, build_two_view_transform, collate_skip_bad)
+from beit.models import create_model
+from beit.tokenizers import FrozenTokenizer, create_tokenizer
+from beit.train.checkpoint import list_checkpoints
+
+log = logging.getLogger("beit")
+
+
+def resolve_pretrained(path: str | None) -> str | None:
+    """`model.pretrained` may name a run directory (e.g. runs/fmnist_quick): use its newest ckpt-*.pt."""
+    if not path or not Path(path).is_dir():
+        return path
+    found = list_checkpoints(Path(path))
+    if found:
+        return str(found[-1])
+    if (Path(path) / "best.pt").is_file():
+        return str(Path(path) / "best.pt")
+    return path  # maybe an HF directory; load_pretrained decides
+
+
+def build_model(cfg: Config, need_pretrained: bool = False) -> nn.Module:
+    """`create_model(cfg.model.name, pretrained, **overrides)` checked against the data config."""
+    if need_pretrained and not cfg.model.pretrained:
+        raise ConfigError("model.pretrained must name a checkpoint (file or run directory) for this command")
+    pretrained = resolve_pretrained(cfg.model.pretrained)
+    if pretrained:
+        log.info(f"loading {pretrained}")
+    model = create_model(cfg.model.name, pretrained, **cfg.model.overrides())
+    problems = []
+    if cfg.data.img_size != model.patch_embed.img_size:
+        problems.append(f"data.img_size {cfg.data.img_size} != model img_size {model.patch_embed.img_size}")
+    if cfg.data.in_chans != model.patch_embed.in_chans:
+        problems.append(f"data.in_chans {cfg.data.in_chans} != model in_chans {model.patch_embed.in_chans}")
+    if problems:
+        raise ConfigError("model and data disagree: " + "; ".join(problems))
+    return model
+
+
+def build_tokenizer(cfg: Config, device: torch.device | str = "cpu") -> FrozenTokenizer:
+    return create_tokenizer(cfg.tokenizer.name, weights=cfg.tokenizer.weights).to(device)
+
+
+def build_mim_dataset(cfg: Config, grid: tuple[int, int], split: str = "train",
+                      seed: int | None = None) -> MIMDataset | ShardDataset:
+    """The pretraining set: (patch view, tokenizer view, block mask) per image, keyed by (seed, epoch, index).
+    From shards (data.dataset=webdataset) the reader's workers make the same items."""
+    seed = cfg.train.seed if seed is None else seed
+    base = build_dataset(cfg.data, split)
+    item = MIMItem(build_two_view_transform(cfg.data, cfg.tokenizer.image_size), build_mask_generator(cfg.data, grid),
+                   seed)
+    if isinstance(base, ShardDataset):
+        return base.with_items(item, seed)
+    return MIMDataset(base, item.two_view, item.mask_gen, seed=seed)
+
+
+def build_labeled_dataset(cfg: Config, split: str, train_transform: bool = False):
+    """`build_dataset` with the fine-tuning (train) or eval transform; bad label fractions become ConfigErrors."""
+    try:
+        return build_dataset(cfg.data, split, build_finetune_transform(cfg.data, train=train_transform),
+                             label_seed=cfg.train.seed)
+    except ValueError as e:  # e.g. a label fraction that leaves a class empty
+        raise ConfigError(str(e)) from None
+
+
+def build_eval_loader(cfg: Config, split: str = "test", dataset=None) -> DataLoader:
+    """Sequential loader over `split` with the eval transform (Resize(size / crop_pct) + CenterCrop)."""
+    dataset = dataset if dataset is not None else build_labeled_dataset(cfg, split)
+    return DataLoader(dataset, batch_size=cfg.data.batch_size * 2, shuffle=False, num_workers=cfg.data.num_workers,
+                      collate_fn=collate_skip_bad, pin_memory=torch.cuda.is_available())

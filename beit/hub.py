@@ -1,0 +1,297 @@
+"""Self-describing checkpoints: `load(source)` builds the model a checkpoint holds, no architecture restated.
+
+    model = beit.load("runs/fmnist_ft")            # run directory: its newest ckpt-*.pt (else best.pt, else export/)
+    model = beit.load("runs/fmnist_ft/best.pt")    # any training checkpoint: it stores the run's config
+    model = beit.load("runs/fmnist_ft/export/hf")  # a folder written by `beit export` (HF or timm)
+    model = beit.load("fmnist-classifier")         # a model shipped with the package (see ZOO)
+    model = beit.load("beit_base_patch16_224_pt22k_ft22kto1k.pth")   # a foreign layout: sizes from the tensors
+
+The model comes back in eval mode with three attributes: `model.beit_config` (the run's `Config`, or one
+inferred from the tensors), `model.class_names` (list[str], empty when unknown) and, for a masked-image-
+modeling model, `model.tokenizer_name` (the tokenizer it was pretrained against).
+
+What a checkpoint is (classifier, MIM model, backbone) is read from its tensors; `KINDS` maps each kind to
+the function that builds it — a segmenter (`decode_head.*` keys) gets its entry there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from beit.config import Config, ConfigError, ModelConfig, config_from_dict, load_config
+
+log = logging.getLogger("beit")
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+# Shipped models: name -> safetensors file whose metadata holds the run config and class names
+# (written by scripts/make_zoo.py; docs/model_zoo.md says how each was made).
+ZOO = {
+    "fmnist-backbone": ASSETS / "fmnist_backbone.safetensors",
+    "fmnist-classifier": ASSETS / "fmnist_classifier.safetensors",
+}
+# `create_model(name, pretrained=TAG)`: (preset, tag) -> zoo entry.
+PRETRAINED_TAGS = {
+    ("beit_fmnist_patch4_32", "fmnist"): "fmnist-backbone",
+    ("beit_fmnist_patch4_32_512_vocab", "fmnist"): "fmnist-backbone",
+}
+# Model fields that change nothing about a trained model's outputs (they act at init or in training only).
+_TRAINING_ONLY = {"drop_path_rate", "init_trunc"}
+
+
+@dataclass
+class Source:
+    """A checkpoint, resolved: the weights, and what is known about them."""
+
+    path: Path  # the file (or HF folder) holding the weights
+    raw: dict  # as read; `load_pretrained` unwraps it
+    config: Config  # stored with the checkpoint, or inferred from its tensors (`inferred` then)
+    class_names: list[str] = field(default_factory=list)
+    inferred: bool = False
+
+
+# ------------------------------------------------------------------------------------------------ resolving
+def resolve_path(source: str | Path) -> Path:
+    """Zoo name, run directory, export folder or file -> the file (or HF folder) that holds the weights."""
+    name = str(source)
+    if name in ZOO:
+        path = ZOO[name]
+        if not path.is_file():
+            raise FileNotFoundError(f"the '{name}' weights are not shipped with this install ({path} is missing); "
+                                    f"docs/model_zoo.md says how to make them with scripts/make_zoo.py")
+        return path
+    path = Path(name).expanduser()
+    if not path.exists():
+        zoo = ", ".join(ZOO)
+        raise FileNotFoundError(f"checkpoint '{name}' not found: not a file, a directory or a shipped model ({zoo})")
+    if path.is_file():
+        return path
+    from beit.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    for candidate in (path / "best.pt", path / "export" / "hf", path / "hf"):
+        if candidate.exists():
+            return candidate
+    if (path / "config.json").is_file() or (path / "model.safetensors").is_file():
+        return path  # an HF / timm folder
+    raise FileNotFoundError(f"'{path}' holds no checkpoint: no ckpt-*.pt, best.pt, export/hf or model.safetensors")
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def read_source(source: str | Path) -> Source:
+    """Read a checkpoint and what it says about itself (never unpickles: weights_only / safetensors)."""
+    from beit.convert import read_checkpoint
+
+    path = resolve_path(source)
+    raw = read_checkpoint(path)
+    stored, names = None, []
+    if isinstance(raw.get("config"), dict):  # our training checkpoints (ckpt-*.pt, best.pt)
+        stored = config_from_dict(raw["config"], f"{path} (stored config)")
+    elif path.suffix == ".safetensors":  # zoo files carry the config in the safetensors metadata
+        meta = _safetensors_metadata(path)
+        if "beit_config" in meta:
+            stored = config_from_dict(json.loads(meta["beit_config"]), f"{path} (metadata)")
+            names = json.loads(meta.get("class_names", "[]"))
+    else:  # an exported folder: config.json (HF or timm) may carry our config and the labels
+        meta = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        if "beit_config" in meta:
+            stored = config_from_dict(meta["beit_config"], f"{path / 'config.json'} (beit_config)")
+        names = _label_names(meta)
+    if stored is None:
+        return Source(path, raw, infer_config(raw, path), names, inferred=True)
+    return Source(path, raw, stored, names or dataset_class_names(stored))
+
+
+def _label_names(meta: dict) -> list[str]:
+    if "id2label" in meta:
+        labels = {int(k): v for k, v in meta["id2label"].items()}
+        names = [labels[i] for i in range(len(labels))]
+        return [] if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+    return list(meta.get("pretrained_cfg", {}).get("label_names") or [])
+
+
+# ------------------------------------------------------------------------------------------------ inferring
+def model_kind(sd: dict) -> str:
+    """'mim' (lm_head), 'classifier' (head), 'segmenter' (decode_head) or 'backbone', from official-layout keys."""
+    if any(k.startswith("decode_head.") for k in sd):
+        return "segmenter"
+    if "lm_head.weight" in sd:
+        return "mim"
+    return "classifier" if "head.weight" in sd else "backbone"
+
+
+def infer_config(raw: dict, path: Path) -> Config:
+    """A `Config` whose model section rebuilds the checkpoint: every size from the tensors, on a preset with
+    the same patch size and kind (MIM or not). Data defaults follow the model (image size, channels)."""
+    from beit.convert import hf_config_from_state_dict, to_official, unwrap_state_dict
+    from beit.models.presets import PRESETS
+
+    sd = to_official(unwrap_state_dict(raw))
+    hf = hf_config_from_state_dict(sd)
+    kind = model_kind(sd)
+    mim = kind == "mim"
+    # Every size is set explicitly below; the preset supplies the rest (patch size, mlp ratio, init).
+    names = [n for n, p in PRESETS.items() if bool(p.get("vocab_size")) == mim
+             and p.get("patch_size", 16) == hf["patch_size"]]
+    names.sort(key=lambda n: PRESETS[n]["embed_dim"] != hf["hidden_size"])  # same width first
+    if not names:
+        raise ValueError(f"{path}: no preset has patch size {hf['patch_size']}; build the model with "
+                         f"beit.create_model(...) and load it with pretrained=PATH")
+    size = hf["image_size"]
+    model = dict(
+        name=names[0], img_size=size if isinstance(size, int) else size[0], in_chans=hf["num_channels"],
+        embed_dim=hf["hidden_size"], depth=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        num_classes=sd["head.weight"].shape[0] if kind == "classifier" else 0,
+        vocab_size=hf.get("vocab_size", 0), use_abs_pos_emb=hf["use_absolute_position_embeddings"],
+        use_rel_pos_bias=hf["use_relative_position_bias"],
+        use_shared_rel_pos_bias=hf["use_shared_relative_position_bias"],
+        use_mean_pooling=hf["use_mean_pooling"] if kind != "mim" else False,
+        init_values=hf["layer_scale_init_value"],
+    )
+    data: dict[str, Any] = dict(img_size=model["img_size"], in_chans=model["in_chans"])
+    pre = path / "preprocessor_config.json" if path.is_dir() else None
+    if pre is not None and pre.is_file():  # an HF folder: the statistics it was trained with
+        p = json.loads(pre.read_text())
+        data.update(mean=p.get("image_mean", [0.5] * 3), std=p.get("image_std", [0.5] * 3))
+    elif model["in_chans"] != 3:
+        data.update(mean=[0.5] * model["in_chans"], std=[0.5] * model["in_chans"])
+    return config_from_dict({"model": model, "data": data}, f"{path} (inferred from its tensors)")
+
+
+def dataset_class_names(cfg: Config) -> list[str]:
+    """Class names of the configured dataset, when cheap to know (no full dataset scan)."""
+    from beit.train.evaluate import FASHION_MNIST_CLASSES
+
+    d = cfg.data
+    if d.dataset == "fashion_mnist":
+        return list(FASHION_MNIST_CLASSES)
+    if d.dataset == "mnist":
+        return [str(i) for i in range(10)]
+    if d.dataset == "hf" and d.root and Path(d.root).expanduser().exists():
+        from beit.data.extra import hf_dataset
+
+        return hf_dataset(d.root, "train", "RGB").classes  # memory-mapped: reads the features, not the images
+    if d.dataset == "image_folder" and d.root:
+        root = Path(d.root).expanduser()
+        folder = root / "train" if (root / "train").is_dir() else root
+        if folder.is_dir():
+            return sorted(p.name for p in folder.iterdir() if p.is_dir())
+    return []
+
+
+# ------------------------------------------------------------------------------------------------ building
+def effective_model_kwargs(m: ModelConfig) -> dict[str, Any]:
+    """Our `Beit` kwargs for a model section: the preset with its overrides applied."""
+    from beit.models.presets import PRESETS
+
+    if m.name not in PRESETS:
+        raise ConfigError(f"unknown model preset '{m.name}'")
+    return {**PRESETS[m.name], **m.overrides()}
+
+
+def check_model_overrides(stored: ModelConfig, requested: dict[str, Any], source: str):
+    """An override of the model section must agree with the checkpoint: the checkpoint decides the architecture."""
+    have = effective_model_kwargs(stored)
+    wrong = []
+    for key, value in requested.items():
+        if key in ("pretrained", "grad_checkpointing") or key in _TRAINING_ONLY:
+            continue
+        if key == "name":
+            if value != stored.name and effective_model_kwargs(stored.model_copy(update={"name": value})) != have:
+                wrong.append(f"model.name={value} (checkpoint: {stored.name})")
+        elif have.get(key) != value and not (key == "init_values" and not have.get(key) and not value):
+            wrong.append(f"model.{key}={value} (checkpoint: {have.get(key)})")
+    if wrong:
+        raise ConfigError(f"{source}: the checkpoint fixes the architecture and these overrides contradict it: "
+                          f"{'; '.join(wrong)}. Drop them (the checkpoint's stored config is used)")
+
+
+def _build_vit(src: Source) -> nn.Module:
+    from beit.convert import load_pretrained
+    from beit.models import create_model
+
+    model = create_model(src.config.model.name, **src.config.model.overrides())
+    load_pretrained(model, src.raw)
+    return model
+
+
+def _build_segmenter(src: Source) -> nn.Module:
+    raise NotImplementedError(f"{src.path}: segmentation checkpoints are not supported by beit.load yet")
+
+
+# kind -> builder(Source) -> nn.Module. A segmenter replaces `_build_segmenter` with its own builder.
+KINDS: dict[str, Callable[[Source], nn.Module]] = {
+    "classifier": _build_vit,
+    "mim": _build_vit,
+    "backbone": _build_vit,
+    "segmenter": _build_segmenter,
+}
+
+
+def load(source: str | Path, **model_overrides) -> nn.Module:
+    """The model a checkpoint holds, built from its stored config, in eval mode (see the module docstring).
+
+    `model_overrides` (ModelConfig fields) may only restate what the checkpoint says; a contradiction is an
+    error, so a wrong preset never loads half the weights silently.
+    """
+    from beit.convert import to_official, unwrap_state_dict
+
+    src = read_source(source)
+    check_model_overrides(src.config.model, model_overrides, str(source))
+    kind = model_kind(to_official(unwrap_state_dict(src.raw)))
+    model = KINDS[kind](src)
+    model.beit_config = src.config
+    model.class_names = list(src.class_names)
+    if kind == "mim":
+        model.tokenizer_name = src.config.tokenizer.name
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def command_config(source: str, overrides: list[str], command: str) -> Config:
+    """Config of `beit eval|knn|linprobe|predict SOURCE [key=value ...]`.
+
+    SOURCE may be a YAML config (as before; a model section that contradicts `model.pretrained`'s stored
+    config is an error) or any checkpoint `load` reads: then its stored config is the base (for linprobe
+    with the probe recipe of configs/linprobe/fmnist.yaml: optim, train, batch size), the run is named
+    `<run>_<command>`, and only data/train/optim/... overrides may change anything.
+    """
+    from beit.config import _merge, parse_overrides
+
+    if str(source).endswith((".yaml", ".yml")):
+        cfg = load_config(source, overrides)
+        if cfg.model.pretrained and Path(cfg.model.pretrained).exists() or cfg.model.pretrained in ZOO:
+            src = read_source(cfg.model.pretrained)
+            if not src.inferred:  # the YAML's model section, preset included, must describe the checkpoint
+                fields = set(ModelConfig.model_fields) - {"name", "pretrained", "grad_checkpointing"}
+                requested = {k: v for k, v in effective_model_kwargs(cfg.model).items() if k in fields}
+                check_model_overrides(src.config.model, requested, f"{source}: model.pretrained={cfg.model.pretrained}")
+        return cfg
+    src = read_source(source)
+    extra = parse_overrides(overrides)
+    check_model_overrides(src.config.model, extra.get("model", {}), str(source))
+    base = src.config.to_dict()
+    base["model"]["pretrained"] = str(src.path)
+    stem = base["train"].get("run_name") or Path(source).stem
+    if command == "linprobe":  # the stored optim/train sections are the run's own recipe, not a probe's
+        recipe = load_config(Path(__file__).resolve().parent / "configs" / "linprobe" / "fmnist.yaml").to_dict()
+        base["optim"] = recipe["optim"]
+        base["train"] = {**recipe["train"], "out_dir": base["train"]["out_dir"], "device": base["train"]["device"]}
+        base["data"]["batch_size"] = recipe["data"]["batch_size"]
+    base["train"]["run_name"] = f"{stem}_{command}"
+    extra.pop("model", None)
+    return config_from_dict(_merge(base, extra), f"{source} + overrides")
