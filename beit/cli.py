@@ -13,6 +13,7 @@ from beit.train.eval_cli import register as register_train
 
 def build_parser() -> argparse.ArgumentParser:
     from beit import __version__
+    from beit.bench_cli import register as register_bench
     from beit.convert.cli import register as register_convert
     from beit.data_cli import register as register_data
     from beit.export import register as register_export
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_export(sub)
     register_plot(sub)
     register_reproduce(sub)
+    register_bench(sub)
     return parser
 
 

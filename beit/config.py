@@ -1,7 +1,7 @@
 """Typed run configuration.
 
-A run is described by one YAML file with the sections `model`, `tokenizer`, `data`, `optim`, `train`
-and `dist`. Each section is a pydantic model that forbids unknown keys, so a typo is an error that names
+A run is described by one YAML file with the sections `model`, `tokenizer`, `data`, `optim`, `train`,
+`dist` and (segmentation) `seg`. Each section is a pydantic model that forbids unknown keys, so a typo is an error that names
 the key (with a "did you mean"), never a silently ignored default. Command-line overrides use dotted
 keys: `beit pretrain cfg.yaml optim.lr=1e-3 train.epochs=2`.
 """
@@ -77,11 +77,13 @@ class TokenizerConfig(_Section):
 
 # beit/data: datasets.py, extra.py, shards.py
 DATASETS = ("fashion_mnist", "mnist", "image_folder", "cifar10", "cifar100", "hf", "webdataset")
+SEG_DATASETS = ("ade20k", "seg_folder", "fmnist_scenes")  # `beit segment`: beit/data/segmentation.py
 
 
 class DataConfig(_Section):
     # fashion_mnist | mnist | image_folder | cifar10 | cifar100 | hf (datasets on disk) | torchvision:<Class>
-    # | webdataset (tar shards written by `beit data shard`, beit/data/shards.py)
+    # | webdataset (tar shards written by `beit data shard`, beit/data/shards.py);
+    # segmentation (`beit segment`): ade20k (ADEChallengeData2016) | seg_folder (images/ + masks/) | fmnist_scenes
     dataset: str = "image_folder"
     root: str | None = None  # data directory; fashion_mnist defaults to the Debian package path
     # webdataset: brace patterns, relative to root unless absolute.
@@ -142,10 +144,28 @@ class DataConfig(_Section):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        if v in DATASETS or (v.startswith("torchvision:") and len(v) > len("torchvision:")):
+        if v in DATASETS or v in SEG_DATASETS or (v.startswith("torchvision:") and len(v) > len("torchvision:")):
             return v
-        raise ValueError(f"unknown dataset {v!r}; use one of {', '.join(DATASETS)} or torchvision:<ClassName> "
+        raise ValueError(f"unknown dataset {v!r}; use one of {', '.join(DATASETS + SEG_DATASETS)} or "
+                         f"torchvision:<ClassName> "
                          f"(e.g. torchvision:STL10)")
+
+
+class SegConfig(_Section):
+    """Semantic segmentation (`beit segment`): the mmseg ADE20K pipeline. The crop is `data.img_size`."""
+
+    scale: tuple[int, int] = (2048, 512)  # resize target (long, short edge), keep ratio; eval uses it at ratio 1
+    ratio_range: tuple[float, float] = (0.5, 2.0)  # train: the scale is multiplied by U(ratio_range)
+    cat_max_ratio: float = Field(0.75, gt=0, le=1)  # crop retries (10) while one class covers more than this
+    photometric: bool = True  # mmseg PhotoMetricDistortion (brightness, contrast, saturation, hue)
+    ignore_index: int = 255  # label excluded from loss and metrics; also the padding value of masks
+    reduce_zero_label: bool | None = None  # 0 -> ignore, k -> k-1; null: on for ade20k, off otherwise
+    class_names: str | None = None  # seg_folder: text file, one class name per line (default root/classes.txt)
+    eval_mode: Literal["slide", "whole"] = "slide"
+    stride: int | None = None  # sliding-window stride; null = 2/3 of the crop (341 for 512, as official)
+    eval_batch_size: int = 1  # images per evaluation batch (sizes differ on ADE20K: keep 1 there)
+    scenes: tuple[int, int] = (20000, 2000)  # fmnist_scenes: (train, test) scenes
+    scene_seed: int = 0  # fmnist_scenes: the scenes are a function of this seed and the index
 
 
 class OptimConfig(_Section):
@@ -162,11 +182,14 @@ class OptimConfig(_Section):
     recipe_batch_size: int | None = Field(None, gt=0)  # the global batch the lr was tuned for; a mismatch warns loudly
     decay_mask_token: bool = True  # official: mask_token is weight-decayed
     decay_rel_pos_bias: bool = True  # official: rel-pos tables are weight-decayed
+    schedule: Literal["cosine", "poly"] = "cosine"  # after warmup: cosine to min_lr, or poly decay to min_lr
+    poly_power: float = 1.0  # poly: lr = min_lr + (lr - min_lr) * (1 - progress) ** poly_power (mmseg)
 
 
 class TrainConfig(_Section):
     epochs: float = Field(800, ge=0)
-    max_steps: int | None = Field(None, ge=0)  # stop early (smoke runs); schedules still span `epochs`
+    max_steps: int | None = Field(None, ge=0)  # stop early (smoke runs); schedules still span `epochs` (or `steps`)
+    steps: int | None = Field(None, gt=0)  # train length in optimizer steps (segmentation: 160k); overrides `epochs`
     seed: int = 0
     amp: Literal["bf16", "fp16", "none"] = "bf16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -201,6 +224,7 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     dist: DistConfig = DistConfig()
+    seg: SegConfig = SegConfig()
 
     @model_validator(mode="after")
     def _check(self):

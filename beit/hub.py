@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from beit.config import Config, ConfigError, ModelConfig, config_from_dict, load_config
+from beit.config import SEG_DATASETS, Config, ConfigError, ModelConfig, config_from_dict, load_config
 
 log = logging.getLogger("beit")
 
@@ -195,12 +195,13 @@ def dataset_class_names(cfg: Config) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ building
 def effective_model_kwargs(m: ModelConfig) -> dict[str, Any]:
-    """Our `Beit` kwargs for a model section: the preset with its overrides applied."""
-    from beit.models.presets import PRESETS
+    """Our `Beit` (or `BeitSegmenter`) kwargs for a model section: the preset with its overrides applied."""
+    from beit.models.presets import PRESETS, SEG_PRESETS
 
-    if m.name not in PRESETS:
+    presets = {**PRESETS, **SEG_PRESETS}
+    if m.name not in presets:
         raise ConfigError(f"unknown model preset '{m.name}'")
-    return {**PRESETS[m.name], **m.overrides()}
+    return {**presets[m.name], **m.overrides()}
 
 
 def check_model_overrides(stored: ModelConfig, requested: dict[str, Any], source: str):
@@ -274,6 +275,8 @@ def command_config(source: str, overrides: list[str], command: str) -> Config:
 
     if str(source).endswith((".yaml", ".yml")):
         cfg = load_config(source, overrides)
+        if cfg.data.dataset in SEG_DATASETS:  # a segmenter checkpoint is checked against the config on load
+            return cfg
         if cfg.model.pretrained and Path(cfg.model.pretrained).exists() or cfg.model.pretrained in ZOO:
             src = read_source(cfg.model.pretrained)
             if not src.inferred:  # the YAML's model section, preset included, must describe the checkpoint

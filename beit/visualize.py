@@ -1,10 +1,13 @@
-"""What the pretrained model predicts: a PNG grid per sample of
+"""What a model predicts, as a PNG grid with one row per sample.
 
+Pretraining (MIM) checkpoints:
     input | masked input | tokenizer reconstruction of the true tokens | reconstruction with the model's
     predictions at the masked positions (visible positions keep the true tokens)
-
 so one can see whether the model fills the masked blocks with plausible content. Needs a tokenizer with a
 decoder (the shipped `fmnist_dvae` has one; DALL-E needs `decoder_weights`).
+
+Segmentation runs (`data.dataset` ade20k / seg_folder / fmnist_scenes, model.pretrained = a `beit segment` run):
+    input | ground truth | prediction, labels drawn with a fixed palette (0 black, ignored pixels white).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beit.config import Config, ConfigError
+from beit.config import SEG_DATASETS, Config, ConfigError
 
 
 @torch.no_grad()
@@ -56,7 +59,7 @@ def _save_grid(columns: list[torch.Tensor], out: Path, titles: list[str]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = columns[0].shape[0]
+    n = len(columns[0])  # a batch tensor or a list of [C, H, W] tensors (sizes may differ)
     fig, axes = plt.subplots(n, len(columns), figsize=(2.2 * len(columns), 2.2 * n), squeeze=False)
     for r in range(n):
         for c, col in enumerate(columns):
@@ -71,11 +74,52 @@ def _save_grid(columns: list[torch.Tensor], out: Path, titles: list[str]):
     plt.close(fig)
 
 
+def palette(num: int = 256) -> np.ndarray:
+    """Fixed label colours [num, 3] in [0, 1]: 0 black, 1-10 matplotlib's tab10, then seeded random colours;
+    255 (the usual ignore index) white."""
+    from matplotlib import colormaps
+
+    colours = np.random.default_rng(0).uniform(0.15, 1.0, (max(num, 256), 3))
+    colours[0] = 0.0
+    colours[1:11] = colormaps["tab10"].colors
+    colours[255] = 1.0
+    return colours
+
+
+def colourize(labels: torch.Tensor) -> torch.Tensor:
+    """Label map [H, W] -> RGB [3, H, W] with `palette`."""
+    return torch.from_numpy(palette()[labels.clamp(0, 255).numpy()]).permute(2, 0, 1).float()
+
+
+@torch.no_grad()
+def segmentation_columns(cfg: Config, num: int = 8, label: str = "") -> dict[str, list[torch.Tensor]]:
+    """{"input", "ground truth", "<label> prediction"} columns for the first `num` test images of a segmentation
+    run (`model.pretrained`: a `beit segment` run directory or checkpoint)."""
+    from torch.utils.data import Subset
+
+    from beit.data.segmentation import build_seg_dataset
+    from beit.train.segment import build_eval_loader, build_segmenter, evaluate_segmenter
+
+    test = build_seg_dataset(cfg, "test")
+    model = build_segmenter(cfg, len(test.classes), load="all")
+    loader = build_eval_loader(cfg, Subset(test, range(min(num, len(test)))))
+    metrics, kept = evaluate_segmenter(model, loader, cfg, torch.device("cpu"), list(test.classes), keep=num)
+    mean, std = torch.tensor(cfg.data.mean)[:, None, None], torch.tensor(cfg.data.std)[:, None, None]
+    images = [torch.nn.functional.interpolate((x * std + mean)[None], y.shape, mode="bilinear")[0] for x, y, _ in kept]
+    return {"input": images, "ground truth": [colourize(y) for _, y, _ in kept],
+            f"{label} prediction (mIoU {metrics['mIoU']:.1f})".strip(): [colourize(p) for _, _, p in kept]}
+
+
+def save_segmentation_grid(columns: dict[str, list[torch.Tensor]], out: Path):
+    _save_grid(list(columns.values()), out, list(columns))
+
+
 def register(subparsers):
-    p = subparsers.add_parser("predict", help="draw what a pretrained model predicts at masked positions (PNG)",
+    p = subparsers.add_parser("predict", help="draw what a model predicts: masked tokens (pretraining) or "
+                              "label maps (segmentation), as a PNG",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="the pretraining checkpoint (run directory, ckpt-*.pt, exported folder) or a "
-                   "pretraining config with model.pretrained")
+    p.add_argument("config", help="the pretraining or segmentation checkpoint (run directory, ckpt-*.pt, exported "
+                   "folder) or a config with model.pretrained")
     p.add_argument("overrides", nargs="*", help="e.g. model.pretrained=runs/fmnist")
     p.add_argument("--out", default="predictions.png")
     p.add_argument("--num", type=int, default=8)
@@ -86,6 +130,10 @@ def register(subparsers):
         from beit.hub import command_config
 
         cfg = command_config(a.config, a.overrides, "predict")
+        if cfg.data.dataset in SEG_DATASETS:
+            save_segmentation_grid(segmentation_columns(cfg, a.num), Path(a.out))
+            print(f"wrote {a.out} (input | ground truth | prediction)")
+            return 0
         if a.attention:
             from beit.attention import attention_grid
 

@@ -15,7 +15,7 @@ from PIL import Image
 from beit.config import DataConfig, load_config
 from beit.data import (ArrayImageDataset, BadFileTracker, MIMDataset, MIMItem, ShardDataset, batches_per_rank,
                        build_dataset, build_mask_generator, build_two_view_transform, collate_skip_bad, make_loader,
-                       write_shards)
+                       optimizer_steps_per_epoch, write_shards)
 from beit.data.shards import read_index, round_robin_taken
 
 from test_pretrain import TINY, write_config
@@ -118,6 +118,17 @@ def test_missing_index_or_shard_is_a_clear_error(tmp_path):
         build_dataset(cfg.model_copy(update={"shards": "train-{000000..000001}.tar"}), "train")
     with pytest.raises(ValueError, match="data.eval_shards"):
         build_dataset(cfg, "test")
+
+
+def test_epoch_length_covers_every_epoch_the_run_reaches():
+    ds = ShardDataset([""] * 7, [10, 10, 10, 10, 10, 10, 3], [], "L", None)
+    poorest = [int(ds.epoch_batches(e, 2, 2, 4).sum(1).min()) for e in range(200)]  # per epoch, 2 ranks
+    assert batches_per_rank(ds, 4, 2, 2, epochs=1) == poorest[0] == 7
+    # train.steps=200 spans 200 / k epochs: k must fit in all of them, and is the largest such k.
+    k = optimizer_steps_per_epoch(ds, 4, 1, 2, 2, epochs=1, steps=200)
+    reached = -(-200 // k)
+    assert all(poorest[e] >= k for e in range(reached))
+    assert min(poorest[: -(-200 // (k + 1))]) < k + 1
 
 
 def test_round_robin_accounting():

@@ -170,6 +170,10 @@ def load_pretrained(
     script. Missing/unexpected keys are logged and returned by name; a shape mismatch raises ValueError
     (or, with `strict_shapes=False`, is skipped and reported). `checkpoint_grid` is the checkpoint's patch
     grid when it is not square (square grids are inferred from the tensor sizes)."""
+    if hasattr(model, "decode_head"):  # a BeitSegmenter: backbone or whole-segmenter checkpoints
+        from beit.convert.segmentation import load_segmenter
+
+        return load_segmenter(model, path_or_sd, strict_shapes)
     raw = path_or_sd if isinstance(path_or_sd, Mapping) else read_checkpoint(path_or_sd)
     sd = unwrap_state_dict(raw)
     layout = detect_layout(sd)

@@ -11,7 +11,14 @@ from beit.convert import LAYOUTS, detect_layout, read_checkpoint, save_checkpoin
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from beit.convert.segmentation import convert_segmenter, detect_seg_layout
+
     sd = unwrap_state_dict(read_checkpoint(args.src))
+    if detect_seg_layout(sd) is not None:  # BEiT + UperNet: official = the mmseg ADE20K layout
+        indices = [int(i) for i in args.out_indices.split(",")] if args.out_indices else None
+        layout, out = convert_segmenter(args.src, args.dst, args.to, indices)
+        print(f"converted segmenter {args.src} ({layout}, {len(sd)} tensors) -> {out} ({args.to})")
+        return 0
     src_layout = detect_layout(sd)
     out = save_checkpoint_as(to_official(sd, src_layout), args.dst, args.to)
     print(f"converted {args.src} ({src_layout}, {len(sd)} tensors) -> {out} ({args.to})")
@@ -28,7 +35,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="checkpoint file (.pth/.pt/.bin/.safetensors) or HF directory")
     p.add_argument("dst", help="output file or (hf) directory")
-    p.add_argument("--to", required=True, choices=LAYOUTS, help="target layout")
+    p.add_argument("--to", required=True, choices=LAYOUTS, help="target layout (a segmenter: official = the "
+                   "official mmseg ADE20K layout, or hf)")
+    p.add_argument("--out-indices", default=None, help="segmenter only: 0-based feature blocks, e.g. 3,5,7,11, "
+                   "when the checkpoint does not carry its model config")
     p.set_defaults(func=run_convert)
     return p
 

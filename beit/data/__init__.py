@@ -18,7 +18,7 @@ from .datasets import (
     load_fashion_mnist,
     num_labels,
 )
-from .loader import batches_per_rank, make_loader
+from .loader import batches_per_rank, make_loader, optimizer_steps_per_epoch
 from .masking import MaskingGenerator, proportional_min_patches
 from .sampler import ResumableSampler
 from .shards import ShardDataset, write_shards
@@ -77,6 +77,7 @@ __all__ = [
     "load_fashion_mnist",
     "make_loader",
     "num_labels",
+    "optimizer_steps_per_epoch",
     "proportional_min_patches",
     "random_resized_crop_box",
     "write_shards",

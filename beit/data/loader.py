@@ -28,6 +28,20 @@ def batches_per_rank(dataset: Dataset, batch_size: int, world_size: int, num_wor
                for e in range(max(1, math.ceil(epochs))))
 
 
+def optimizer_steps_per_epoch(dataset: Dataset, batch_size: int, accum_steps: int, world_size: int,
+                              num_workers: int, epochs: float, steps: int | None = None) -> int:
+    """`batches_per_rank // accum_steps`, over every epoch the run reaches: ceil(`epochs`), or when the run
+    is `steps` optimizer steps long, as many epochs as those take (shards: fewer steps per epoch can mean
+    more epochs, so this is iterated until it settles)."""
+    per_epoch = batches_per_rank(dataset, batch_size, world_size, num_workers, epochs) // accum_steps
+    while steps and per_epoch:
+        fewer = batches_per_rank(dataset, batch_size, world_size, num_workers, steps / per_epoch) // accum_steps
+        if fewer == per_epoch:
+            break
+        per_epoch = fewer
+    return per_epoch
+
+
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, rank: int, world_size: int,
                 epoch: int, start_batch: int, collate_fn: Callable | None, pin_memory: bool) -> DataLoader:
     """A fresh loader for `epoch` on this rank that skips the first `start_batch` batches of the epoch.

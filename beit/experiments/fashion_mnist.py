@@ -31,7 +31,7 @@ WALL_TIME = "stage_wall_time.json"  # seconds per finished stage, kept across re
 @dataclass
 class Stage:
     name: str  # also its run directory under the output folder (train.run_name)
-    command: str  # pretrain | finetune | linprobe | knn | tokenizer
+    command: str  # pretrain | finetune | linprobe | knn | segment | tokenizer
     config: Path
     overrides: list[str] = field(default_factory=list)
     done_file: str = "summary.json"
@@ -48,6 +48,8 @@ def _runner(command: str) -> Callable:
         from beit.train.linprobe import run_linprobe as fn
     elif command == "knn":
         from beit.train.knn import run_knn as fn
+    elif command == "segment":
+        from beit.train.segment import run_segment as fn
     else:
         raise ValueError(command)
     return fn
@@ -276,19 +278,37 @@ def reproduce(out: Path, variant: str, retrain_tokenizer: bool = False) -> dict:
 def register(subparsers):
     p = subparsers.add_parser("reproduce", help="reproduce the paper's claim on Fashion-MNIST (resumable)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["fashion-mnist"])
-    p.add_argument("--variant", choices=["quick", "full", "gpu"], default="full",
-                   help="quick: <= 20 min on a 2-core CPU; full: <= 3 h on it; gpu: a larger one-GPU budget")
+    p.add_argument("dataset", choices=["fashion-mnist", "fmnist-scenes"],
+                   help="fashion-mnist: classification; fmnist-scenes: segmentation (beit/experiments/fmnist_scenes.py)")
+    p.add_argument("--variant", choices=["quick", "full", "gpu", "smoke"], default="full",
+                   help="quick: <= 20 min on a 2-core CPU; full: <= 3 h on it; gpu: a larger one-GPU budget; "
+                        "fmnist-scenes has full and smoke (a one-minute check of the driver)")
+    p.add_argument("--pretrained", default=None,
+                   help="fmnist-scenes: an existing Fashion-MNIST pretraining run directory (else it is run)")
     p.add_argument("--quick", action="store_const", const="quick", dest="variant", help="same as --variant quick")
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce_fmnist_<variant>)")
     p.add_argument("--retrain-tokenizer", action="store_true", help="train the dVAE tokenizer instead of the shipped one")
     p.add_argument("--report-only", action="store_true", help="run nothing; tabulate the stages finished so far")
-    p.set_defaults(func=lambda a: (report if a.report_only else reproduce)(
-        Path(a.out or f"runs/reproduce_fmnist_{a.variant}"), a.variant, a.retrain_tokenizer) and 0)
+    p.set_defaults(func=_dispatch)
 
     d = subparsers.add_parser("demo", help="the first five minutes: pretrain + fine-tune a small BEiT on CPU")
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=lambda a: demo(Path(a.out)))
+
+
+def _dispatch(a) -> int:
+    if a.dataset == "fmnist-scenes":
+        from beit.experiments.fmnist_scenes import SCENE_VARIANTS, reproduce_scenes
+
+        if a.variant not in SCENE_VARIANTS:
+            raise ValueError(f"--variant {a.variant}: fmnist-scenes has {', '.join(SCENE_VARIANTS)}")
+        reproduce_scenes(Path(a.out or f"runs/reproduce_scenes_{a.variant}"), a.variant, a.pretrained, a.report_only)
+        return 0
+    if a.variant not in VARIANTS or a.pretrained:
+        raise ValueError(f"fashion-mnist: --variant is one of {', '.join(VARIANTS)}; --pretrained is for fmnist-scenes")
+    (report if a.report_only else reproduce)(Path(a.out or f"runs/reproduce_fmnist_{a.variant}"), a.variant,
+                                             a.retrain_tokenizer)
+    return 0
 
 
 def demo(out: Path) -> int:

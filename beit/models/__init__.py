@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 
-from beit.models.presets import PRESETS
+from beit.models.presets import PRESETS, SEG_PRESETS
+from beit.models.segmentation import BeitSegmenter, create_segmenter
 from beit.models.vit import Beit
 
 
@@ -12,6 +13,8 @@ def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit:
     """Build preset `name` with keyword overrides; `pretrained=PATH` loads a checkpoint of any supported
     layout (ours, official/timm, HF, OpenMMLab), adapting rel-pos tables and position embeddings, or names
     a shipped model (`pretrained="fmnist"` for `beit_fmnist_patch4_32`, see `beit.hub.PRETRAINED_TAGS`)."""
+    if name in SEG_PRESETS:
+        raise KeyError(f"'{name}' is a segmentation preset: build it with create_segmenter('{name}')")
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -33,4 +36,4 @@ def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit:
     return model
 
 
-__all__ = ["Beit", "PRESETS", "create_model"]
+__all__ = ["Beit", "BeitSegmenter", "PRESETS", "SEG_PRESETS", "create_model", "create_segmenter"]

@@ -36,3 +36,25 @@ PRESETS: dict[str, dict] = {
     "beit_fmnist_patch4_32": {**_FMNIST, **_CLS, "num_classes": 10, "drop_path_rate": 0.1},
     "beit_fmnist_patch4_32_512_vocab": {**_FMNIST, **_MIM, "vocab_size": 512},
 }
+
+# Semantic segmentation (BEiT + UperNet, `beit.models.segmentation.BeitSegmenter`): the backbone as fine-tuned
+# (per-layer rel-pos tables) plus the head settings of the official ADE20K configs (microsoft/unilm
+# `beit/semantic_segmentation/configs/beit/upernet/`); `out_indices` are 0-based block indices.
+_SEG_BACKBONE = dict(use_rel_pos_bias=True, init_trunc="abs")
+_UPERNET = dict(pool_scales=(1, 2, 3, 6), use_aux_head=True, aux_channels=256, aux_num_convs=1, aux_weight=0.4,
+                dropout_ratio=0.1)
+
+SEG_PRESETS: dict[str, dict] = {
+    "beit_base_patch16_512_upernet": {**_BASE, **_SEG_BACKBONE, **_UPERNET, "img_size": 512, "num_classes": 150,
+                                      "drop_path_rate": 0.1, "out_indices": (3, 5, 7, 11), "channels": 768},
+    # (LayerScale init 1e-6 in the large ADE20K config; it only matters without a pretrained backbone.)
+    "beit_large_patch16_640_upernet": {**_LARGE, **_SEG_BACKBONE, **_UPERNET, "img_size": 640, "num_classes": 150,
+                                       "init_values": 1e-6, "drop_path_rate": 0.2, "out_indices": (7, 11, 15, 23),
+                                       "channels": 1024},
+    # fmnist_scenes: 64 px single-channel canvases, background + 10 garments. The Fashion-MNIST backbone
+    # (32 px pretraining, 8x8 grid) at 64 px: 16x16 grid, rel-pos tables resized on load. Patch 4 puts the
+    # grid at stride 4 already, so the neck only pools; small head channels keep CPU training feasible.
+    "beit_fmnist_patch4_64_upernet": {**_FMNIST, **_SEG_BACKBONE, **_UPERNET, "img_size": 64, "num_classes": 11,
+                                      "drop_path_rate": 0.1, "out_indices": (1, 2, 3, 5), "channels": 96,
+                                      "aux_channels": 64},
+}

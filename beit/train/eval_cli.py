@@ -1,4 +1,5 @@
-"""Sub-commands `pretrain`, `finetune`, `linprobe`, `knn`, `eval`: `register(subparsers)` adds them to `beit`.
+"""Sub-commands `pretrain`, `finetune`, `segment`, `linprobe`, `knn`, `eval`: `register(subparsers)` adds them
+to `beit`.
 
 Each takes `CONFIG [section.key=value ...] [--resume] [--overwrite]`. `knn` and `eval` train nothing:
 --resume is accepted for symmetry and, like --overwrite, replaces their run directory. The task modules are
@@ -35,6 +36,12 @@ def _finetune(cfg, **kw):
     from beit.train.finetune import run_finetune
 
     return run_finetune(cfg, **kw)
+
+
+def _segment(cfg, **kw):
+    from beit.train.segment import run_segment
+
+    return run_segment(cfg, **kw)
 
 
 def _linprobe(cfg, **kw):
@@ -74,7 +81,10 @@ def register(subparsers) -> None:
     add_train_command(subparsers, "pretrain", "masked image modeling pretraining (BEiT)", _pretrain)
     add_train_command(subparsers, "finetune", "fine-tune a classifier from model.pretrained (or from scratch)",
                       _finetune)
+    add_train_command(subparsers, "segment", "semantic segmentation: BEiT + UperNet from model.pretrained "
+                      "(or from scratch)", _segment)
     for name, help, run in (("linprobe", "linear probe on every block of a frozen backbone", _linprobe),
                             ("knn", "k-NN accuracy of frozen features (k=20, T=0.07)", _knn),
-                            ("eval", "top-1/top-5, per-class accuracy and confusion matrix of a checkpoint", _eval)):
+                            ("eval", "top-1/top-5, per-class accuracy and confusion matrix of a checkpoint; mIoU, "
+                             "mAcc, aAcc and per-class IoU of a segmentation run", _eval)):
         add_train_command(subparsers, name, help, run, checkpoint_config_loader(name), CHECKPOINT_HELP)

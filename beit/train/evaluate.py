@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from beit.builders import build_eval_loader, build_labeled_dataset, build_model, resolve_pretrained  # noqa: F401
-from beit.config import Config, ConfigError
+from beit.config import SEG_DATASETS, Config, ConfigError
 from beit.train.checkpoint import unwrap
 from beit.train.distributed import resolve_device
 from beit.train.loop import autocast
@@ -152,7 +152,11 @@ def plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str):
 # ------------------------------------------------------------------------------------------------ beit eval
 def run_eval(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
     """Evaluate `model.pretrained` on the test split: results.json (top-1/top-5, per-class accuracy, confusion
-    matrix) and confusion.png in runs/<run_name>/."""
+    matrix) and confusion.png in runs/<run_name>/. Segmentation data (`beit segment` runs): mIoU and friends."""
+    if cfg.data.dataset in SEG_DATASETS:
+        from beit.train.segment import run_seg_eval  # segment imports this module
+
+        return run_seg_eval(cfg, overwrite=overwrite or resume)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg, need_pretrained=True).to(device).eval()  # fails before any run directory exists
     if model.num_classes <= 0:

@@ -1,7 +1,7 @@
 """The one training loop, shared by pretraining, fine-tuning and linear probing.
 
 A `Task` says what differs (the model, a small step function, the data, an optional evaluation); the loop
-owns everything else: AdamW with per-group lr scales, the per-step cosine schedule, gradient accumulation,
+owns everything else: AdamW with per-group lr scales, the per-step cosine or poly schedule, gradient accumulation,
 AMP (bf16 autocast on CPU and GPU; fp16 + dynamic loss scaling on GPU), global-norm clipping, DDP,
 metrics, checkpoints and exact resume.
 """
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from beit.config import Config, ConfigError
 from beit.data.datasets import BadFileTracker
 from beit.models.vit import Block
-from beit.data.loader import batches_per_rank, make_loader
+from beit.data.loader import make_loader, optimizer_steps_per_epoch
 from beit.train import checkpoint as ckpt_io
 from beit.train.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
 from beit.train.metrics import MetricLogger, MetricWindow
@@ -83,7 +83,8 @@ def steps_per_epoch_of(cfg: Config, dataset: Dataset, world_size: int) -> int:
     """Optimizer steps per epoch (drop_last; for shards what every rank holds, see `batches_per_rank`); a
     training set smaller than one global batch is a ConfigError."""
     d = cfg.data
-    steps = batches_per_rank(dataset, d.batch_size, world_size, d.num_workers, cfg.train.epochs) // cfg.optim.accum_steps
+    steps = optimizer_steps_per_epoch(dataset, d.batch_size, cfg.optim.accum_steps, world_size, d.num_workers,
+                                      cfg.train.epochs, cfg.train.steps)
     if steps == 0:
         raise ConfigError(
             f"the training set has {len(dataset)} samples, fewer than one global batch "
@@ -107,7 +108,7 @@ class _Run:
     trainable: list[torch.Tensor]
     global_batch: int
     steps_per_epoch: int
-    total_steps: int  # the schedule's length (train.epochs)
+    total_steps: int  # the schedule's length (train.steps, else train.epochs)
     stop_step: int  # where this run stops (train.max_steps may stop earlier)
     warmup: int
     eval_every: int
@@ -167,7 +168,7 @@ def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Ru
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
 
     steps_per_epoch = steps_per_epoch_of(cfg, task.dataset, info.world_size)
-    total_steps = math.ceil(cfg.train.epochs * steps_per_epoch)
+    total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     o = cfg.optim
     warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
@@ -209,7 +210,8 @@ def _train_one_step(run: _Run) -> float:
     amp, accum = cfg.train.amp, cfg.optim.accum_steps
     if run.data_iter is None or run.step % run.steps_per_epoch == 0:
         run.data_iter = _epoch_iterator(run)
-    lr = lr_at(run.step, cfg.optim.lr, cfg.optim.min_lr, run.warmup, run.total_steps)
+    lr = lr_at(run.step, cfg.optim.lr, cfg.optim.min_lr, run.warmup, run.total_steps, cfg.optim.schedule,
+               cfg.optim.poly_power)
     for g in run.optimizer.param_groups:
         g["lr"] = lr * g["lr_scale"]
     t0 = time.time()

@@ -43,10 +43,14 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
-def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup from 0, then cosine to exactly `min_lr` at the last step (per-step, as official)."""
+def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int,
+          schedule: str = "cosine", power: float = 1.0) -> float:
+    """Linear warmup from 0, then cosine (official BEiT, per step) or poly (mmseg `PolyLR`, segmentation) to
+    exactly `min_lr` at the last step."""
     if step < warmup_steps:
         return base_lr * step / warmup_steps
     span = max(1, total_steps - warmup_steps - 1)
     progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "poly":
+        return min_lr + (base_lr - min_lr) * (1 - progress) ** power
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,229 @@
+"""BEiT + UperNet semantic segmentation, as in the paper's ADE20K experiment.
+
+image ─► BEiT blocks (per-layer rel-pos bias) ─► tokens of 4 blocks (`out_indices`, 0-based) as patch-grid maps
+      ─► neck: maps at strides 4, 8, 16, 32 (transposed convs / identity / max-pool)
+      ─► UperNet decode head (PPM on the coarsest map + FPN)   ─► logits at stride 4      [B, K, H/4, W/4]
+      ─► FCN auxiliary head on the stride-16 map (training only) ─► aux logits at stride 16 [B, K, H/16, W/16]
+
+This follows the official code (microsoft/unilm `beit/semantic_segmentation`: the backbone with `fpn1..fpn4`,
+and mmsegmentation 0.x `UPerHead` / `FCNHead` / `PPM`). Module names are the mmseg ones (`conv`, `bn`,
+`psp_modules.i.1`, `bottleneck`, `lateral_convs`, `fpn_convs`, `fpn_bottleneck`, `conv_seg`, `convs`), so the
+official ADE20K checkpoints and HF hub files map onto ours by a few renames (beit/convert/segmentation.py).
+BatchNorm is plain `nn.BatchNorm2d` here; under DDP wrap the model from outside with
+`nn.SyncBatchNorm.convert_sync_batchnorm` (the official config uses SyncBN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from beit.models.vit import Beit
+
+
+def upsample_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """[B, K, h, w] -> [B, K, *size], bilinear with align_corners=False (mmseg `resize` in the official config)."""
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ConvModule(nn.Module):
+    """conv (no bias: BN follows) -> BN -> ReLU; mmcv's `ConvModule` with its parameter names."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, padding: int = 0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_ch)
+        self.activate = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.activate(self.bn(self.conv(x)))
+
+
+class FeaturePyramid(nn.Module):
+    """Patch-grid maps [B, D, H/p, W/p] -> maps at strides 4, 8, 16, 32 of the image.
+
+    Official: patch 16 -> fpn1 = ConvT·BN·GELU·ConvT (×4), fpn2 = ConvT (×2), fpn3 = identity,
+    fpn4 = max-pool (÷2); patch 8 -> ConvT (×2), identity, ÷2, ÷4. Patch 4 (our small preset) continues the
+    pattern: identity, ÷2, ÷4, ÷8.
+    """
+
+    def __init__(self, dim: int, patch_size: int):
+        super().__init__()
+        up = lambda: nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)  # noqa: E731
+        pool = lambda k: nn.MaxPool2d(kernel_size=k, stride=k)  # noqa: E731
+        if patch_size == 16:
+            self.fpn1 = nn.Sequential(up(), nn.BatchNorm2d(dim), nn.GELU(), up())
+            self.fpn2 = nn.Sequential(up())
+            self.fpn3, self.fpn4 = nn.Identity(), pool(2)
+        elif patch_size == 8:
+            self.fpn1, self.fpn2, self.fpn3, self.fpn4 = nn.Sequential(up()), nn.Identity(), pool(2), pool(4)
+        elif patch_size == 4:
+            self.fpn1, self.fpn2, self.fpn3, self.fpn4 = nn.Identity(), pool(2), pool(4), pool(8)
+        else:
+            raise ValueError(f"the segmentation neck supports patch_size 16, 8 or 4 (strides 4..32), got {patch_size}")
+
+    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [op(x) for op, x in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps)]
+
+
+class UPerHead(nn.Module):
+    """UperNet: a pyramid pooling module on the coarsest map, a top-down FPN over all four, fused at stride 4."""
+
+    def __init__(self, in_ch: int, channels: int, num_classes: int, pool_scales=(1, 2, 3, 6), dropout=0.1):
+        super().__init__()
+        self.psp_modules = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(in_ch, channels, 1)) for s in pool_scales
+        )
+        self.bottleneck = ConvModule(in_ch + len(pool_scales) * channels, channels, 3, padding=1)
+        self.lateral_convs = nn.ModuleList(ConvModule(in_ch, channels, 1) for _ in range(3))
+        self.fpn_convs = nn.ModuleList(ConvModule(channels, channels, 3, padding=1) for _ in range(3))
+        self.fpn_bottleneck = ConvModule(4 * channels, channels, 3, padding=1)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def psp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = [upsample_logits(ppm(x), x.shape[2:]) for ppm in self.psp_modules]  # each [B, C, h, w]
+        return self.bottleneck(torch.cat([x, *pooled], dim=1))
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        laterals = [conv(x) for conv, x in zip(self.lateral_convs, maps)] + [self.psp_forward(maps[3])]
+        for i in range(3, 0, -1):  # top-down: add the coarser level, upsampled
+            laterals[i - 1] = laterals[i - 1] + upsample_logits(laterals[i], laterals[i - 1].shape[2:])
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:3])] + [laterals[3]]
+        outs = [outs[0]] + [upsample_logits(x, outs[0].shape[2:]) for x in outs[1:]]
+        return self.conv_seg(self.dropout(self.fpn_bottleneck(torch.cat(outs, dim=1))))  # [B, K, H/4, W/4]
+
+
+class FCNHead(nn.Module):
+    """Auxiliary head: `num_convs` 3×3 ConvModules, then a 1×1 classifier (mmseg FCNHead, concat_input=False)."""
+
+    def __init__(self, in_ch: int, channels: int, num_classes: int, num_convs: int = 1, dropout=0.1):
+        super().__init__()
+        if num_convs < 1:
+            raise ValueError(f"aux_num_convs must be >= 1, got {num_convs}")
+        self.convs = nn.Sequential(*(ConvModule(in_ch if i == 0 else channels, channels, 3, padding=1)
+                                     for i in range(num_convs)))
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_seg(self.dropout(self.convs(x)))
+
+
+class BeitSegmenter(nn.Module):
+    """BEiT backbone (per-layer rel-pos bias, LayerScale, drop path) + multi-scale neck + UperNet (+ FCN aux head).
+
+    `forward(images)` returns decode-head logits [B, K, H/4, W/4] (what HF's `BeitForSemanticSegmentation`
+    returns as `.logits`); `upsample_logits` brings them to the image size. `out_indices` are 0-based block
+    indices, as in the official config ([3, 5, 7, 11] for base).
+    """
+
+    def __init__(self, num_classes: int = 150, out_indices: Sequence[int] = (3, 5, 7, 11), channels: int = 768,
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), use_aux_head: bool = True, aux_channels: int = 256,
+                 aux_num_convs: int = 1, aux_weight: float = 0.4, dropout_ratio: float = 0.1, **backbone_kwargs):
+        super().__init__()
+        out_indices = [int(i) for i in out_indices]
+        depth = backbone_kwargs.get("depth", 12)
+        if len(out_indices) != 4 or sorted(set(out_indices)) != out_indices or not 0 <= out_indices[0] \
+                or out_indices[-1] >= depth:
+            raise ValueError(f"out_indices must be 4 increasing 0-based block indices below depth {depth}, "
+                             f"got {out_indices}")
+        backbone_kwargs.update(num_classes=0, vocab_size=0, use_mean_pooling=True)
+        self.backbone = Beit(**backbone_kwargs)
+        self.backbone.fc_norm = None  # no pooling: the neck reads the tokens (keeps DDP free of unused params)
+        dim = self.backbone.embed_dim
+        self.num_classes, self.aux_weight = num_classes, aux_weight
+        self.out_indices, self.channels, self.pool_scales = out_indices, channels, tuple(pool_scales)
+        self.img_size, self.in_chans = self.backbone.patch_embed.img_size, self.backbone.patch_embed.in_chans
+        self.neck = FeaturePyramid(dim, self.backbone.patch_embed.patch_size)
+        self.decode_head = UPerHead(dim, channels, num_classes, pool_scales, dropout_ratio)
+        self.auxiliary_head = (FCNHead(dim, aux_channels, num_classes, aux_num_convs, dropout_ratio)
+                               if use_aux_head else None)
+        self._init_head_weights()
+
+    def _init_head_weights(self):
+        # mmcv defaults: kaiming-normal (fan_out, relu) convs in ConvModule; normal(0, 0.01) classifiers;
+        # ConvTranspose2d keeps PyTorch's default (the official backbone does not re-initialise it).
+        for head in filter(None, (self.decode_head, self.auxiliary_head)):
+            for m in head.modules():
+                if isinstance(m, ConvModule):
+                    nn.init.kaiming_normal_(m.conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.normal_(head.conv_seg.weight, std=0.01)
+            nn.init.zeros_(head.conv_seg.bias)
+
+    # ---------------------------------------------------------------- interface for the trainer
+    @property
+    def depth(self) -> int:
+        return self.backbone.depth
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def layer_id(self, name: str) -> int:
+        """Backbone params keep their layer ids (embeddings 0, block i -> i + 1); neck and heads sit on top."""
+        if name.startswith("backbone."):
+            return self.backbone.layer_id(name.removeprefix("backbone."))
+        return self.depth + 1
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.backbone.set_grad_checkpointing(enable)
+
+    # ---------------------------------------------------------------- forward
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images [B, C, H, W] -> the neck's four maps [B, D, H/4, W/4] … [B, D, H/32, W/32]."""
+        bb = self.backbone
+        x = bb.embed(images)  # [B, N+1, D]
+        B, gh, gw = x.shape[0], *bb.grid
+        shared_bias = bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
+        maps = []
+        for i, blk in enumerate(bb.blocks[: self.out_indices[-1] + 1]):  # later blocks cannot change the output
+            x = bb._run_block(blk, x, shared_bias)
+            if i in self.out_indices:
+                maps.append(x[:, 1:].transpose(1, 2).reshape(B, -1, gh, gw))  # drop cls: [B, D, gh, gw]
+        return self.neck(maps)
+
+    def forward_train(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [B, K, H/4, W/4], aux logits [B, K, H/16, W/16] or None without an auxiliary head)."""
+        maps = self.features(images)
+        aux = self.auxiliary_head(maps[2]) if self.auxiliary_head is not None else None
+        return self.decode_head(maps), aux
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decode_head(self.features(images))
+
+
+# ------------------------------------------------------------------------------------------------ construction
+def create_segmenter(name: str, pretrained: str | None = None, **overrides) -> BeitSegmenter:
+    """Build segmentation preset `name` (beit.models.presets.SEG_PRESETS) with keyword overrides; `pretrained`
+    loads a backbone or a whole segmenter of any supported layout (see `load_pretrained_backbone`)."""
+    import difflib
+
+    from beit.models.presets import SEG_PRESETS
+
+    if name not in SEG_PRESETS:
+        close = difflib.get_close_matches(name, SEG_PRESETS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown segmentation preset '{name}'.{hint} Available: {', '.join(SEG_PRESETS)}")
+    model = BeitSegmenter(**{**SEG_PRESETS[name], **overrides})
+    if pretrained:
+        load_pretrained_backbone(model, pretrained)
+    return model
+
+
+def load_pretrained_backbone(model: BeitSegmenter, path_or_sd):
+    """Load what `model.pretrained` names into a segmenter and return the `LoadReport`.
+
+    A backbone checkpoint of any layout `beit.convert.load_pretrained` reads (ours, official/timm, HF,
+    OpenMMLab; a run directory uses its newest checkpoint) goes into `.backbone` with the fine-tuning
+    surgery: a shared rel-pos table is cloned into every layer, tables and abs pos_embed are resized to the
+    new grid, lm_head / mask_token / norm are left out (reported as unexpected). A whole-segmenter checkpoint
+    (ours, the official mmseg 0.x ADE20K layout, mmsegmentation 1.x's port, an HF `BeitForSemanticSegmentation`
+    folder or state dict) loads everything; a
+    classifier (`conv_seg`) of another class count is dropped and stays freshly initialised.
+    """
+    from beit.convert.segmentation import load_segmenter
+
+    return load_segmenter(model, path_or_sd)

@@ -1,0 +1,69 @@
+"""`beit bench` and scripts/gpu_check.py: they run end to end and report consistent numbers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from beit import bench
+from beit.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_count_flops_linear_forward_backward():
+    # By hand: forward 2·B·I·O, backward 2·B·I·O for the input grad and 2·B·I·O for the weight grad.
+    lin = nn.Linear(32, 16, bias=False)
+    x = torch.randn(8, 32, requires_grad=True)
+    assert bench.count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * 8 * 32 * 16
+
+
+def test_time_alternating_takes_the_median_round():
+    calls = []
+    steps = [bench.Step("a", lambda: calls.append("a"), 1), bench.Step("b", lambda: calls.append("b"), 1)]
+    times = bench.time_alternating(steps, torch.device("cpu"), iters=2, repeats=3)
+    assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
+    assert calls == ["a", "a", "b", "b"] * 3  # round-robin, not all of a then all of b
+
+
+def test_bench_cli_finetune_row_vs_timm(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    main(["bench", "--preset", "beit_fmnist_patch4_32", "--batch", "4", "--device", "cpu", "--warmup", "0",
+          "--iters", "1", "--repeats", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["ours", "timm"]
+    ours, timm = rows
+    # Same architecture, so the counted FLOPs agree closely (timm and ours differ only in tiny ops).
+    assert ours["gflop_per_img"] == pytest.approx(timm["gflop_per_img"], rel=0.02)
+    assert timm["ours_speedup"] == pytest.approx(timm["ms_per_step"] / ours["ms_per_step"])
+    assert "timm" in capsys.readouterr().out
+
+
+def test_gpu_check_tiny_runs_every_section(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "gc.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--tiny", "--device", "cpu",
+           "--budget", "100000", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert not report["errors"] and not report["skipped"]
+    assert set(report["sections"]) == {"bf16 batch 1", "bf16 batch 2", "fp16+scaler batch 2", "fsdp bf16 batch 1",
+                                       "fmnist loop"}
+    base = {r["impl"]: r for r in report["sections"]["bf16 batch 2"]["rows"]}
+    assert set(base) == {"ours", "hf", "tokenizer"}
+    # Ours and HF run the same ViT and the same tokenizer: FLOPs agree up to HF's lm_head on every token.
+    assert base["hf"]["gflop_per_img"] >= base["ours"]["gflop_per_img"] > base["tokenizer"]["gflop_per_img"] > 0
+    # The share is the tokenizer's time alone over the whole step's (a timing ratio, so no bound under load).
+    share = base["tokenizer"]["ms_per_step"] / base["ours"]["ms_per_step"]
+    assert base["ours"]["tokenizer_share"] == pytest.approx(share)
+    fsdp = report["sections"]["fsdp bf16 batch 1"]["rows"][0]
+    assert fsdp["gflop_per_img"] == pytest.approx(report["sections"]["bf16 batch 1"]["rows"][0]["gflop_per_img"])
+    loop = report["sections"]["fmnist loop"]["rows"][-1]
+    assert loop["impl"] == "loop" and loop["steps_timed"] >= 1 and loop["loop_img_per_s"] > 0
