@@ -38,10 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors reported as one line: bad input, and training stopped by a non-finite loss or a failed write."""
     from beit.tokenizers import TokenizerError
-    from beit.train.checkpoint import RunDirError
+    from beit.train.checkpoint import CheckpointWriteError, RunDirError
+    from beit.train.loop import NonFiniteLossError
 
-    return ConfigError, RunDirError, TokenizerError, FileNotFoundError, FileExistsError, KeyError, ValueError
+    return (ConfigError, RunDirError, TokenizerError, CheckpointWriteError, NonFiniteLossError, FileNotFoundError,
+            FileExistsError, KeyError, ValueError)
+
+
+def _resume_line(argv: list[str]) -> str:
+    args = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return "beit " + " ".join(args) + " --resume"
 
 
 def main(argv: list[str] | None = None):
@@ -55,7 +63,14 @@ def main(argv: list[str] | None = None):
         args.overrides = [*args.overrides, *extra]
     try:
         result = args.func(args)
-    except _user_errors() as e:
+    except Exception as e:
+        if type(e).__name__ == "Preempted":  # beit.train.loop.Preempted (not imported here: --help stays light)
+            argv = sys.argv[1:] if argv is None else argv
+            again = _resume_line(argv) if hasattr(args, "resume") else "beit " + " ".join(argv)  # drivers resume
+            print(f"beit {args.command}: {e}. Resume with: {again}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        if not isinstance(e, _user_errors()):
+            raise
         if os.environ.get("BEIT_DEBUG"):
             raise
         # Bad input is reported as one clear line (BEIT_DEBUG=1 shows the traceback).

@@ -302,8 +302,16 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or defaults when `path` is None), apply dotted overrides, validate."""
+# Defaults of one command where they differ from the section defaults (which follow pretraining), applied
+# under the file: official fine-tuning (unilm run_class_finetuning.py) clips nothing and warms up 5 epochs.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "finetune": {"optim": {"clip_grad": None, "warmup_epochs": 5}},
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, command: str | None = None) -> Config:
+    """Read a YAML config (or defaults when `path` is None), apply dotted overrides, validate. `command`
+    selects its COMMAND_DEFAULTS for keys the file and overrides leave out."""
     raw: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -314,7 +322,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    raw = _merge(raw, parse_overrides(overrides or []))
+    raw = _merge(_merge(COMMAND_DEFAULTS.get(command, {}), raw), parse_overrides(overrides or []))
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
@@ -322,6 +330,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None and cfg.train.run_name is None:
         cfg.train.run_name = path.stem
     return cfg
+
+
+# Keys that may differ between a run and its --resume (docs/reliability.md): cadence, length, where it runs.
+RESUME_MAY_CHANGE = ("train.epochs", "train.max_steps", "train.log_every", "train.save_every_steps", "train.keep_last",
+                     "train.eval_every_epochs", "train.knn_every_epochs", "train.progress", "train.out_dir",
+                     "train.run_name", "data.num_workers")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_config(stored: dict, cfg: Config, source: str):
+    """--resume with a config that differs from the run's stored one (`source`) is an error naming the keys,
+    except RESUME_MAY_CHANGE."""
+    old, new = _flatten(config_from_dict(stored, source).to_dict()), _flatten(cfg.to_dict())
+    diff = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE]
+    if diff:
+        raise ConfigError(
+            f"--resume: the config differs from the run's ({source}) in " + ", ".join(
+                f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in diff)
+            + f". Resume with the run's values, or start a new run. Keys that may change on resume: "
+            + ", ".join(RESUME_MAY_CHANGE))
 
 
 def config_from_dict(d: dict[str, Any], source: str = "checkpoint config") -> Config:

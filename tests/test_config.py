@@ -54,3 +54,12 @@ def test_every_shipped_config_validates_and_says_how_to_run_it(path):
     text = (ROOT / path).read_text()
     assert text.startswith("#") and "beit " in text.split("\n\n")[0], f"{path} must open with its command"
     load_config(ROOT / path)
+
+
+def test_finetuning_does_not_inherit_pretraining_defaults(tmp_path):
+    path = tmp_path / "ft.yaml"
+    path.write_text("optim:\n  lr: 1.0e-3\n")  # clip_grad and warmup_epochs left out
+    pre, ft = load_config(path), load_config(path, command="finetune")
+    assert (pre.optim.clip_grad, pre.optim.warmup_epochs) == (3.0, 10)  # pretraining (official run_beit_pretraining)
+    assert (ft.optim.clip_grad, ft.optim.warmup_epochs) == (None, 5)  # official run_class_finetuning defaults
+    assert load_config(path, ["optim.clip_grad=1.0"], command="finetune").optim.clip_grad == 1.0  # overrides win

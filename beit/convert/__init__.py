@@ -5,7 +5,7 @@ fine-tuning surgery, and write official / HF / OpenMMLab files.
     load_pretrained(model, path_or_sd) -> LoadReport
     save_checkpoint_as(sd, path, layout)          # official | hf | mmpretrain
 
-`load_pretrained` does, in the official order (unilm `run_class_finetuning.py`, see the reference §2.9):
+`load_pretrained` does, in the official order (unilm `run_class_finetuning.py`):
 unwrap `model`/`module`/`state_dict` and prefixes, drop `relative_position_index`, detect the layout and
 rename to official keys, drop a wrong-size `head` (re-initialised), clone a shared rel-pos table into
 every layer if the model uses per-layer tables, resize tables (geometric-grid cubic) and `pos_embed`
@@ -80,7 +80,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "global" in str(e):  # the pickle references a class/function: more than weights
+        if "Unsupported global" in str(e):  # the pickle references a class/function: more than weights
             raise ValueError(
                 f"{path}: weights_only loading failed because the file pickles Python objects besides "
                 f"tensors (e.g. argparse args or an optimizer); beit does not unpickle arbitrary objects "
@@ -88,9 +88,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                 f"torch.save(ckpt['model'], 'weights.pth') in a session you trust, or convert to "
                 f".safetensors. Detail: {str(e).strip().splitlines()[-3] if str(e).strip() else e}"
             ) from e
-        raise ValueError(f"cannot read checkpoint {path}: not a valid torch file (corrupt?): {e}") from e
-    except Exception as e:  # zip errors, truncation, EOF
-        raise ValueError(f"cannot read checkpoint {path} (corrupt or truncated?): {e}") from e
+        raise ValueError(f"cannot read checkpoint {path}: not a valid torch file, truncated or corrupt "
+                         f"({type(e).__name__}); re-create or re-copy it") from None
+    except Exception as e:  # zip errors, truncation, EOF; torch's own text advises unpickling, which is wrong here
+        raise ValueError(f"cannot read checkpoint {path}: truncated or corrupt ({type(e).__name__}); "
+                         f"re-create or re-copy it") from None
 
 
 def _read_sharded(index: Path) -> dict:
@@ -160,6 +162,26 @@ def _shape_hint(key: str, ckpt: torch.Tensor, want: torch.Tensor, sd: Mapping, m
     return "wrong model configuration for this checkpoint?"
 
 
+def _resize_to_grid(sd: dict, model_sd: dict, grid: tuple[int, int], checkpoint_grid, report: LoadReport):
+    """Resize the checkpoint's rel-pos tables and abs pos_embed (in place) to the model's patch grid."""
+    for key in [k for k in sd if k.endswith("relative_position_bias_table")]:
+        want = model_sd.get(key)
+        if want is None or sd[key].shape == want.shape or sd[key].shape[1:] != want.shape[1:]:
+            continue  # absent (reported), equal, or a head-count mismatch (error below)
+        src = checkpoint_grid or grid_from_table_rows(sd[key].shape[0])
+        if src is None:
+            continue  # error below, with the hint to pass checkpoint_grid
+        sd[key] = resize_rel_pos_table(sd[key], grid, src)
+        report.resized.append(key)
+    if "pos_embed" in sd and "pos_embed" in model_sd:
+        want = model_sd["pos_embed"]
+        if sd["pos_embed"].shape != want.shape and sd["pos_embed"].shape[-1] == want.shape[-1]:
+            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, checkpoint_grid)
+            report.resized.append("pos_embed")
+    if report.resized:
+        log.info("resized to grid %s: %s", grid, ", ".join(report.resized))
+
+
 def load_pretrained(
     model: torch.nn.Module,
     path_or_sd: str | os.PathLike | Mapping,
@@ -206,22 +228,7 @@ def load_pretrained(
             report.expanded_shared_rel_pos = True
 
     # 3. resolution: rel-pos tables and abs pos_embed to the model's grid.
-    for key in [k for k in sd if k.endswith("relative_position_bias_table")]:
-        want = model_sd.get(key)
-        if want is None or sd[key].shape == want.shape or sd[key].shape[1:] != want.shape[1:]:
-            continue  # absent (reported), equal, or a head-count mismatch (error below)
-        src = checkpoint_grid or grid_from_table_rows(sd[key].shape[0])
-        if src is None:
-            continue  # error below, with the hint to pass checkpoint_grid
-        sd[key] = resize_rel_pos_table(sd[key], grid, src)
-        report.resized.append(key)
-    if "pos_embed" in sd and "pos_embed" in model_sd:
-        want = model_sd["pos_embed"]
-        if sd["pos_embed"].shape != want.shape and sd["pos_embed"].shape[-1] == want.shape[-1]:
-            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, checkpoint_grid)
-            report.resized.append("pos_embed")
-    if report.resized:
-        log.info("resized to grid %s: %s", grid, ", ".join(report.resized))
+    _resize_to_grid(sd, model_sd, grid, checkpoint_grid, report)
 
     # 4. shapes must now agree.
     for key in [k for k in sd if k in model_sd and sd[k].shape != model_sd[k].shape]:

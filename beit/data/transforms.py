@@ -4,7 +4,7 @@ Pretraining (`TwoViewTransform`, official `DataAugmentationForBEiT`): colour jit
 whole image, then ONE random-resized-crop box resized twice: bicubic to the patch view (normalised with
 mean/std) and lanczos to the tokenizer view (kept in [0, 1]; the tokenizer applies its own input mapping, e.g.
 DALL-E's map_pixels). Both views therefore show exactly the same content, so visual token (i, j) describes
-patch (i, j). openmixup crops the two views independently (reference §4.2); we do not.
+patch (i, j). openmixup crops the two views independently; we do not.
 
 All randomness of the two-view transform comes from the `np.random.Generator` passed in, which the dataset
 derives from (seed, epoch, index): crops and masks are reproducible and a resumed run sees the same samples.

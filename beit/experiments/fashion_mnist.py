@@ -142,7 +142,7 @@ def run_stage(stage: Stage, out: Path) -> float:
     from beit.train.checkpoint import list_checkpoints
 
     has_ckpt = run_dir.is_dir() and bool(list_checkpoints(run_dir))
-    cfg = load_config(stage.config, stage.overrides)
+    cfg = load_config(stage.config, stage.overrides, command=stage.command)
     log.info(f"[{stage.name}] {'resuming' if has_ckpt else 'starting'}: beit {stage.command} {stage.config} "
              + " ".join(stage.overrides))
     # A directory without a checkpoint holds nothing worth keeping: the stage restarts it.

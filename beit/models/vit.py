@@ -334,6 +334,9 @@ class Beit(nn.Module):
         """
         if self.lm_head is None:
             raise ValueError("this model has no lm_head; use a *_vocab preset or set vocab_size > 0")
+        if bool_masked_pos.dtype != torch.bool:  # an int mask would index tokens instead of selecting them
+            raise ValueError(f"bool_masked_pos must be a bool tensor (True = masked), got {bool_masked_pos.dtype}; "
+                             f"convert a 0/1 mask with mask.bool()")
         x = self.forward_features(x, bool_masked_pos)[:, 1:]  # [B, N, D]
         return self.lm_head(x[bool_masked_pos.flatten(1)])  # [num_masked, vocab]
 

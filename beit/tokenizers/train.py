@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from beit.config import Config, TokenizerConfig
 from beit.data.datasets import build_dataset
 from beit.tokenizers.dvae import DVAE, kl_to_uniform, map_pixels, recon_nll
+from beit.train.loop import autocast
 from beit.train.optim import lr_at as cosine_lr
 
 # Dead-code handling is configured by TokenizerConfig (revive_*, usage_entropy_weight, final_steps); these
@@ -203,6 +204,35 @@ def save_tokenizer(model: DVAE, out_dir: Path, metrics: dict | None = None, name
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
+def _dvae_step(model: DVAE, opt: torch.optim.Optimizer, x: torch.Tensor, cfg: Config, step: int, total: int,
+               amp) -> dict:
+    """One optimizer step of the relaxed dVAE objective on images x [B, C, S, S] in [0, 1]."""
+    tcfg = cfg.tokenizer
+    tau, beta = temperature_at(tcfg, step), kl_weight_at(tcfg, step)
+    for g in opt.param_groups:
+        g["lr"] = lr_at(cfg, step, total)
+    with amp:
+        logits = model.logits(x)  # [B, V, h, w]
+        # The relaxation is computed in fp32: bf16 noise/softmax at tau=1/16 would round codes together.
+        soft = F.gumbel_softmax(logits.float(), tau=tau, hard=False, dim=1)
+        stats = model.decode_stats(soft)
+    rec = recon_nll(stats, x, tcfg.recon_loss)
+    kl = kl_to_uniform(logits)
+    # Usage term (not in DALL-E): entropy of the batch's average relaxed one-hot. At low temperature the
+    # samples are nearly one-hot, so this is the entropy of the code histogram; its gradient lifts rare
+    # codes. Without it, revived codes die again within ~100 steps (the decoder fits busy codes better).
+    usage = soft.mean((0, 2, 3))  # [V]
+    usage_gap = math.log(tcfg.vocab_size) + (usage * usage.clamp_min(1e-12).log()).sum()
+    loss = rec + beta * kl + tcfg.usage_entropy_weight * usage_gap
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+    opt.step()
+    return {"loss": loss.item(), "recon": rec.item(), "kl": kl.item(), "usage_gap": usage_gap.item(), "tau": tau,
+            "kl_weight": beta, "ids": logits.detach().argmax(1)}  # ids [B, h, w]
+
+
 def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, log=print) -> dict:
     """Train a dVAE as described by `cfg.tokenizer` on `cfg.data`; returns the final held-out metrics."""
     from tqdm import tqdm
@@ -213,7 +243,7 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
     _prepare_out_dir(out_dir, overwrite)
     torch.manual_seed(cfg.train.seed)
     device = _device(cfg)
-    amp = nullcontext() if cfg.train.amp == "none" else torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
+    amp = autocast(device, cfg.train.amp)
 
     t0 = time.time()
     train_x, test_x = _load_split(cfg, "train"), _load_split(cfg, "test")  # uint8 [N, C, S, S]
@@ -244,31 +274,8 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
             perm, pos = torch.randperm(len(train_x), generator=gen), 0
         x = train_x[perm[pos : pos + bs]].to(device).float() / 255  # [B, C, S, S] in [0, 1]
         pos += bs
-        tau, beta = temperature_at(tcfg, step), kl_weight_at(tcfg, step)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step, total)
-
-        with amp:
-            logits = model.logits(x)  # [B, V, h, w]
-            # The relaxation is computed in fp32: bf16 noise/softmax at tau=1/16 would round codes together.
-            soft = F.gumbel_softmax(logits.float(), tau=tau, hard=False, dim=1)
-            stats = model.decode_stats(soft)
-        rec = recon_nll(stats, x, tcfg.recon_loss)
-        kl = kl_to_uniform(logits)
-        # Usage term (not in DALL-E): entropy of the batch's average relaxed one-hot. At low temperature the
-        # samples are nearly one-hot, so this is the entropy of the code histogram; its gradient lifts rare
-        # codes. Without it, revived codes die again within ~100 steps (the decoder fits busy codes better).
-        usage = soft.mean((0, 2, 3))  # [V]
-        usage_gap = math.log(tcfg.vocab_size) + (usage * usage.clamp_min(1e-12).log()).sum()
-        loss = rec + beta * kl + tcfg.usage_entropy_weight * usage_gap
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if o.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-        opt.step()
-
-        ids = logits.detach().argmax(1)  # [B, h, w]
-        counts += torch.bincount(ids.flatten(), minlength=tcfg.vocab_size)
+        out = _dvae_step(model, opt, x, cfg, step, total, amp)
+        counts += torch.bincount(out["ids"].flatten(), minlength=tcfg.vocab_size)
         bar.update(bs)
         if (step + 1) % tcfg.revive_every == 0:
             used = int((counts > 0).sum())
@@ -276,9 +283,9 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
             revived = (_revive_dead_codes(model, opt, counts, x, tcfg.revive_min_count, tcfg.revive_margin)
                        if revive else 0)
             revived_total += revived
-            history.append({"step": step + 1, "loss": loss.item(), "recon": rec.item(), "kl": kl.item(), "usage_gap": usage_gap.item(), "tau": tau,
-                            "kl_weight": beta, "codes_used_window": used, "revived": revived})
-            bar.set_postfix(loss=f"{loss.item():.3f}", tau=f"{tau:.3f}", used=used, revived=revived)
+            history.append({"step": step + 1, **{k: v for k, v in out.items() if k != "ids"},
+                            "codes_used_window": used, "revived": revived})
+            bar.set_postfix(loss=f"{out['loss']:.3f}", tau=f"{out['tau']:.3f}", used=used, revived=revived)
             counts.zero_()
     bar.close()
     train_s = time.time() - t_train

@@ -7,6 +7,7 @@ model's state dict (no `module.` / `_orig_mod.` prefixes) so any loader can read
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("beit")
 FORMAT_VERSION = 1
 _CKPT = re.compile(r"^ckpt-(\d+)\.pt$")
 
@@ -68,14 +70,33 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the earlier files are untouched."""
+
+
 def atomic_save(obj: dict, path: Path):
-    """Write to a temp file in the same directory, fsync, then rename: a crash never leaves a half file."""
+    """Write to a temp file in the same directory, fsync, rename, fsync the directory: a crash or a failed
+    write never leaves a half file, and a failed write leaves no temp file either."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"could not write '{path}' ({e}); earlier checkpoints in '{path.parent}' are "
+                                   f"intact. Free disk space or fix permissions, then rerun with --resume") from None
+    _fsync_dir(path.parent)  # the rename itself is durable only once the directory entry is
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_training_checkpoint(run_dir: Path, state: dict, step: int, keep_last: int) -> Path:
@@ -89,11 +110,30 @@ def save_training_checkpoint(run_dir: Path, state: dict, step: int, keep_last: i
 def load_training_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # corrupt or foreign file
-        raise RunDirError(f"cannot read checkpoint '{path}': {e}") from None
+    except Exception as e:  # truncated, corrupt or foreign file; torch's own text suggests unpickling: not ours
+        raise RunDirError(f"cannot read checkpoint '{path}': truncated or corrupt ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
         raise RunDirError(f"'{path}' is not a beit training checkpoint (format_version {FORMAT_VERSION})")
     return ckpt
+
+
+def load_latest_intact(run_dir: Path) -> tuple[Path, dict]:
+    """The newest readable training checkpoint of `run_dir`. A truncated or corrupt newer one is passed over
+    with a warning naming both files; none readable is an error naming them all."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise RunDirError(f"--resume: no ckpt-*.pt in '{run_dir}'")
+    bad = []
+    for path in reversed(found):
+        try:
+            state = load_training_checkpoint(path)
+        except RunDirError as e:
+            bad.append((path, e))
+            continue
+        for b, e in bad:
+            log.warning(f"checkpoint {b} is unreadable ({e}); resuming from the newest intact one, {path}")
+        return path, state
+    raise RunDirError(f"--resume: no intact checkpoint in '{run_dir}': " + "; ".join(str(e) for _, e in bad))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -11,17 +11,19 @@ from __future__ import annotations
 from beit.config import load_config
 
 
-def add_train_command(sub, name: str, help: str, run, config_loader=load_config, config_help=None):
+def add_train_command(sub, name: str, help: str, run, config_loader=None, config_help=None):
     """`beit NAME CONFIG [key=value ...] [--resume | --overwrite]` calling `run(cfg, resume=, overwrite=)`.
 
-    `config_loader(CONFIG, overrides) -> Config` reads CONFIG (a YAML file; for commands that evaluate a
-    checkpoint, also the checkpoint itself, see `beit.hub.command_config`)."""
+    `config_loader(CONFIG, overrides) -> Config` reads CONFIG (default: the YAML file, with the command's
+    `COMMAND_DEFAULTS`; for commands that evaluate a checkpoint, also the checkpoint itself, see
+    `beit.hub.command_config`)."""
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("config", help=config_help or "YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.epochs=2")
     p.add_argument("--resume", action="store_true", help="continue the run in its run directory, exactly")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
-    p.set_defaults(func=lambda a: run(config_loader(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite))
+    load = config_loader or (lambda path, overrides: load_config(path, overrides, command=name))
+    p.set_defaults(func=lambda a: run(load(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite))
     return p
 
 

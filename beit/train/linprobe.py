@@ -1,4 +1,4 @@
-"""Linear probing, official protocol (unilm `run_linear_eval.py`, reference §2.10) on the shared loop.
+"""Linear probing, official protocol (unilm `run_linear_eval.py`) on the shared loop.
 
 frozen backbone (eval mode, no grad)  ->  raw output of every block (before the final norm)  [B, N+1, D] x L
 feature_l = concat(cls token, mean of patch tokens)                                         [B, L, 2D]

@@ -12,6 +12,8 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,14 +150,70 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
 
     t_start = time.time()
     run.model.train()
-    while run.step < run.stop_step:
-        lr = _train_one_step(run)
-        bar.update(1)
-        _log_and_evaluate(run, logger, bar, lr)
-        if run.step % cfg.train.save_every_steps == 0 or run.step == run.stop_step:
-            _save(run)
+    with _StopSignals() as stop:
+        while run.step < run.stop_step:
+            lr = _train_one_step(run)
+            bar.update(1)
+            _log_and_evaluate(run, logger, bar, lr)
+            stopping = stop.agreed(info)  # SIGTERM / SIGINT: the step is finished; checkpoint and leave
+            if stopping or run.step % cfg.train.save_every_steps == 0 or run.step == run.stop_step:
+                _save(run)
+            if stopping:
+                bar.close()
+                logger.close()
+                raise Preempted(stop.name, run.step, ckpt_io.list_checkpoints(run_dir)[-1] if run_dir else None)
     bar.close()
     return _finish(run, logger, time.time() - t_start)
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM / SIGINT after finishing a step and writing a checkpoint."""
+
+    exit_code = 75  # EX_TEMPFAIL: "try again" (--resume); distinct from errors (1, 2)
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint} written")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf (bf16/fp32: fp16 skips such steps through its loss scaler)."""
+
+
+class _StopSignals:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (handlers restored on exit)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "signal"
+
+    def agreed(self, info: DistInfo) -> bool:
+        """Whether any process was signalled, so that all ranks stop after the same step."""
+        if not info.enabled:
+            return self.signum is not None
+        flag = torch.tensor([float(self.signum is not None)], device=info.device)
+        all_reduce_sum(flag)
+        return bool(flag.item() > 0)
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
 
 
 def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Run:
@@ -178,11 +236,9 @@ def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Ru
 
 
 def _resume(run: _Run):
-    """Load the newest checkpoint of the run directory: weights, optimizer, scaler, EMA, RNG, step."""
-    found = ckpt_io.list_checkpoints(run.run_dir)
-    if not found:
-        raise ckpt_io.RunDirError(f"--resume: no ckpt-*.pt in '{run.run_dir}'")
-    state = ckpt_io.load_training_checkpoint(found[-1])
+    """Load the newest intact checkpoint of the run directory: weights, optimizer, scaler, EMA, RNG, step and
+    the metric window not yet logged."""
+    path, state = ckpt_io.load_latest_intact(run.run_dir)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
@@ -190,8 +246,10 @@ def _resume(run: _Run):
         run.ema.module.load_state_dict(state["ema"])
     ckpt_io.set_rng_state(state["rng"])
     run.step, run.best = state["step"], state.get("best")
+    if state.get("metric_window") is not None:
+        run.window.load_state_dict(state["metric_window"])
     if run.info.is_main:
-        log.info(f"resumed from {found[-1]} at step {run.step}")
+        log.info(f"resumed from {path} at step {run.step}")
         _truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
 
 
@@ -228,7 +286,7 @@ def _train_one_step(run: _Run) -> float:
                 out = run.task.step(run.ddp_model, batch)
             loss = out["loss"]
             if not torch.isfinite(loss) and amp != "fp16":
-                raise FloatingPointError(f"loss is {loss.item()} at step {run.step}; lower optim.lr or check the data")
+                raise _non_finite(run, loss)
             run.scaler.scale(loss / accum).backward()
         run.window.add(**{k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
     run.scaler.unscale_(run.optimizer)
@@ -272,12 +330,20 @@ def _log_and_evaluate(run: _Run, logger: MetricLogger, bar, lr: float):
     run.model.train()
 
 
+def _non_finite(run: _Run, loss: torch.Tensor) -> NonFiniteLossError:
+    found = ckpt_io.list_checkpoints(run.run_dir) if run.run_dir is not None else []
+    last = f"the last good checkpoint is {found[-1]} (--resume continues from it)" if found else "no checkpoint yet"
+    return NonFiniteLossError(f"loss is {loss.item()} at step {run.step + 1}; {last}. Lower optim.lr, raise "
+                              f"optim.warmup_epochs or check the data")
+
+
 def _save(run: _Run):
     if run.info.is_main and run.run_dir is not None:
         ckpt_io.save_training_checkpoint(run.run_dir, {
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
             "rng": ckpt_io.rng_state(), "best": run.best, "config": run.cfg.to_dict(),
+            "metric_window": run.window.state_dict(),
         }, run.step, run.cfg.train.keep_last)
     barrier()
 

@@ -26,6 +26,15 @@ class MetricWindow:
             else:
                 self.nonfinite[k] += 1
 
+    def state_dict(self) -> dict:
+        """The steps not yet logged: saved in checkpoints so a resumed run logs the same windows."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "nonfinite": dict(self.nonfinite)}
+
+    def load_state_dict(self, state: dict):
+        self.__init__()
+        for key in ("sums", "counts", "nonfinite"):
+            getattr(self, key).update(state.get(key, {}))
+
     def flush(self) -> dict[str, float]:
         out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
         self.__init__()

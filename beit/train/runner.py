@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 
-from beit.config import Config
+from beit.config import Config, check_resume_config
 from beit.train import checkpoint as ckpt_io
 from beit.train.distributed import barrier, cleanup, init_distributed
 from beit.train.loop import Task, fit, steps_per_epoch_of
@@ -52,6 +53,8 @@ def launch(cfg: Config, build_task: Callable[[Config, torch.device], Task], resu
     try:
         run_dir = run_dir_of(cfg)
         ckpt_io.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        if resume and (run_dir / "config.yaml").is_file():
+            check_resume_config(yaml.safe_load((run_dir / "config.yaml").read_text()), cfg, str(run_dir / "config.yaml"))
         setup_logging(None, info.is_main)
         # Per-rank seeds: model-side randomness (drop path) differs across ranks; data randomness is
         # keyed by (seed, epoch, sample index) and so does not depend on the rank at all.
