@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm import tqdm
 
 from beit.builders import build_eval_loader, build_labeled_dataset, build_model, resolve_pretrained  # noqa: F401
@@ -52,9 +52,12 @@ def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], dev
 
     Under a process group (torchrun), each rank runs a contiguous 1/world share of the loader's dataset and
     the outputs are gathered in dataset order, so every rank returns what one process would. Ranks with
-    fewer batches repeat a forward so that FSDP's per-forward collectives stay matched.
+    fewer batches repeat a forward so that FSDP's per-forward collectives stay matched. A streamed
+    (iterable) dataset is read whole by every rank.
     A progress bar with ETA (`desc`) shows on the main process when stderr is a terminal and `progress`."""
     rank, world = rank_and_world()
+    if isinstance(loader.dataset, IterableDataset):  # streamed shards: no random access, every rank reads it all
+        world = 1
     if world > 1:
         loader, max_batches = _shard(loader, rank, world)
     outs, labels, x = [], [], None
