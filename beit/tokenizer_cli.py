@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
+# torch is imported inside the commands: building the parser (`beit --help`) must stay light.
 
 
-def _load_images(paths: list[str], tok, size: int | None = None) -> torch.Tensor:
+def _load_images(paths: list[str], tok, size: int | None = None):
     """Image files -> [B, C, S, S] in [0, 1], in the tokenizer's channels. S: `size`, else the size a trained
     tokenizer was trained at (32 for fmnist_dvae), else the first image's short side rounded down to a
     multiple of the downsample factor."""
+    import torch
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
 
@@ -51,6 +52,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_encode(args) -> int:
+    import torch
+
     tok = _tokenizer(args)
     ids = tok.encode(_load_images(args.images, tok, args.size))  # [B, h, w]
     if args.out:
@@ -64,6 +67,7 @@ def cmd_encode(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
+    import torch
     from torchvision.utils import save_image
 
     tok = _tokenizer(args)
