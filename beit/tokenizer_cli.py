@@ -45,7 +45,9 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.train.out_dir) / (cfg.train.run_name or Path(args.config).stem)
-    metrics = train_tokenizer(cfg, out, overwrite=args.overwrite)
+    metrics = train_tokenizer(cfg, out, overwrite=args.overwrite, resume=args.resume)
+    if not metrics:  # not the main process
+        return 0
     print(f"wrote {out} (codes used {metrics['codes_used_frac']:.1%}, perplexity {metrics['perplexity']:.1f}, "
           f"recon MSE {metrics['recon_mse']:.4f})")
     return 0
@@ -96,7 +98,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     t.add_argument("--out", help="output directory (default: train.out_dir/run_name)")
-    t.add_argument("--overwrite", action="store_true", help="allow writing into an existing, non-empty directory")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in the output directory from its newest checkpoint")
     t.set_defaults(func=cmd_train)
 
     for name, fn, helptext in (("encode", cmd_encode, "print (and optionally save) token maps"),
