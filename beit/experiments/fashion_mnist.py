@@ -134,14 +134,14 @@ def run_stage(stage: Stage, out: Path) -> float:
         log.info(f"[{stage.name}] done already, skipping ({run_dir})")
         return 0.0
     t0 = time.time()
-    if stage.command == "tokenizer":
-        from beit.tokenizers.train import train_tokenizer
-
-        train_tokenizer(load_config(stage.config, stage.overrides), run_dir, overwrite=True)
-        return time.time() - t0
     from beit.train.checkpoint import list_checkpoints
 
     has_ckpt = run_dir.is_dir() and bool(list_checkpoints(run_dir))
+    if stage.command == "tokenizer":  # on the shared loop too: a stopped stage resumes
+        from beit.tokenizers.train import train_tokenizer
+
+        train_tokenizer(load_config(stage.config, stage.overrides), run_dir, overwrite=not has_ckpt, resume=has_ckpt)
+        return time.time() - t0
     cfg = load_config(stage.config, stage.overrides, command=stage.command)
     log.info(f"[{stage.name}] {'resuming' if has_ckpt else 'starting'}: beit {stage.command} {stage.config} "
              + " ".join(stage.overrides))
