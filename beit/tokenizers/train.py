@@ -350,7 +350,8 @@ def _finish(cfg: Config, out_dir: Path, task: Task, train_x: torch.Tensor, train
     train_s += time.time() - t_final
     test_x = _load_split(cfg, "test")
     metrics = evaluate(model, test_x, device)
-    metrics.update({"train_steps": total, "train_images": total * bs, "train_seconds": round(train_s, 1),
+    global_batch = json.loads((out_dir / "summary.json").read_text())["global_batch"]  # all processes
+    metrics.update({"train_steps": total, "train_images": total * global_batch, "train_seconds": round(train_s, 1),
                     "revived_codes_total": recipe.revived_total, "final_revived": final_revived,
                     "device": str(device), "torch_threads": torch.get_num_threads(), "history": recipe.history})
     log("held-out: " + json.dumps({k: v for k, v in metrics.items() if k != "history"}))
