@@ -19,8 +19,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from beit.config import Config, ConfigError
-from beit.data import (MIMDataset, build_dataset, build_finetune_transform, build_mask_generator,
-                       build_two_view_transform, collate_skip_bad)
+from beit.data import (MIMDataset, MIMItem, ShardDataset, build_dataset, build_finetune_transform,
+                       build_mask_generator, build_two_view_transform, collate_skip_bad)
 from beit.models import create_model
 from beit.tokenizers import FrozenTokenizer, create_tokenizer
 from beit.train.checkpoint import list_checkpoints
@@ -62,10 +62,17 @@ def build_tokenizer(cfg: Config, device: torch.device | str = "cpu") -> FrozenTo
     return create_tokenizer(cfg.tokenizer.name, weights=cfg.tokenizer.weights).to(device)
 
 
-def build_mim_dataset(cfg: Config, grid: tuple[int, int], split: str = "train", seed: int | None = None) -> MIMDataset:
-    """The pretraining set: (patch view, tokenizer view, block mask) per image, keyed by (seed, epoch, index)."""
-    return MIMDataset(build_dataset(cfg.data, split), build_two_view_transform(cfg.data, cfg.tokenizer.image_size),
-                      build_mask_generator(cfg.data, grid), seed=cfg.train.seed if seed is None else seed)
+def build_mim_dataset(cfg: Config, grid: tuple[int, int], split: str = "train",
+                      seed: int | None = None) -> MIMDataset | ShardDataset:
+    """The pretraining set: (patch view, tokenizer view, block mask) per image, keyed by (seed, epoch, index).
+    From shards (data.dataset=webdataset) the reader's workers make the same items."""
+    seed = cfg.train.seed if seed is None else seed
+    base = build_dataset(cfg.data, split)
+    item = MIMItem(build_two_view_transform(cfg.data, cfg.tokenizer.image_size), build_mask_generator(cfg.data, grid),
+                   seed)
+    if isinstance(base, ShardDataset):
+        return base.with_items(item, seed)
+    return MIMDataset(base, item.two_view, item.mask_gen, seed=seed)
 
 
 def build_labeled_dataset(cfg: Config, split: str, train_transform: bool = False):

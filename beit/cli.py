@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     from beit import __version__
     from beit.bench_cli import register as register_bench
     from beit.convert_cli import register as register_convert
+    from beit.data_cli import register as register_data
     from beit.export import register as register_export
     from beit.experiments.fashion_mnist import register as register_reproduce
     from beit.plot import register as register_plot
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_predict(sub)
     register_tokenizer(sub)
     register_convert(sub)
+    register_data(sub)
     register_export(sub)
     register_plot(sub)
     register_reproduce(sub)

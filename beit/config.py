@@ -75,15 +75,21 @@ class TokenizerConfig(_Section):
     final_steps: int = Field(150, ge=0)  # decoder-only steps after the final revival (at most 1/5 of the run)
 
 
-DATASETS = ("fashion_mnist", "mnist", "image_folder", "cifar10", "cifar100", "hf")  # beit/data: datasets.py, extra.py
+# beit/data: datasets.py, extra.py, shards.py
+DATASETS = ("fashion_mnist", "mnist", "image_folder", "cifar10", "cifar100", "hf", "webdataset")
 SEG_DATASETS = ("ade20k", "seg_folder", "fmnist_scenes")  # `beit segment`: beit/data/segmentation.py
 
 
 class DataConfig(_Section):
-    # fashion_mnist | mnist | image_folder | cifar10 | cifar100 | hf (datasets on disk) | torchvision:<Class>;
+    # fashion_mnist | mnist | image_folder | cifar10 | cifar100 | hf (datasets on disk) | torchvision:<Class>
+    # | webdataset (tar shards written by `beit data shard`, beit/data/shards.py);
     # segmentation (`beit segment`): ade20k (ADEChallengeData2016) | seg_folder (images/ + masks/) | fmnist_scenes
     dataset: str = "image_folder"
     root: str | None = None  # data directory; fashion_mnist defaults to the Debian package path
+    # webdataset: brace patterns, relative to root unless absolute.
+    shards: str | None = None  # training split, e.g. "train-{000000..000999}.tar"
+    eval_shards: str | None = None  # test split (fine-tuning evaluation, k-NN)
+    shuffle_buffer: int = Field(2000, ge=0)  # samples per loader worker shuffled together (encoded bytes)
     img_size: int = Field(224, gt=0)  # patch view
     in_chans: Literal[1, 3] = 3
     mean: list[float] = [0.5, 0.5, 0.5]

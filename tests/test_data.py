@@ -26,10 +26,10 @@ from beit.data import (
     build_finetune_transform,
     collate_mim_skip_bad,
     collate_skip_bad,
+    make_loader,
     random_resized_crop_box,
 )
 from beit.data import datasets as ds_mod
-from beit.train.loop import train_loader
 
 FMNIST = ds_mod.FASHION_MNIST_DEBIAN
 has_fmnist = os.path.isfile(os.path.join(FMNIST, "train-images-idx3-ubyte.gz"))
@@ -216,8 +216,8 @@ def _pretrain_loader(data: DataConfig, seed: int, epoch: int, start_batch: int =
     """The loader the training loop builds for a pretraining run (grid 4x4, tokenizer view 16 px)."""
     cfg = Config(data=data, train={"seed": seed}, tokenizer={"image_size": 16})
     dataset = build_mim_dataset(cfg, (4, 4))
-    sampler = ResumableSampler(len(dataset), shuffle=True, seed=seed, drop_last=True)
-    return train_loader(cfg, dataset, sampler, epoch, start_batch, collate_mim_skip_bad)
+    return make_loader(dataset, data.batch_size, data.num_workers, seed, 0, 1, epoch, start_batch,
+                       collate_mim_skip_bad, pin_memory=False)
 
 
 def test_mim_loader_skips_bad_files_in_workers(folder):

@@ -9,15 +9,19 @@ from .datasets import (
     ImageFolderDataset,
     LabeledBatch,
     MIMDataset,
+    MIMItem,
     SubsetDataset,
     balanced_subset,
     build_dataset,
     collate_mim_skip_bad,
     collate_skip_bad,
     load_fashion_mnist,
+    num_labels,
 )
+from .loader import batches_per_rank, make_loader, optimizer_steps_per_epoch
 from .masking import MaskingGenerator, proportional_min_patches
 from .sampler import ResumableSampler
+from .shards import ShardDataset, write_shards
 from .transforms import TwoViewTransform, build_finetune_transform, eval_crop_pct, random_resized_crop_box
 
 
@@ -55,11 +59,14 @@ __all__ = [
     "ImageFolderDataset",
     "LabeledBatch",
     "MIMDataset",
+    "MIMItem",
     "MaskingGenerator",
     "ResumableSampler",
+    "ShardDataset",
     "SubsetDataset",
     "TwoViewTransform",
     "balanced_subset",
+    "batches_per_rank",
     "build_dataset",
     "build_finetune_transform",
     "build_mask_generator",
@@ -68,6 +75,10 @@ __all__ = [
     "collate_skip_bad",
     "eval_crop_pct",
     "load_fashion_mnist",
+    "make_loader",
+    "num_labels",
+    "optimizer_steps_per_epoch",
     "proportional_min_patches",
     "random_resized_crop_box",
+    "write_shards",
 ]

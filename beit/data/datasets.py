@@ -270,7 +270,8 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
 
     With `transform=None` items are PIL images (mode 'L' if cfg.in_chans == 1 else 'RGB'), as `MIMDataset`
     expects. `label_fraction` (train only) keeps a class-balanced subset seeded by `label_seed`;
-    `train_subset` / `eval_subset` then keep the first N samples.
+    `train_subset` / `eval_subset` then keep the first N samples. `dataset: webdataset` gives an iterable
+    `ShardDataset` (beit/data/shards.py) instead.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -296,6 +297,10 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
         if not folder.is_dir():
             raise FileNotFoundError(f"data.root '{root}' is not a directory")
         ds = ImageFolderDataset(folder, mode, transform, cfg.on_bad_file)
+    elif cfg.dataset == "webdataset":  # streamed: no random access, so no subsets (the reader says so)
+        from .shards import build_shard_dataset
+
+        return build_shard_dataset(cfg, split, transform, seed=label_seed)
     elif cfg.dataset in ("cifar10", "cifar100"):
         ds = _TorchvisionDataset(_cifar(cfg.dataset, cfg.root, train), mode, transform)
     elif cfg.dataset == "mnist" or cfg.dataset == "hf" or cfg.dataset.startswith("torchvision:"):
@@ -318,6 +323,12 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
     return ds
 
 
+def num_labels(ds) -> int:
+    """Number of classes a labelled dataset holds: max label + 1, or for shards (streamed, no label array)
+    the class count of the index `beit data shard` wrote."""
+    return ds.num_classes if hasattr(ds, "num_classes") else int(np.max(ds.targets)) + 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Masked image modeling
 
@@ -333,8 +344,14 @@ class MIMDataset(Dataset):
 
     def __init__(self, base, two_view: TwoViewTransform, mask_gen: MaskingGenerator, seed: int = 0):
         if not hasattr(base, "load_image"):
-            raise TypeError("MIMDataset: base must come from build_dataset(cfg, split) (it needs load_image)")
-        self.base, self.two_view, self.mask_gen, self.seed, self.epoch = base, two_view, mask_gen, int(seed), 0
+            raise ValueError("MIMDataset: base must come from build_dataset(cfg, split) (it needs load_image); "
+                             "streamed shards (data.dataset=webdataset) have no random access: use the source "
+                             "dataset for this command")
+        self.base, self.item, self.epoch = base, MIMItem(two_view, mask_gen, seed), 0
+
+    @property
+    def seed(self) -> int:
+        return self.item.seed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -346,7 +363,18 @@ class MIMDataset(Dataset):
         img = self.base.load_image(i)
         if isinstance(img, BadSample):
             return img
-        rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+        return self.item(img, None, i, self.epoch)
+
+
+class MIMItem:
+    """One pretraining item from a PIL image, drawn from `np.random.default_rng([seed, epoch, index])` (shared
+    by `MIMDataset` and the shard reader, so a sample gets the same views and mask from either)."""
+
+    def __init__(self, two_view: TwoViewTransform, mask_gen: MaskingGenerator, seed: int = 0):
+        self.two_view, self.mask_gen, self.seed = two_view, mask_gen, int(seed)
+
+    def __call__(self, img: Image.Image, label, index: int, epoch: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
         image, tok_image = self.two_view(img, rng)
         mask = torch.from_numpy(self.mask_gen(rng))
         return {"image": image, "tok_image": tok_image, "mask": mask}

@@ -25,7 +25,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from beit.builders import build_labeled_dataset, build_model
 from beit.config import Config, ConfigError
-from beit.data import collate_skip_bad
+from beit.data import collate_skip_bad, num_labels
 from beit.export import export_run
 from beit.train.evaluate import classifier_evaluate, is_main_process, read_summary, write_results
 from beit.train.loop import Task
@@ -84,10 +84,10 @@ def build_finetune_task(cfg: Config, device: torch.device):
         raise ConfigError(f"model {cfg.model.name} has no classification head; set model.num_classes "
                           f"(fine-tuning uses a classifier preset such as beit_base_patch16_224)")
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    num_labels = int(np.max(dataset.targets)) + 1
-    if num_labels > model.num_classes:
-        raise ConfigError(f"the data has {num_labels} classes but the model head has {model.num_classes}; "
-                          f"set model.num_classes={num_labels}")
+    labels = num_labels(dataset)
+    if labels > model.num_classes:
+        raise ConfigError(f"the data has {labels} classes but the model head has {model.num_classes}; "
+                          f"set model.num_classes={labels}")
     mixup = build_mixup(cfg, model.num_classes)
     return Task(model=model, step=make_classification_step(mixup, cfg.train.label_smoothing), dataset=dataset,
                 collate_fn=collate_skip_bad, evaluate=classifier_evaluate(cfg, device), best_metric="top1")

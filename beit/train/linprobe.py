@@ -28,7 +28,7 @@ from torchvision import transforms as T
 
 from beit.builders import build_eval_loader, build_labeled_dataset, build_model
 from beit.config import Config, ConfigError
-from beit.data import build_dataset, collate_skip_bad
+from beit.data import build_dataset, collate_skip_bad, num_labels
 from beit.data.transforms import pil_mode, to_mode
 from beit.train.evaluate import accuracy, is_main_process, read_summary, run_over, write_results
 from beit.train.loop import Task
@@ -126,7 +126,7 @@ def build_linprobe_task(cfg: Config, device: torch.device):
             train = build_dataset(cfg.data, "train", _augment_transform(cfg), label_seed=cfg.train.seed)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    num_classes = int(max(np.max(train.targets), np.max(test.targets))) + 1
+    num_classes = max(num_labels(train), num_labels(test))
     probe = LinearProbe(backbone, num_classes).to(device)
 
     if cfg.train.probe_cache_features:

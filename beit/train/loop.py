@@ -21,14 +21,14 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from beit.config import Config, ConfigError
 from beit.data.datasets import BadFileTracker
 from beit.models.vit import Block
-from beit.data.sampler import ResumableSampler
+from beit.data.loader import make_loader, optimizer_steps_per_epoch
 from beit.train import checkpoint as ckpt_io
 from beit.train.distributed import DistInfo, all_reduce_sum, barrier, wrap_ddp
 from beit.train.metrics import MetricLogger, MetricWindow
@@ -85,13 +85,17 @@ def _check_batch(cfg: Config, info: DistInfo):
     return global_batch
 
 
-def steps_per_epoch_of(cfg: Config, num_samples: int, world_size: int) -> int:
-    """Optimizer steps per epoch (drop_last); a training set smaller than one global batch is a ConfigError."""
-    steps = num_samples // world_size // (cfg.data.batch_size * cfg.optim.accum_steps)
+def steps_per_epoch_of(cfg: Config, dataset: Dataset, world_size: int) -> int:
+    """Optimizer steps per epoch (drop_last; for shards what every rank holds, see `batches_per_rank`); a
+    training set smaller than one global batch is a ConfigError."""
+    d = cfg.data
+    steps = optimizer_steps_per_epoch(dataset, d.batch_size, cfg.optim.accum_steps, world_size, d.num_workers,
+                                      cfg.train.epochs, cfg.train.steps)
     if steps == 0:
         raise ConfigError(
-            f"the training set has {num_samples} samples, fewer than one global batch "
-            f"({cfg.data.batch_size * cfg.optim.accum_steps * world_size}); lower data.batch_size or optim.accum_steps"
+            f"the training set has {len(dataset)} samples, fewer than one global batch "
+            f"({d.batch_size * cfg.optim.accum_steps * world_size}, from each loader worker for shards); "
+            f"lower data.batch_size or optim.accum_steps"
         )
     return steps
 
@@ -108,7 +112,6 @@ class _Run:
     scaler: torch.amp.GradScaler
     ema: nn.Module | None
     trainable: list[torch.Tensor]
-    sampler: ResumableSampler
     global_batch: int
     steps_per_epoch: int
     total_steps: int  # the schedule's length (train.steps, else train.epochs)
@@ -218,7 +221,7 @@ class _StopSignals:
 
 
 def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Run:
-    """Optimizer, loss scaler, EMA, sampler and the step counts of the schedule."""
+    """Optimizer, loss scaler, EMA and the step counts of the schedule."""
     global_batch = _check_batch(cfg, info)
     model = task.model.to(info.device)
     groups = param_groups(model, cfg.optim)
@@ -226,16 +229,14 @@ def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Ru
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp == "fp16")
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema_decay else None
 
-    sampler = ResumableSampler(len(task.dataset), shuffle=True, seed=cfg.train.seed,
-                               rank=info.rank, world_size=info.world_size, drop_last=True)
-    steps_per_epoch = steps_per_epoch_of(cfg, len(task.dataset), info.world_size)
+    steps_per_epoch = steps_per_epoch_of(cfg, task.dataset, info.world_size)
     total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     o = cfg.optim
     warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
     eval_every = max(1, round((task.eval_every_epochs or cfg.train.eval_every_epochs) * steps_per_epoch))
     return _Run(cfg, task, info, run_dir, optimizer, scaler, ema, [p for g in groups for p in g["params"]],
-                sampler, global_batch, steps_per_epoch, total_steps, stop_step, warmup, eval_every)
+                global_batch, steps_per_epoch, total_steps, stop_step, warmup, eval_every)
 
 
 def _resume(run: _Run):
@@ -258,27 +259,13 @@ def _resume(run: _Run):
         _truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
 
 
-def train_loader(cfg: Config, dataset: Dataset, sampler: ResumableSampler, epoch: int, start_batch: int,
-                 collate_fn: Callable | None = None, pin_memory: bool = False) -> DataLoader:
-    """The training loader of `epoch`, starting `start_batch` micro-batches in (this rank's share).
-
-    Everything random about an epoch's data is a function of (seed, epoch, index), so starting the sampler
-    k batches in reproduces exactly the batches an uninterrupted run would see.
-    """
-    sampler.set_epoch(epoch)
-    sampler.set_start(start_batch * cfg.data.batch_size)
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                      pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn,
-                      generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch))
-
-
 def _epoch_iterator(run: _Run):
     """A data iterator that starts exactly where an uninterrupted run would be at `run.step`."""
+    cfg, info = run.cfg, run.info
     epoch, k = divmod(run.step, run.steps_per_epoch)
-    return iter(train_loader(run.cfg, run.task.dataset, run.sampler, epoch, k * run.cfg.optim.accum_steps,
-                             run.task.collate_fn, pin_memory=run.info.device.type == "cuda"))
+    return iter(make_loader(run.task.dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, info.rank,
+                            info.world_size, epoch, k * cfg.optim.accum_steps, run.task.collate_fn,
+                            pin_memory=info.device.type == "cuda"))
 
 
 def _train_one_step(run: _Run) -> float:
