@@ -14,12 +14,12 @@ from beit.train.eval_cli import register as register_train
 def build_parser() -> argparse.ArgumentParser:
     from beit import __version__
     from beit.bench_cli import register as register_bench
-    from beit.convert.cli import register as register_convert
+    from beit.convert_cli import register as register_convert
     from beit.data_cli import register as register_data
     from beit.export import register as register_export
     from beit.experiments.fashion_mnist import register as register_reproduce
     from beit.plot import register as register_plot
-    from beit.tokenizers.cli import register as register_tokenizer
+    from beit.tokenizer_cli import register as register_tokenizer
     from beit.visualize import register as register_predict
 
     parser = argparse.ArgumentParser(prog="beit", description="BEiT: BERT pre-training of image transformers")

@@ -21,8 +21,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-
 from beit.config import Config
 
 log = logging.getLogger("beit")
@@ -126,6 +124,8 @@ def export_timm(sd: dict, cfg: Config, names: list[str], out: Path) -> Path:
 
 def export(source: str | Path, out: str | Path, to: str = "hf", overwrite: bool = False) -> Path:
     """Write `source` (anything `beit.load` reads) as an HF or timm folder at `out`."""
+    import torch
+
     from beit.hub import load
 
     if to not in FORMATS:

@@ -13,16 +13,32 @@ Segmentation runs (`data.dataset` ade20k / seg_folder / fmnist_scenes, model.pre
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from beit.config import SEG_DATASETS, Config, ConfigError
 
+# numpy/torch are imported inside the functions: `register` runs for every `beit` command, `--help` included.
 
-@torch.no_grad()
+
+def _no_grad(fn):
+    """`torch.no_grad()` as a decorator that imports torch only when the function runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_grad
 def prediction_grid(cfg: Config, out: Path, num: int = 8, seed: int = 0) -> dict:
+    import numpy as np
+    import torch
+
     from beit.builders import build_mim_dataset, build_model, build_tokenizer  # lazy: `beit --help` stays light
 
     tokenizer = build_tokenizer(cfg)
@@ -77,6 +93,7 @@ def _save_grid(columns: list[torch.Tensor], out: Path, titles: list[str]):
 def palette(num: int = 256) -> np.ndarray:
     """Fixed label colours [num, 3] in [0, 1]: 0 black, 1-10 matplotlib's tab10, then seeded random colours;
     255 (the usual ignore index) white."""
+    import numpy as np
     from matplotlib import colormaps
 
     colours = np.random.default_rng(0).uniform(0.15, 1.0, (max(num, 256), 3))
@@ -88,13 +105,16 @@ def palette(num: int = 256) -> np.ndarray:
 
 def colourize(labels: torch.Tensor) -> torch.Tensor:
     """Label map [H, W] -> RGB [3, H, W] with `palette`."""
+    import torch
+
     return torch.from_numpy(palette()[labels.clamp(0, 255).numpy()]).permute(2, 0, 1).float()
 
 
-@torch.no_grad()
+@_no_grad
 def segmentation_columns(cfg: Config, num: int = 8, label: str = "") -> dict[str, list[torch.Tensor]]:
     """{"input", "ground truth", "<label> prediction"} columns for the first `num` test images of a segmentation
     run (`model.pretrained`: a `beit segment` run directory or checkpoint)."""
+    import torch
     from torch.utils.data import Subset
 
     from beit.data.segmentation import build_seg_dataset

@@ -1,5 +1,7 @@
 """Typed config: typos are errors that name the key, overrides are typed, every shipped config validates."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,19 @@ def test_finetuning_does_not_inherit_pretraining_defaults(tmp_path):
     assert (pre.optim.clip_grad, pre.optim.warmup_epochs) == (3.0, 10)  # pretraining (official run_beit_pretraining)
     assert (ft.optim.clip_grad, ft.optim.warmup_epochs) == (None, 5)  # official run_class_finetuning defaults
     assert load_config(path, ["optim.clip_grad=1.0"], command="finetune").optim.clip_grad == 1.0  # overrides win
+
+
+def test_cli_help_does_not_import_torch():
+    # Every `beit` command builds the whole parser first; each area's register() must leave torch (and
+    # numpy, matplotlib, transformers) to the command that runs, or `beit --help` takes seconds and ~700 MB.
+    code = ("import sys; from beit.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'matplotlib', 'transformers', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_convert_cli_layouts_match_the_library():
+    from beit.convert import LAYOUTS
+    from beit.convert_cli import LAYOUTS as CLI_LAYOUTS
+
+    assert CLI_LAYOUTS == LAYOUTS

@@ -27,12 +27,7 @@ TINY_MODEL = dict(in_chans=3, depth=2, embed_dim=32, num_heads=2, num_classes=3)
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_folder(root: Path, per_class: dict[str, int], gray: bool = False, seed: int = 0) -> Path:

@@ -26,13 +26,8 @@ TINY = ("model.depth=2 model.embed_dim=64 model.num_heads=2 data.train_subset=51
         "data.batch_size=32 data.num_workers=0 train.progress=false train.log_every=8").split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: OpenMP spin-waiting with 2 threads is ~40x slower than 1 thread here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Two cores shared with other jobs: OpenMP spin-waiting with 2 threads is ~40x slower than 1 thread here.
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def expected_layer(name: str, depth: int) -> int:

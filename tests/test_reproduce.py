@@ -37,25 +37,17 @@ def test_every_stage_of_every_variant_is_a_valid_run(tmp_path, variant):
         assert strip(p) == strip(twin)
 
 
-def test_reruns_skip_finished_stages_and_report_mean_std(tmp_path, monkeypatch):
-    calls = []
+def test_reruns_skip_finished_stages_and_report_mean_std(tmp_path, fake_stage_runner):
+    def finish(command, cfg, d):
+        if command == "knn":
+            (d / "results.json").write_text(json.dumps({"k": 20, "temperature": 0.07, "top1": 70.0}))
+            return
+        top1 = None
+        if command == "finetune":
+            top1 = (80.0 if cfg.model.pretrained else 60.0) + cfg.train.seed  # seeds 0, 1, 2
+        (d / "summary.json").write_text(json.dumps({"steps": 1, "eval": {"top1": top1}}))
 
-    def fake_runner(command):
-        def run(cfg, resume, overwrite):
-            calls.append(cfg.train.run_name)
-            d = tmp_path / cfg.train.run_name
-            d.mkdir(parents=True, exist_ok=True)
-            if command == "knn":
-                (d / "results.json").write_text(json.dumps({"k": 20, "temperature": 0.07, "top1": 70.0}))
-                return
-            top1 = None
-            if command == "finetune":
-                top1 = (80.0 if cfg.model.pretrained else 60.0) + cfg.train.seed  # seeds 0, 1, 2
-            (d / "summary.json").write_text(json.dumps({"steps": 1, "eval": {"top1": top1}}))
-
-        return run
-
-    monkeypatch.setattr(rep, "_runner", fake_runner)
+    calls = fake_stage_runner(finish)
     results = rep.reproduce(tmp_path, "quick")
     first = list(calls)
     assert first[0] == "pretrain" and len(first) == len(rep.plan(tmp_path, "quick"))

@@ -25,12 +25,7 @@ needs_fmnist = pytest.mark.skipif(not os.path.isfile(os.path.join(FMNIST, "train
 SCENES = "configs/segment/fmnist_scenes.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -338,8 +333,7 @@ def test_segment_trains_evaluates_resumes_and_draws(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ reproduce
-def test_scenes_driver_plans_a_controlled_pair_and_skips_finished_stages(tmp_path, monkeypatch):
-    import beit.experiments.fashion_mnist as rep
+def test_scenes_driver_plans_a_controlled_pair_and_skips_finished_stages(tmp_path, monkeypatch, fake_stage_runner):
     import beit.experiments.fmnist_scenes as rs
 
     stages = rs.plan_scenes(tmp_path, "full")
@@ -353,22 +347,15 @@ def test_scenes_driver_plans_a_controlled_pair_and_skips_finished_stages(tmp_pat
     given = rs.plan_scenes(tmp_path, "smoke", pretrained="runs/x")
     assert [s.name for s in given] == ["segment_pretrained", "segment_scratch"]
 
-    calls = []
+    def finish(command, cfg, d):
+        if command == "pretrain":
+            (d / "summary.json").write_text("{}")
+            return
+        miou = 60.0 if cfg.model.pretrained else 50.0
+        (d / "results.json").write_text(json.dumps({"mIoU": miou, "mAcc": 70.0, "aAcc": 90.0, "steps": 4,
+                                                    "per_class_iou": {"background": 95.0, "Bag": miou}}))
 
-    def fake_runner(command):
-        def run(cfg, resume, overwrite):
-            calls.append(cfg.train.run_name)
-            d = tmp_path / cfg.train.run_name
-            d.mkdir(parents=True, exist_ok=True)
-            if command == "pretrain":
-                (d / "summary.json").write_text("{}")
-                return
-            miou = 60.0 if cfg.model.pretrained else 50.0
-            (d / "results.json").write_text(json.dumps({"mIoU": miou, "mAcc": 70.0, "aAcc": 90.0, "steps": 4,
-                                                        "per_class_iou": {"background": 95.0, "Bag": miou}}))
-        return run
-
-    monkeypatch.setattr(rep, "_runner", fake_runner)
+    calls = fake_stage_runner(finish)
     monkeypatch.setattr(rs, "_draw_predictions", lambda out, stages: None)
     results = rs.reproduce_scenes(tmp_path, "full")
     assert calls == ["pretrain", "segment_pretrained", "segment_scratch"]

@@ -216,6 +216,47 @@ def test_tiny_train_run_writes_loadable_tokenizer(tmp_path):
         train_tokenizer(cfg, out, log=lambda *_: None)
 
 
+TINY_TRAIN = [
+    "tokenizer.vocab_size=64", "tokenizer.hidden=16", "tokenizer.downsample=4", "tokenizer.in_chans=1",
+    "tokenizer.image_size=32", "tokenizer.temperature_anneal_steps=4", "tokenizer.kl_warmup_steps=2",
+    "tokenizer.revive_every=2", "data.dataset=fashion_mnist", "data.in_chans=1", "data.batch_size=16",
+    "data.train_subset=64", "data.eval_subset=32", "data.num_workers=0", "train.steps=8", "train.log_every=1",
+    "train.progress=false", "train.device=cpu",
+]
+
+
+@pytest.mark.skipif(not FMNIST_TEST.is_file(), reason="Fashion-MNIST not installed")
+def test_tokenizer_train_resume_matches_an_uninterrupted_run(tmp_path):
+    """`beit tokenizer train` runs on the shared loop: stopped after 3 of 8 steps (mid-epoch, mid revival
+    window) and resumed, it ends with the same weights, revival history and loss rows as one run of 8."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def train(out, *extra):
+        config = Path(__file__).resolve().parents[1] / "configs/tokenizer/fmnist_dvae.yaml"
+        cmd = [sys.executable, "-m", "beit", "tokenizer", "train", str(config), "--out", str(out), *TINY_TRAIN,
+               "train.amp=none", *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-2000:]
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(whole)
+    train(split, "train.max_steps=3")
+    assert json.loads((split / "summary.json").read_text())["steps"] == 3
+    train(split, "train.max_steps=8", "--resume")
+    a, b = load_file(str(whole / "tokenizer.safetensors")), load_file(str(split / "tokenizer.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    hist = [json.loads((d / "metrics.json").read_text())["history"] for d in (whole, split)]
+    assert [h["step"] for h in hist[0]] == [2, 4, 6, 8] and hist[0] == hist[1]
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole, split)]
+    losses = [[(r["step"], r["loss"]) for r in rs if r.get("split", "train") == "train"] for rs in rows]
+    assert len(losses[0]) == 8 and losses[0] == losses[1]
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def test_cli_encode_and_reconstruct(tmp_path, fmnist_tok, capsys):
     """`beit tokenizer encode/reconstruct` on image files: same ids as the library call, PNG of pairs."""

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -198,6 +198,32 @@ class _ToMode:
         return f"ToMode({self.mode})"
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize op, also defined at 0 bits (a black image, as Pillow < 13 gave).
+
+    timm's `PosterizeIncreasing` keeps `4 - int(4 * m / 10)` bits, so a RandAugment magnitude that reaches
+    timm's cap of 10 keeps 0 bits. With `rand-m9-mstd0.5` (the official fine-tuning recipe) a magnitude
+    >= 10 is drawn ~2.3% of the time; Pillow 13 rejects 0 bits with a ValueError, which would stop
+    fine-tuning within the first few thousand images.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # every bit dropped: zeros, as the old Pillow lookup table gave
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(tf) -> None:
+    """Point every posterize op of the RandAugment inside a timm transform at `_posterize`."""
+    from timm.data.auto_augment import RandAugment, posterize
+
+    for t in getattr(tf, "transforms", []):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.aug_fn is posterize:
+                    op.aug_fn = _posterize
+
+
 def eval_crop_pct(img_size: int, crop_pct: float | None) -> float:
     """Official default: 0.875 (Resize 256 -> CenterCrop 224), 1.0 at >= 384; also 1.0 at <= 32 (see below)."""
     if crop_pct is not None:
@@ -248,6 +274,7 @@ def build_finetune_transform(cfg, train: bool):
         mean=tuple(mean),
         std=tuple(std),
     )
+    _patch_posterize(tf)
     if size <= 32:  # official (DeiT heritage): small inputs use a padded random crop instead of RRC
         resize = T.Resize(size, interpolation=InterpolationMode.BICUBIC)  # a no-op on images already at `size`
         tf.transforms[0] = T.Compose([resize, T.RandomCrop(size, padding=4)])

@@ -17,6 +17,7 @@ import logging
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -134,14 +135,14 @@ def run_stage(stage: Stage, out: Path) -> float:
         log.info(f"[{stage.name}] done already, skipping ({run_dir})")
         return 0.0
     t0 = time.time()
-    if stage.command == "tokenizer":
-        from beit.tokenizers.train import train_tokenizer
-
-        train_tokenizer(load_config(stage.config, stage.overrides), run_dir, overwrite=True)
-        return time.time() - t0
     from beit.train.checkpoint import list_checkpoints
 
     has_ckpt = run_dir.is_dir() and bool(list_checkpoints(run_dir))
+    if stage.command == "tokenizer":  # on the shared loop too: a stopped stage resumes
+        from beit.tokenizers.train import train_tokenizer
+
+        train_tokenizer(load_config(stage.config, stage.overrides), run_dir, overwrite=not has_ckpt, resume=has_ckpt)
+        return time.time() - t0
     cfg = load_config(stage.config, stage.overrides, command=stage.command)
     log.info(f"[{stage.name}] {'resuming' if has_ckpt else 'starting'}: beit {stage.command} {stage.config} "
              + " ".join(stage.overrides))
@@ -198,47 +199,60 @@ def write_report(out: Path, results: dict):
     if "knn" in results:
         lines += [f"k-NN (k={results['knn']['k']}, T={results['knn']['temperature']}): "
                   f"top-1 {results['knn']['top1']:.2f}%"]
-    if results.get("pending_stages"):
-        lines += ["", "Not run yet (rerun the command to continue): " + ", ".join(results["pending_stages"])]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    table = write_results_md(out, lines, results.get("pending_stages"))
     _plot_curves(out)
+    return table
+
+
+def write_results_md(out: Path, lines: list[str], pending: list[str] | None) -> str:
+    """results.md: the table `lines`, then the stages not run yet; returns its text (without the final newline)."""
+    if pending:
+        lines = lines + ["", "Not run yet (rerun the command to continue): " + ", ".join(pending)]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
 
 
-def _plot_curves(out: Path):
+@contextmanager
+def two_panel_figure(path: Path):
+    """Yields the two axes of an 11x4-inch figure (headless backend); saves it to `path` on exit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    yield axes
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_curves(out: Path):
     from beit.train.metrics import read_metrics
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    pt = out / "pretrain" / "metrics.jsonl"
-    if pt.exists():
-        rows = read_metrics(pt, "train")
-        ax = axes[0]
-        ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], label="loss")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("masked-token cross-entropy")
-        ax2 = ax.twinx()
-        ax2.plot([r["epoch"] for r in rows], [r["mlm_acc"] for r in rows], color="tab:orange", label="mlm_acc")
-        ax2.set_ylabel("mlm_acc")
-        ax.set_title("BEiT pretraining on Fashion-MNIST")
-    ax = axes[1]
-    for d in sorted(out.glob("finetune_*_seed0")):
-        rows = read_metrics(d / "metrics.jsonl", "eval") if (d / "metrics.jsonl").exists() else []
-        if rows:
-            style = "o-" if "pretrained" in d.name else "s--"  # markers: short runs have one evaluation
-            ax.plot([r["step"] for r in rows], [r["top1"] for r in rows], style, label=d.name[9:-6])
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("test top-1 (%)")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    ax.set_title("fine-tuning: pretrained (solid) vs scratch (dashed)")
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
-    plt.close(fig)
+    with two_panel_figure(out / "curves.png") as axes:
+        pt = out / "pretrain" / "metrics.jsonl"
+        if pt.exists():
+            rows = read_metrics(pt, "train")
+            ax = axes[0]
+            ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], label="loss")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("masked-token cross-entropy")
+            ax2 = ax.twinx()
+            ax2.plot([r["epoch"] for r in rows], [r["mlm_acc"] for r in rows], color="tab:orange", label="mlm_acc")
+            ax2.set_ylabel("mlm_acc")
+            ax.set_title("BEiT pretraining on Fashion-MNIST")
+        ax = axes[1]
+        for d in sorted(out.glob("finetune_*_seed0")):
+            rows = read_metrics(d / "metrics.jsonl", "eval") if (d / "metrics.jsonl").exists() else []
+            if rows:
+                style = "o-" if "pretrained" in d.name else "s--"  # markers: short runs have one evaluation
+                ax.plot([r["step"] for r in rows], [r["top1"] for r in rows], style, label=d.name[9:-6])
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("test top-1 (%)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.set_title("fine-tuning: pretrained (solid) vs scratch (dashed)")
 
 
 def _read_wall(out: Path) -> dict[str, float]:
@@ -265,6 +279,14 @@ def reproduce(out: Path, variant: str, retrain_tokenizer: bool = False) -> dict:
     setup_logging(None, True)
     stages = plan(out, variant, retrain_tokenizer)
     wall = _read_wall(out)
+    run_stages(out, stages, wall)
+    return _report(out, stages, variant, wall)
+
+
+def run_stages(out: Path, stages: list[Stage], wall: dict[str, float]):
+    """Run the stages in order (`run_stage` skips finished ones), adding each one's wall time to `wall` and WALL_TIME."""
+    from beit.train.runner import setup_logging
+
     for i, stage in enumerate(stages, 1):
         log.info(f"=== stage {i}/{len(stages)}: {stage.name}")
         spent = run_stage(stage, out)
@@ -272,7 +294,6 @@ def reproduce(out: Path, variant: str, retrain_tokenizer: bool = False) -> dict:
             wall[stage.name] = spent
             (out / WALL_TIME).write_text(json.dumps(wall, indent=2))
         setup_logging(None, True)
-    return _report(out, stages, variant, wall)
 
 
 def register(subparsers):

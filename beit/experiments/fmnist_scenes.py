@@ -12,12 +12,10 @@ finished stages and resumes an interrupted one (as `beit reproduce fashion-mnist
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
-from beit.experiments.fashion_mnist import CONFIGS, WALL_TIME, Stage, _read_wall, run_stage
-
-log = logging.getLogger("beit")
+from beit.experiments.fashion_mnist import (CONFIGS, Stage, _read_wall, run_stages, two_panel_figure,
+                                           write_results_md)
 
 # Overrides per variant. `full` is sized from measured step times on a 2-core CPU (docs/results/segmentation.md);
 # `smoke` checks the whole driver in a minute or two.
@@ -74,39 +72,29 @@ def write_scenes_report(out: Path, results: dict) -> str:
                      + " | ".join(fmt(r["per_class_iou"][n]) for n in names) + " |")
     if "gain_mIoU" in results:
         lines += ["", f"Gain from BEiT pretraining: {results['gain_mIoU']:+.2f} mIoU"]
-    if results["pending_stages"]:
-        lines += ["", "Not run yet (rerun the command to continue): " + ", ".join(results["pending_stages"])]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    table = write_results_md(out, lines, results["pending_stages"])
     _plot_scene_curves(out)
-    return "\n".join(lines)
+    return table
 
 
 def _plot_scene_curves(out: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from beit.train.metrics import read_metrics
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for init, style in zip(INITS, ("-", "--")):
-        path = out / f"segment_{init}" / "metrics.jsonl"
-        if not path.exists():
-            continue
-        train, ev = read_metrics(path, "train"), read_metrics(path, "eval")
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], style, label=init)
-        axes[1].plot([r["step"] for r in ev], [r["mIoU"] for r in ev], style + "o", label=init)
-    for ax, ylabel, title in ((axes[0], "training loss (decode + 0.4 aux)", "segmentation training"),
-                              (axes[1], "test mIoU (%)", "Fashion-MNIST scenes: pretrained vs scratch")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
-    plt.close(fig)
+    with two_panel_figure(out / "curves.png") as axes:
+        for init, style in zip(INITS, ("-", "--")):
+            path = out / f"segment_{init}" / "metrics.jsonl"
+            if not path.exists():
+                continue
+            train, ev = read_metrics(path, "train"), read_metrics(path, "eval")
+            axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], style, label=init)
+            axes[1].plot([r["step"] for r in ev], [r["mIoU"] for r in ev], style + "o", label=init)
+        for ax, ylabel, title in ((axes[0], "training loss (decode + 0.4 aux)", "segmentation training"),
+                                  (axes[1], "test mIoU (%)", "Fashion-MNIST scenes: pretrained vs scratch")):
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
 
 
 def _draw_predictions(out: Path, stages: list[Stage], num: int = 6):
@@ -132,13 +120,8 @@ def reproduce_scenes(out: Path, variant: str = "full", pretrained: str | None = 
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(None, True)
     stages, wall = plan_scenes(out, variant, pretrained), _read_wall(out)
-    for i, stage in enumerate([] if report_only else stages, 1):
-        log.info(f"=== stage {i}/{len(stages)}: {stage.name}")
-        spent = run_stage(stage, out)
-        if spent:
-            wall[stage.name] = spent
-            (out / WALL_TIME).write_text(json.dumps(wall, indent=2))
-        setup_logging(None, True)
+    if not report_only:
+        run_stages(out, stages, wall)
     results = collect_scenes(out, stages, wall)
     table = write_scenes_report(out, results)
     _draw_predictions(out, stages)

@@ -141,6 +141,14 @@ class DVAE(nn.Module):
         self.codebook = nn.Parameter(torch.randn(cfg.vocab_size, code_dim(cfg)) / math.sqrt(cfg.vocab_size))
         self.decoder = DVAEDecoder(cfg)
 
+    def forward(self, x01: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training path: images [B, C, H, W] in [0, 1] -> (logits [B, V, h, w], Gumbel-softmax relaxed
+        one-hot [B, V, h, w] at temperature `tau`, decoder output)."""
+        logits = self.logits(x01)
+        # The relaxation is computed in fp32: bf16 noise/softmax at tau=1/16 would round codes together.
+        soft = F.gumbel_softmax(logits.float(), tau=tau, hard=False, dim=1)
+        return logits, soft, self.decode_stats(soft)
+
     def embed(self, onehot: torch.Tensor) -> torch.Tensor:
         # [B, V, h, w] x [V, D] -> [B, D, h, w]; a soft one-hot gives a weighted mix of codes.
         return torch.einsum("bvhw,vd->bdhw", onehot, self.codebook.to(onehot.dtype))

@@ -1,23 +1,31 @@
-"""Train a small dVAE tokenizer (DALL-E's recipe, scaled down): `beit tokenizer train CONFIG`.
+"""Train a small dVAE tokenizer (DALL-E's recipe, scaled down): `beit tokenizer train CONFIG [--resume]`.
 
 Recipe: Gumbel-softmax relaxation with a cosine-annealed temperature, KL to the uniform prior with a
 linearly warmed-up weight, logit-Laplace (or MSE) reconstruction, AdamW with warmup + cosine lr, bf16
 autocast. Dead codes (tokens the encoder never picks) are the known failure of this model: we count them
 during training and re-initialise each dead code by splitting a code that is in use (see `_revive_dead_codes`).
 
-Outputs in `out_dir`: tokenizer.safetensors (weights; the TokenizerConfig is also in its metadata),
-tokenizer.yaml (the `tokenizer:` section a pretraining config can use), metrics.json, recon.png.
+Training runs on the shared loop (`beit.train.loop.fit`) as a `Task`: its step is the dVAE objective
+(`dvae_objective`), the temperature and KL weight are functions of the step, and dead-code revival is the
+task's `after_step` hook; so checkpoints, `--resume`, SIGTERM handling, DDP and metrics.jsonl/TensorBoard
+are the loop's. The final phase (`finalize_codes`) and the held-out evaluation run after the loop.
+
+Outputs in `out_dir` (the run directory): tokenizer.safetensors (weights; the TokenizerConfig is also in
+its metadata), tokenizer.yaml (the `tokenizer:` section a pretraining config can use), metrics.json,
+recon.png, and the loop's config.yaml, metrics.jsonl, summary.json and ckpt-*.pt.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 import yaml
@@ -26,8 +34,8 @@ from safetensors.torch import save_file
 from beit.config import Config, TokenizerConfig
 from beit.data.datasets import build_dataset
 from beit.tokenizers.dvae import DVAE, kl_to_uniform, map_pixels, recon_nll
-from beit.train.loop import autocast
-from beit.train.optim import lr_at as cosine_lr
+from beit.train.distributed import all_reduce_sum, broadcast_
+from beit.train.loop import Task, autocast
 
 # Dead-code handling is configured by TokenizerConfig (revive_*, usage_entropy_weight, final_steps); these
 # are the sample sizes of its final phase.
@@ -54,12 +62,6 @@ def temperature_at(cfg: TokenizerConfig, step: int) -> float:
 def kl_weight_at(cfg: TokenizerConfig, step: int) -> float:
     """Linear warmup 0 -> kl_weight (DALL-E ramps its β the same way, so the encoder first learns to reconstruct)."""
     return cfg.kl_weight * min(step / max(cfg.kl_warmup_steps, 1), 1.0)
-
-
-def lr_at(cfg: Config, step: int, total: int) -> float:
-    """The shared per-step schedule (linear warmup over optim.warmup_steps, then cosine to min_lr)."""
-    o = cfg.optim
-    return cosine_lr(step, o.lr, o.min_lr, o.warmup_steps or 0, total)
 
 
 # ---------------------------------------------------------------------------------------- dead codes
@@ -180,18 +182,6 @@ def save_recon_grid(model: DVAE, images: torch.Tensor, path: Path, device: torch
 
 
 # --------------------------------------------------------------------------------------------- train
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory '{out_dir}' exists and is not empty; pass overwrite=True (CLI: --overwrite) or pick another directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _device(cfg: Config) -> torch.device:
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)
-
-
 def save_tokenizer(model: DVAE, out_dir: Path, metrics: dict | None = None, name: str | None = None) -> None:
     """Write tokenizer.safetensors (+ config in its metadata), tokenizer.yaml and metrics.json.
     `name` is what `tokenizer.name` should say (default: the directory, so the yaml works as-is)."""
@@ -204,104 +194,167 @@ def save_tokenizer(model: DVAE, out_dir: Path, metrics: dict | None = None, name
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def _dvae_step(model: DVAE, opt: torch.optim.Optimizer, x: torch.Tensor, cfg: Config, step: int, total: int,
-               amp) -> dict:
-    """One optimizer step of the relaxed dVAE objective on images x [B, C, S, S] in [0, 1]."""
-    tcfg = cfg.tokenizer
+def dvae_objective(model: nn.Module, x: torch.Tensor, tcfg: TokenizerConfig, step: int) -> tuple[dict, torch.Tensor]:
+    """The relaxed dVAE loss on images x [B, C, S, S] in [0, 1] at optimizer step `step` (0-based).
+    Returns ({"loss": Tensor, **scalars}, the encoder's argmax ids [B, h, w])."""
     tau, beta = temperature_at(tcfg, step), kl_weight_at(tcfg, step)
-    for g in opt.param_groups:
-        g["lr"] = lr_at(cfg, step, total)
-    with amp:
-        logits = model.logits(x)  # [B, V, h, w]
-        # The relaxation is computed in fp32: bf16 noise/softmax at tau=1/16 would round codes together.
-        soft = F.gumbel_softmax(logits.float(), tau=tau, hard=False, dim=1)
-        stats = model.decode_stats(soft)
-    rec = recon_nll(stats, x, tcfg.recon_loss)
-    kl = kl_to_uniform(logits)
-    # Usage term (not in DALL-E): entropy of the batch's average relaxed one-hot. At low temperature the
-    # samples are nearly one-hot, so this is the entropy of the code histogram; its gradient lifts rare
-    # codes. Without it, revived codes die again within ~100 steps (the decoder fits busy codes better).
-    usage = soft.mean((0, 2, 3))  # [V]
-    usage_gap = math.log(tcfg.vocab_size) + (usage * usage.clamp_min(1e-12).log()).sum()
-    loss = rec + beta * kl + tcfg.usage_entropy_weight * usage_gap
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.optim.clip_grad:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-    opt.step()
-    return {"loss": loss.item(), "recon": rec.item(), "kl": kl.item(), "usage_gap": usage_gap.item(), "tau": tau,
-            "kl_weight": beta, "ids": logits.detach().argmax(1)}  # ids [B, h, w]
+    logits, soft, stats = model(x, tau)  # [B, V, h, w] x2, decoder output; under the loop's autocast
+    with torch.autocast(x.device.type, enabled=False):  # the loss terms in the tensors' own precision
+        rec = recon_nll(stats, x, tcfg.recon_loss)
+        kl = kl_to_uniform(logits)
+        # Usage term (not in DALL-E): entropy of the batch's average relaxed one-hot. At low temperature the
+        # samples are nearly one-hot, so this is the entropy of the code histogram; its gradient lifts rare
+        # codes. Without it, revived codes die again within ~100 steps (the decoder fits busy codes better).
+        usage = soft.mean((0, 2, 3))  # [V]
+        usage_gap = math.log(tcfg.vocab_size) + (usage * usage.clamp_min(1e-12).log()).sum()
+        loss = rec + beta * kl + tcfg.usage_entropy_weight * usage_gap
+    out = {"loss": loss, "recon": rec.detach(), "kl": kl.detach(), "usage_gap": usage_gap.detach(), "tau": tau,
+           "kl_weight": beta}
+    return out, logits.detach().argmax(1)
 
 
-def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, log=print) -> dict:
-    """Train a dVAE as described by `cfg.tokenizer` on `cfg.data`; returns the final held-out metrics."""
-    from tqdm import tqdm
+class DVAERecipe:
+    """What the dVAE adds to the shared loop: the step (`step`), dead-code revival after every
+    `revive_every` steps (`after_step`), and their state (`state_dict`), which checkpoints keep so that
+    a resumed run counts codes, revives and logs exactly as an uninterrupted one."""
+
+    def __init__(self, cfg: Config, total: int, device: torch.device):
+        self.tcfg, self.total = cfg.tokenizer, total
+        self.steps_done = 0
+        self.counts = torch.zeros(self.tcfg.vocab_size, dtype=torch.long, device=device)  # argmax histogram of the window
+        self.history: list[dict] = []
+        self.revived_total = 0
+        self._last: tuple[torch.Tensor, dict] | None = None  # the latest batch and its scalars, for revival
+
+    def step(self, model: nn.Module, batch: dict) -> dict:
+        x = batch["image"].float() / 255  # [B, C, S, S] in [0, 1]
+        out, ids = dvae_objective(model, x, self.tcfg, self.steps_done)
+        self.counts += torch.bincount(ids.flatten(), minlength=self.tcfg.vocab_size)
+        self._last = (x, {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in out.items()})
+        return out
+
+    def after_step(self, model: DVAE, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self.steps_done = step
+        if step % self.tcfg.revive_every:
+            return
+        t = self.tcfg
+        all_reduce_sum(self.counts)  # the window's use over all processes
+        revived = 0
+        if step - 1 < t.revive_until * self.total:
+            revived = _revive_dead_codes(model, optimizer, self.counts, self._last[0], t.revive_min_count,
+                                         t.revive_margin)
+            _broadcast_revivable(model, optimizer)  # every process keeps rank 0's revived codes
+        self.revived_total += revived
+        self.history.append({"step": step, **self._last[1], "codes_used_window": int((self.counts > 0).sum()),
+                             "revived": revived})
+        self.counts.zero_()
+
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done, "counts": self.counts.cpu(), "history": self.history,
+                "revived_total": self.revived_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_done, self.history = state["steps_done"], list(state["history"])
+        self.counts.copy_(state["counts"])
+        self.revived_total = state["revived_total"]
+
+
+def _broadcast_revivable(model: DVAE, optimizer: torch.optim.Optimizer) -> None:
+    """Revival draws seeds from each process's own batch: make rank 0's choice everyone's (weights and Adam
+    state of the tensors it touches; a no-op in one process)."""
+    conv = model.encoder.blocks.output.conv
+    for p in (conv.weight, conv.bias, model.codebook):
+        broadcast_(p.data)
+        for v in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                broadcast_(v)
+
+
+class _Images(torch.utils.data.Dataset):
+    """uint8 images [N, C, S, S] as the loop's dict batches."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i]}
+
+
+def _schedule_config(cfg: Config, num_images: int) -> Config:
+    """The run's config with the tokenizer recipe's schedule made explicit, as `train.steps`: the given
+    `train.steps` (then `train.max_steps` only stops early, as in pretraining), else `train.epochs` shortened
+    to `train.max_steps` (the recipe's meaning: the shipped config anneals over its 1000 steps); warmup is
+    `optim.warmup_steps` or 0."""
+    total = cfg.train.steps
+    if total is None:
+        total = int(cfg.train.epochs * max(num_images // cfg.data.batch_size, 1))
+        total = min(total, cfg.train.max_steps) if cfg.train.max_steps is not None else total
+    return cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"steps": total}),
+        "optim": cfg.optim.model_copy(update={"warmup_steps": cfg.optim.warmup_steps or 0}),
+    })
+
+
+def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, log=print, resume: bool = False) -> dict:
+    """Train a dVAE as described by `cfg.tokenizer` on `cfg.data` into the run directory `out_dir`
+    (`resume=True` continues it from its newest checkpoint); returns the final held-out metrics."""
+    from beit.train.evaluate import is_main_process
+    from beit.train.runner import launch
 
     tcfg, out_dir = cfg.tokenizer, Path(out_dir)
     if tcfg.in_chans != cfg.data.in_chans:
         raise ValueError(f"tokenizer.in_chans={tcfg.in_chans} but data.in_chans={cfg.data.in_chans}; make them equal")
-    _prepare_out_dir(out_dir, overwrite)
-    torch.manual_seed(cfg.train.seed)
-    device = _device(cfg)
-    amp = autocast(device, cfg.train.amp)
-
+    if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
+        raise FileExistsError(f"output directory '{out_dir}' exists and is not empty; pass overwrite=True (CLI: "
+                              f"--overwrite) to replace it, resume=True (--resume) to continue it, or pick another")
     t0 = time.time()
-    train_x, test_x = _load_split(cfg, "train"), _load_split(cfg, "test")  # uint8 [N, C, S, S]
+    train_x = _load_split(cfg, "train")  # uint8 [N, C, S, S]
     if train_x.shape[1] != tcfg.in_chans:
         raise ValueError(f"the data has {train_x.shape[1]} channels but tokenizer.in_chans={tcfg.in_chans}")
-    log(f"data: train {tuple(train_x.shape)}, held-out {tuple(test_x.shape)} ({time.time() - t0:.1f}s)")
+    log(f"data: train {tuple(train_x.shape)} ({time.time() - t0:.1f}s)")
+    cfg = _schedule_config(cfg, len(train_x))
+    cfg.train.out_dir, cfg.train.run_name = str(out_dir.parent), out_dir.name
+    task_of = {}
 
-    model = DVAE(tcfg).to(device)
-    log(f"dVAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {tcfg.vocab_size}, ÷{tcfg.downsample}")
-    o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    def build_task(cfg: Config, device: torch.device) -> Task:
+        model = DVAE(tcfg)
+        log(f"dVAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {tcfg.vocab_size}, "
+            f"÷{tcfg.downsample}")
+        recipe = DVAERecipe(cfg, cfg.train.steps, device)
+        task_of["task"] = Task(model=model, step=recipe.step, dataset=_Images(train_x), after_step=recipe.after_step,
+                               extra_state=recipe)
+        return task_of["task"]
 
-    bs = cfg.data.batch_size
-    steps_per_epoch = max(len(train_x) // bs, 1)
-    total = int(cfg.train.epochs * steps_per_epoch)
-    if cfg.train.max_steps is not None:
-        total = min(total, cfg.train.max_steps)
-    counts = torch.zeros(tcfg.vocab_size, dtype=torch.long, device=device)  # argmax histogram of the window
-    history, revived_total = [], 0
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    perm, pos = torch.randperm(len(train_x), generator=gen), 0
-
-    bar = tqdm(total=total * bs, unit="img", unit_scale=True, disable=not cfg.train.progress, mininterval=2.0)
     t_train = time.time()
-    model.train()
-    for step in range(total):
-        if pos + bs > len(perm):
-            perm, pos = torch.randperm(len(train_x), generator=gen), 0
-        x = train_x[perm[pos : pos + bs]].to(device).float() / 255  # [B, C, S, S] in [0, 1]
-        pos += bs
-        out = _dvae_step(model, opt, x, cfg, step, total, amp)
-        counts += torch.bincount(out["ids"].flatten(), minlength=tcfg.vocab_size)
-        bar.update(bs)
-        if (step + 1) % tcfg.revive_every == 0:
-            used = int((counts > 0).sum())
-            revive = step < tcfg.revive_until * total
-            revived = (_revive_dead_codes(model, opt, counts, x, tcfg.revive_min_count, tcfg.revive_margin)
-                       if revive else 0)
-            revived_total += revived
-            history.append({"step": step + 1, **{k: v for k, v in out.items() if k != "ids"},
-                            "codes_used_window": used, "revived": revived})
-            bar.set_postfix(loss=f"{out['loss']:.3f}", tau=f"{out['tau']:.3f}", used=used, revived=revived)
-            counts.zero_()
-    bar.close()
+    run_dir = launch(cfg, build_task, resume=resume, overwrite=overwrite)
     train_s = time.time() - t_train
+    if not is_main_process():
+        return {}
+    return _finish(cfg, run_dir, task_of["task"], train_x, train_s, log)
 
+
+def _finish(cfg: Config, out_dir: Path, task: Task, train_x: torch.Tensor, train_s: float, log) -> dict:
+    """After the loop: the final phase, held-out evaluation and the tokenizer files."""
+    tcfg, total, bs = cfg.tokenizer, cfg.train.steps, cfg.data.batch_size
+    model, recipe = task.model, task.extra_state  # trained in place by the loop (on its device)
+    device = next(model.parameters()).device
+    amp = autocast(device, cfg.train.amp)
     t_final = time.time()
     # At most a fifth of the main steps, so smoke runs stay short (the shipped config: 150 of 1000).
     final_revived = finalize_codes(model, train_x, device, steps=min(tcfg.final_steps, max(total // 5, 1)),
                                    min_count=tcfg.revive_min_count, margin=tcfg.revive_margin,
                                    batch_size=bs, amp=amp, log=log)
     train_s += time.time() - t_final
+    test_x = _load_split(cfg, "test")
     metrics = evaluate(model, test_x, device)
-    metrics.update({"train_steps": total, "train_images": total * bs, "train_seconds": round(train_s, 1),
-                    "revived_codes_total": revived_total, "final_revived": final_revived, "device": str(device), "torch_threads": torch.get_num_threads(),
-                    "history": history})
+    global_batch = json.loads((out_dir / "summary.json").read_text())["global_batch"]  # all processes
+    metrics.update({"train_steps": total, "train_images": total * global_batch, "train_seconds": round(train_s, 1),
+                    "revived_codes_total": recipe.revived_total, "final_revived": final_revived,
+                    "device": str(device), "torch_threads": torch.get_num_threads(), "history": recipe.history})
     log("held-out: " + json.dumps({k: v for k, v in metrics.items() if k != "history"}))
     save_tokenizer(model.cpu(), out_dir, metrics)
     save_recon_grid(model, test_x, out_dir / "recon.png", torch.device("cpu"))
-    (out_dir / "config.yaml").write_text(cfg.to_yaml())
     return metrics

@@ -224,3 +224,10 @@ def barrier():
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In place: every rank gets rank `src`'s values (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(t, src)
+    return t

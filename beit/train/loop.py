@@ -52,6 +52,10 @@ class Task:
     evaluate: Callable[[nn.Module], dict] | None = None  # (unwrapped model) -> {"top1": ..., ...}
     best_metric: str | None = None  # evaluation key whose maximum is kept as best.pt
     eval_every_epochs: float | None = None  # default: train.eval_every_epochs
+    # Per-step extras after each optimizer step: (unwrapped model, optimizer, steps done) -> None
+    # (the tokenizer re-initialises dead codes here).
+    after_step: Callable[[nn.Module, torch.optim.Optimizer, int], None] | None = None
+    extra_state: Any = None  # has state_dict()/load_state_dict(): task state that checkpoints keep and resume restores
 
 
 def to_device(batch, device: torch.device):
@@ -263,6 +267,8 @@ def _resume(run: _Run):
     run.checked_step = run.step
     if state.get("metric_window") is not None:
         run.window.load_state_dict(state["metric_window"])
+    if run.task.extra_state is not None and state.get("task_state") is not None:
+        run.task.extra_state.load_state_dict(state["task_state"])
     if run.info.is_main:
         log.info(f"resumed from {path} at step {run.step}")
         _truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
@@ -317,6 +323,8 @@ def _train_one_step(run: _Run) -> float:
     if run.ema is not None:
         run.ema.update(run.model, step=run.step)
     run.step += 1
+    if run.task.after_step is not None:
+        run.task.after_step(run.model, run.optimizer, run.step)
     run.window.add(img_per_s=run.global_batch / (time.time() - t0))
     return lr
 
@@ -381,6 +389,7 @@ def _save(run: _Run):
             "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
             "rng": ckpt_io.rng_state(), "best": run.best, "config": run.cfg.to_dict(),
             "metric_window": run.window.state_dict(), "global_batch": run.global_batch,
+            "task_state": run.task.extra_state.state_dict() if run.task.extra_state is not None else None,
         }, run.step, run.cfg.train.keep_last)
     barrier()
 

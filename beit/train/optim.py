@@ -14,8 +14,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     (pos_embed, cls_token). mask_token and rel-pos tables are decayed unless the config says otherwise.
     With `layer_decay`, each group carries `lr_scale = decay ** (depth + 1 - layer_id)`.
     """
-    skip = model.no_weight_decay()
-    top = model.depth + 1
+    # Models without a ViT's hooks (the dVAE tokenizer): no named exemptions, one layer.
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    top = getattr(model, "depth", 0) + 1
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

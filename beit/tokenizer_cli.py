@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
+# torch is imported inside the commands: building the parser (`beit --help`) must stay light.
 
 
-def _load_images(paths: list[str], tok, size: int | None = None) -> torch.Tensor:
+def _load_images(paths: list[str], tok, size: int | None = None):
     """Image files -> [B, C, S, S] in [0, 1], in the tokenizer's channels. S: `size`, else the size a trained
     tokenizer was trained at (32 for fmnist_dvae), else the first image's short side rounded down to a
     multiple of the downsample factor."""
+    import torch
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
 
@@ -44,13 +45,17 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.train.out_dir) / (cfg.train.run_name or Path(args.config).stem)
-    metrics = train_tokenizer(cfg, out, overwrite=args.overwrite)
+    metrics = train_tokenizer(cfg, out, overwrite=args.overwrite, resume=args.resume)
+    if not metrics:  # not the main process
+        return 0
     print(f"wrote {out} (codes used {metrics['codes_used_frac']:.1%}, perplexity {metrics['perplexity']:.1f}, "
           f"recon MSE {metrics['recon_mse']:.4f})")
     return 0
 
 
 def cmd_encode(args) -> int:
+    import torch
+
     tok = _tokenizer(args)
     ids = tok.encode(_load_images(args.images, tok, args.size))  # [B, h, w]
     if args.out:
@@ -64,6 +69,7 @@ def cmd_encode(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
+    import torch
     from torchvision.utils import save_image
 
     tok = _tokenizer(args)
@@ -92,7 +98,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     t.add_argument("--out", help="output directory (default: train.out_dir/run_name)")
-    t.add_argument("--overwrite", action="store_true", help="allow writing into an existing, non-empty directory")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in the output directory from its newest checkpoint")
     t.set_defaults(func=cmd_train)
 
     for name, fn, helptext in (("encode", cmd_encode, "print (and optionally save) token maps"),

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 
-from beit.convert import LAYOUTS, detect_layout, read_checkpoint, save_checkpoint_as, to_official, unwrap_state_dict
+# beit.convert.LAYOUTS, spelled out so that building the parser (`beit --help`) does not import torch;
+# tests/test_convert.py checks that the two agree.
+LAYOUTS = ("official", "hf", "mmpretrain")
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from beit.convert import detect_layout, read_checkpoint, save_checkpoint_as, to_official, unwrap_state_dict
     from beit.convert.segmentation import convert_segmenter, detect_seg_layout
 
     sd = unwrap_state_dict(read_checkpoint(args.src))
