@@ -16,7 +16,7 @@ from beit.train.knn import knn_evaluate
 from beit.train.linprobe import LinearProbe
 
 torch.set_num_threads(1)
-faulthandler.dump_traceback_later(40, exit=True)  # a collective mismatch fails the test instead of hanging
+faulthandler.dump_traceback_later(240, exit=True)  # a collective mismatch fails the test instead of hanging
 # 21 test images in batches of 10: rank 0 gets 11 (2 batches), rank 1 gets 10 (1 batch).
 cfg = Config.model_validate({
     "model": {"name": "beit_fmnist_patch4_32", "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 10},

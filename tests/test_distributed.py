@@ -4,6 +4,7 @@ sharded over 2 ranks returns what one process computes."""
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,8 +67,11 @@ def test_fsdp_matches_one_process_and_resumes_on_another_count(tmp_path):
 def test_sharded_evaluation_equals_one_process(tmp_path):
     """Top-1/top-5/loss, k-NN and probe features over 2 ranks (uneven shards; FSDP too) = 1 process."""
     out = tmp_path / "eval.json"
+    with socket.socket() as s:  # a free port: other test runs may share the machine
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29519", str(Path(__file__).with_name("_dist_eval.py")), str(out)],
+                          port, str(Path(__file__).with_name("_dist_eval.py")), str(out)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())
