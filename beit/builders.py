@@ -23,7 +23,7 @@ from beit.data import (MIMDataset, MIMItem, ShardDataset, build_dataset, build_f
                        build_mask_generator, build_two_view_transform, collate_skip_bad)
 from beit.models import create_model
 from beit.tokenizers import FrozenTokenizer, create_tokenizer
-from beit.train.checkpoint import list_checkpoints
+from beit.train.checkpoint import run_weights
 
 log = logging.getLogger("beit")
 
@@ -32,12 +32,8 @@ def resolve_pretrained(path: str | None) -> str | None:
     """`model.pretrained` may name a run directory (e.g. runs/fmnist_quick): use its newest ckpt-*.pt."""
     if not path or not Path(path).is_dir():
         return path
-    found = list_checkpoints(Path(path))
-    if found:
-        return str(found[-1])
-    if (Path(path) / "best.pt").is_file():
-        return str(Path(path) / "best.pt")
-    return path  # maybe an HF directory; load_pretrained decides
+    weights = run_weights(Path(path))
+    return str(weights) if weights else path  # else maybe an HF directory; load_pretrained decides
 
 
 def build_model(cfg: Config, need_pretrained: bool = False) -> nn.Module:

@@ -72,12 +72,12 @@ def resolve_path(source: str | Path) -> Path:
         raise FileNotFoundError(f"checkpoint '{name}' not found: not a file, a directory or a shipped model ({zoo})")
     if path.is_file():
         return path
-    from beit.train.checkpoint import list_checkpoints
+    from beit.train.checkpoint import run_weights
 
-    found = list_checkpoints(path)
-    if found:
-        return found[-1]
-    for candidate in (path / "best.pt", path / "export" / "hf", path / "hf"):
+    weights = run_weights(path)
+    if weights:
+        return weights
+    for candidate in (path / "export" / "hf", path / "hf"):
         if candidate.exists():
             return candidate
     if (path / "config.json").is_file() or (path / "model.safetensors").is_file():

@@ -52,6 +52,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def run_weights(run_dir: Path) -> Path | None:
+    """The weights a run directory stands for: its newest ckpt-*.pt, else best.pt, else None."""
+    found = list_checkpoints(run_dir)
+    if found:
+        return found[-1]
+    best = run_dir / "best.pt"
+    return best if best.is_file() else None
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
