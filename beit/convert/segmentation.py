@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from beit.convert import _num_blocks
 from beit.convert.layouts import from_official, rename, to_official, unwrap_state_dict
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,9 @@ _HEAD_PREFIXES = ("neck.", "decode_head.", "auxiliary_head.")
 IDENTITY_LAYERS_KEY = "beit_identity_layers"
 
 
-def _num_blocks(sd: Mapping[str, torch.Tensor]) -> int:
-    ids = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    return max(ids) + 1 if ids else 0
+def _blocks_past(sd: Mapping[str, torch.Tensor], depth: int) -> list[str]:
+    """Keys of backbone blocks at index >= depth (the all-zero identity layers an HF export appends)."""
+    return [k for k in sd if (m := re.match(r"backbone\.blocks\.(\d+)\.", k)) and int(m.group(1)) >= depth]
 
 
 # ------------------------------------------------------------------------------------------------ layouts
@@ -292,8 +293,7 @@ def load_segmenter(model, path_or_sd, strict_shapes: bool = True):
                              f"out_indices={want} (and depth >= {want[-1] + 1}) for the same logits")
     ours = seg_to_ours(sd, layout)
     # HF blocks past the model's depth (the identity layers of an export) cannot change the logits.
-    dropped = [k for k in ours if layout == "hf" and (m := re.match(r"backbone\.blocks\.(\d+)\.", k))
-               and int(m.group(1)) >= model.depth]
+    dropped = _blocks_past(ours, model.depth) if layout == "hf" else []
     backbone = {k.removeprefix("backbone."): v for k, v in ours.items()
                 if k.startswith("backbone.") and k not in dropped}
     report = load_pretrained(model.backbone, backbone, strict_shapes)
@@ -358,6 +358,6 @@ def convert_segmenter(src: str | os.PathLike, dst: str | os.PathLike, to: str,
         raise ValueError(f"a segmenter converts to 'official' (mmseg ADE20K layout) or 'hf', not '{to}'")
     ours = seg_to_ours(sd, layout)
     if layout == "hf" and hf_cfg is not None:  # drop the identity layers an export appended
-        ours = {k: v for k, v in ours.items()
-                if not ((m := re.match(r"backbone\.blocks\.(\d+)\.", k)) and int(m.group(1)) >= arch["depth"])}
+        extra = set(_blocks_past(ours, arch["depth"]))
+        ours = {k: v for k, v in ours.items() if k not in extra}
     return layout, save_segmenter_as(ours, dst, "mmseg" if to == "official" else "hf", arch or None)
