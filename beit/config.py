@@ -243,14 +243,8 @@ class Config(_Section):
             if self.train.ema_decay is not None:
                 raise ValueError("train.ema_decay needs a full copy of the model, which dist.strategy=fsdp does not "
                                  "keep; set train.ema_decay=null or use dist.strategy=ddp")
-            if self.dist.fsdp_cpu_offload and not _cuda_for(self.train.device):
-                raise ValueError(f"dist.fsdp_cpu_offload=true offloads from a GPU, and train.device="
-                                 f"{self.train.device} has none here; set dist.fsdp_cpu_offload=false")
         elif self.dist.fsdp_cpu_offload:
             raise ValueError("dist.fsdp_cpu_offload=true needs dist.strategy=fsdp")
-        if self.train.amp == "fp16" and not _cuda_for(self.train.device):
-            raise ValueError(f"train.amp=fp16 needs a CUDA device (dynamic loss scaling) and train.device="
-                             f"{self.train.device} has none here; use train.amp=bf16 (or none) on CPU")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,6 +252,17 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def check_machine(cfg: Config, source: str = "config"):
+    """Checks that depend on this machine, for a config about to run here. Not part of the schema, so that a
+    config stored in a checkpoint (an fp16 GPU run, say) still loads on a CPU-only machine for evaluation."""
+    if cfg.dist.fsdp_cpu_offload and not _cuda_for(cfg.train.device):
+        raise ConfigError(f"{source}: dist.fsdp_cpu_offload=true offloads from a GPU, and train.device="
+                          f"{cfg.train.device} has none here; set dist.fsdp_cpu_offload=false")
+    if cfg.train.amp == "fp16" and not _cuda_for(cfg.train.device):
+        raise ConfigError(f"{source}: train.amp=fp16 needs a CUDA device (dynamic loss scaling) and train.device="
+                          f"{cfg.train.device} has none here; use train.amp=bf16 (or none) on CPU")
 
 
 def _cuda_for(device: str) -> bool:
@@ -345,6 +350,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise _explain(e, source) from None
+    check_machine(cfg, source)
     if path is not None and cfg.train.run_name is None:
         cfg.train.run_name = path.stem
     return cfg

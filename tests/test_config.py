@@ -81,3 +81,17 @@ def test_convert_cli_layouts_match_the_library():
     from beit.convert_cli import LAYOUTS as CLI_LAYOUTS
 
     assert CLI_LAYOUTS == LAYOUTS
+
+
+def test_a_stored_gpu_config_still_loads_on_a_cpu_only_machine():
+    """A checkpoint of an fp16 GPU run keeps its config; reading it for evaluation must not need CUDA. Only a
+    config about to run here (load_config) is checked against this machine."""
+    import torch
+
+    from beit.config import ConfigError, config_from_dict, load_config
+
+    cfg = config_from_dict({"train": {"amp": "fp16", "device": "cuda"}})
+    assert cfg.train.amp == "fp16"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+            load_config(None, ["train.amp=fp16"])

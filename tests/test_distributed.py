@@ -87,7 +87,7 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
 
 
 def test_fsdp_config_limits_are_errors():
-    from beit.config import Config
+    from beit.config import Config, check_machine
 
     for bad, msg in (({"dist": {"strategy": "fsdp"}, "train": {"ema_decay": 0.999}}, "ema_decay"),
                      ({"dist": {"strategy": "fsdp"}, "train": {"amp": "fp16", "device": "cpu"}}, "shard-aware"),
@@ -95,4 +95,4 @@ def test_fsdp_config_limits_are_errors():
                      ({"dist": {"strategy": "fsdp", "fsdp_cpu_offload": True}, "train": {"device": "cpu"}},
                       "offloads from a GPU")):
         with pytest.raises(ValueError, match=msg):
-            Config.model_validate(bad)
+            check_machine(Config.model_validate(bad))  # schema errors first, then this machine's
