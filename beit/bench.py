@@ -163,7 +163,8 @@ def train_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: to
     """forward (under the loop's autocast) + backward + AdamW, with the fp16 loss scaler when amp=fp16."""
     from beit.train.loop import autocast
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # fused, as the training loop's optimizer: the same for every implementation, so the ratio is the model's
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     model.train()
 
@@ -187,14 +188,20 @@ def ours_mim(preset: str, batch: int, device, amp: str, tokenizer, compile: bool
     model = create_model(preset, **overrides).to(device)
     data = mim_batch(preset_kwargs(preset, **overrides), tokenizer, batch, device)
     mim = make_mim_step(tokenizer)
-    flops = None
-    if compile:  # count on the eager model (the counter does not see inside compiled graphs)
-        flops = count_flops(train_step(model, lambda: mim(model, data)["loss"], device, amp))
-        for blk in model.blocks:  # as train.compile=true does: block by block, from outside
-            blk.compile()
     if wrap is not None:
         model = wrap(model)
-    return Step("ours", train_step(model, lambda: mim(model, data)["loss"], device, amp), batch, flops=flops)
+    return ours_step(model, lambda: mim(model, data)["loss"], batch, device, amp, compile)
+
+
+def ours_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], batch: int, device, amp: str,
+              compile: bool) -> Step:
+    from beit.train.loop import compile_blocks
+
+    flops = None
+    if compile:  # count on the eager model (the counter does not see inside compiled graphs)
+        flops = count_flops(train_step(model, loss_fn, device, amp))
+        compile_blocks(model)  # as train.compile=true does
+    return Step("ours", train_step(model, loss_fn, device, amp), batch, flops=flops)
 
 
 def tokenizer_only(tokenizer, data: dict) -> Callable:
@@ -240,14 +247,14 @@ def ft_batch(kw: dict, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randint(0, kw["num_classes"], (batch,), device=device))
 
 
-def ours_ft(preset: str, batch: int, device, amp: str, **overrides) -> Step:
+def ours_ft(preset: str, batch: int, device, amp: str, compile: bool = False, **overrides) -> Step:
     from beit.models import create_model
     from beit.train.finetune import make_classification_step
 
     model = create_model(preset, **overrides).to(device)
     data = ft_batch(preset_kwargs(preset, **overrides), batch, device)
     cls = make_classification_step(None, 0.0)  # plain cross-entropy, as timm's step below
-    return Step("ours", train_step(model, lambda: cls(model, data)["loss"], device, amp), batch)
+    return ours_step(model, lambda: cls(model, data)["loss"], batch, device, amp, compile)
 
 
 def timm_ft(preset: str, batch: int, device, amp: str, **overrides) -> Step:
@@ -287,7 +294,7 @@ def bench_row(preset: str, batch: int, device: torch.device, amp: str = "bf16", 
             builders.append(lambda: hf_mim(preset, batch, device, amp, tok, **overrides))
         builders.append(lambda: Step("tokenizer", tokenizer_only(tok, mim_batch(kw, tok, batch, device)), batch))
     else:
-        builders.append(lambda: ours_ft(preset, batch, device, amp, **overrides))
+        builders.append(lambda: ours_ft(preset, batch, device, amp, compile=compile, **overrides))
         if baselines:
             builders.append(lambda: timm_ft(preset, batch, device, amp, **overrides))
     steps = [prepare(b, device, warmup) for b in builders]

@@ -83,3 +83,24 @@ def test_several_seeds_give_mean_and_std(tmp_path):
     assert row["pretrained"]["mean"] == 76.0 and row["scratch"]["mean"] == 51.0
     assert row["pretrained"]["std"] == pytest.approx(1.0)  # sample std of 75, 76, 77
     assert row["gain_pp"] == 25.0
+
+
+def test_stages_runs_only_the_named_ones_and_wall_time_adds_up_over_stops(tmp_path, fake_stage_runner):
+    def finish(command, cfg, d):
+        if cfg.train.run_name == "pretrain" and not (d / "stopped").exists():
+            (d / "stopped").write_text("")  # the first call is stopped (as by SIGTERM), the second finishes
+            raise SystemExit(75)
+        (d / "summary.json").write_text(json.dumps({"steps": 1, "eval": {"top1": 50.0}}))
+
+    calls = fake_stage_runner(finish)
+    only = ["pretrain", "finetune_pretrained_100pct_seed0"]
+    with pytest.raises(SystemExit):
+        rep.reproduce(tmp_path, "quick", only=only)
+    first = json.loads((tmp_path / rep.WALL_TIME).read_text())["pretrain"]  # a stopped stage's time is kept
+    results = rep.reproduce(tmp_path, "quick", only=only)
+    assert calls == ["pretrain", "pretrain", "finetune_pretrained_100pct_seed0"]
+    wall = json.loads((tmp_path / rep.WALL_TIME).read_text())
+    assert set(wall) == set(only) and wall["pretrain"] >= first
+    assert "finetune_scratch_100pct_seed0" in results["pending_stages"]  # reported as not run yet
+    with pytest.raises(ValueError, match="no stage finetune_pretrained_50pct_seed0 in the quick variant"):
+        rep.reproduce(tmp_path, "quick", only=["finetune_pretrained_50pct_seed0"])

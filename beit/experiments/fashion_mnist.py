@@ -72,6 +72,9 @@ VARIANTS = {
                   1.0: ["train.epochs=0.25", "train.eval_every_epochs=0.25", "optim.warmup_epochs=0.025"]},
         seeds=1, probes=False, knn=["data.train_subset=10000"]),
     "full": dict(
+        # torch.compile per block: +17% on the pretraining step and +15% on fine-tuning on a 2-core CPU
+        # (`beit bench --compile`, docs/performance.md); it pays for its ~30 s of compilation in minutes.
+        train=["train.compile=true"],
         pretrain=["train.epochs=4", "optim.warmup_epochs=0.4"],
         finetune={0.01: ["train.epochs=60", "train.eval_every_epochs=30", "optim.warmup_epochs=3"],
                   0.1: ["train.epochs=10", "train.eval_every_epochs=5", "optim.warmup_epochs=0.5"],
@@ -82,6 +85,7 @@ VARIANTS = {
                         "data.color_jitter=0", "model.drop_path_rate=0", "data.num_workers=0"]},
         seeds=3, probes=True),
     "gpu": dict(
+        train=["train.compile=true"],
         pretrain=["train.epochs=300", "data.batch_size=512", "data.num_workers=8", "optim.warmup_epochs=10"],
         finetune={0.01: ["train.epochs=1000", "train.eval_every_epochs=100", "data.num_workers=8"],
                   0.1: ["train.epochs=300", "train.eval_every_epochs=50", "data.num_workers=8"],
@@ -101,7 +105,7 @@ def plan(out: Path, variant: str, retrain_tokenizer: bool = False) -> list[Stage
                             common + ["train.run_name=tokenizer"], done_file="tokenizer.safetensors"))
         tok = [f"tokenizer.name={out / 'tokenizer'}"]
     stages.append(Stage("pretrain", "pretrain", CONFIGS / "pretrain" / "fmnist.yaml",
-                        common + tok + ["train.run_name=pretrain"] + v["pretrain"]))
+                        common + tok + ["train.run_name=pretrain"] + v.get("train", []) + v["pretrain"]))
     pretrained = f"model.pretrained={out / 'pretrain'}"
     smallest = min(v["finetune"])
     for frac, extra in v["finetune"].items():
@@ -110,7 +114,7 @@ def plan(out: Path, variant: str, retrain_tokenizer: bool = False) -> list[Stage
             for init, cfg, init_over in (("pretrained", "fmnist.yaml", [pretrained]),
                                          ("scratch", "fmnist_scratch.yaml", [])):
                 name = f"finetune_{init}_{_pct(frac)}pct_seed{seed}"
-                stages.append(Stage(name, "finetune", CONFIGS / "finetune" / cfg, common + init_over + extra + [
+                stages.append(Stage(name, "finetune", CONFIGS / "finetune" / cfg, common + init_over + v.get("train", []) + extra + [
                     f"train.run_name={name}", f"data.label_fraction={frac}", f"train.seed={seed}"],
                     init=init, label_fraction=frac))
     if v.get("knn", []) is not None:
@@ -129,26 +133,22 @@ def _pct(frac: float) -> str:
     return f"{frac * 100:g}"
 
 
-def run_stage(stage: Stage, out: Path) -> float:
-    run_dir = out / stage.name
-    if (run_dir / stage.done_file).exists():
-        log.info(f"[{stage.name}] done already, skipping ({run_dir})")
-        return 0.0
-    t0 = time.time()
+def run_stage(stage: Stage, out: Path) -> None:
     from beit.train.checkpoint import list_checkpoints
+
+    run_dir = out / stage.name
 
     has_ckpt = run_dir.is_dir() and bool(list_checkpoints(run_dir))
     if stage.command == "tokenizer":  # on the shared loop too: a stopped stage resumes
         from beit.tokenizers.train import train_tokenizer
 
         train_tokenizer(load_config(stage.config, stage.overrides), run_dir, overwrite=not has_ckpt, resume=has_ckpt)
-        return time.time() - t0
+        return
     cfg = load_config(stage.config, stage.overrides, command=stage.command)
     log.info(f"[{stage.name}] {'resuming' if has_ckpt else 'starting'}: beit {stage.command} {stage.config} "
              + " ".join(stage.overrides))
     # A directory without a checkpoint holds nothing worth keeping: the stage restarts it.
     _runner(stage.command)(cfg, resume=has_ckpt, overwrite=not has_ckpt)
-    return time.time() - t0
 
 
 def collect(out: Path, stages: list[Stage], variant: str, wall: dict[str, float]) -> dict:
@@ -272,26 +272,39 @@ def _report(out: Path, stages: list[Stage], variant: str, wall: dict[str, float]
     return results
 
 
-def reproduce(out: Path, variant: str, retrain_tokenizer: bool = False) -> dict:
+def reproduce(out: Path, variant: str, retrain_tokenizer: bool = False, only: list[str] | None = None) -> dict:
+    """Run the variant's stages (or only the named ones, in plan order), then report what has finished."""
     from beit.train.runner import setup_logging
 
+    stages = plan(out, variant, retrain_tokenizer)
+    if only:
+        names = [st.name for st in stages]
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise ValueError(f"--stages: no stage {', '.join(unknown)} in the {variant} variant; its stages are "
+                             f"{', '.join(names)}")
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(None, True)
-    stages = plan(out, variant, retrain_tokenizer)
     wall = _read_wall(out)
-    run_stages(out, stages, wall)
+    run_stages(out, [st for st in stages if not only or st.name in only], wall)
     return _report(out, stages, variant, wall)
 
 
 def run_stages(out: Path, stages: list[Stage], wall: dict[str, float]):
-    """Run the stages in order (`run_stage` skips finished ones), adding each one's wall time to `wall` and WALL_TIME."""
+    """Run the stages in order, skipping finished ones. Each one's wall time is added to `wall` and WALL_TIME,
+    also when it is stopped: a stage resumed over several calls counts all of them."""
     from beit.train.runner import setup_logging
 
     for i, stage in enumerate(stages, 1):
         log.info(f"=== stage {i}/{len(stages)}: {stage.name}")
-        spent = run_stage(stage, out)
-        if spent:
-            wall[stage.name] = spent
+        if (out / stage.name / stage.done_file).exists():
+            log.info(f"[{stage.name}] done already, skipping ({out / stage.name})")
+            continue
+        t0 = time.time()
+        try:
+            run_stage(stage, out)
+        finally:
+            wall[stage.name] = wall.get(stage.name, 0.0) + time.time() - t0
             (out / WALL_TIME).write_text(json.dumps(wall, indent=2))
         setup_logging(None, True)
 
@@ -310,6 +323,9 @@ def register(subparsers):
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce_fmnist_<variant>)")
     p.add_argument("--retrain-tokenizer", action="store_true", help="train the dVAE tokenizer instead of the shipped one")
     p.add_argument("--report-only", action="store_true", help="run nothing; tabulate the stages finished so far")
+    p.add_argument("--stages", default=None, type=lambda s: s.split(","),
+                   help="fashion-mnist: run only these stages (comma-separated run names, e.g. "
+                        "pretrain,finetune_pretrained_100pct_seed0); the rest run on a later call")
     p.set_defaults(func=_dispatch)
 
     d = subparsers.add_parser("demo", help="the first five minutes: pretrain + fine-tune a small BEiT on CPU")
@@ -321,14 +337,19 @@ def _dispatch(a) -> int:
     if a.dataset == "fmnist-scenes":
         from beit.experiments.fmnist_scenes import SCENE_VARIANTS, reproduce_scenes
 
+        if a.stages:
+            raise ValueError("--stages is for fashion-mnist; fmnist-scenes always runs its pair of stages")
         if a.variant not in SCENE_VARIANTS:
             raise ValueError(f"--variant {a.variant}: fmnist-scenes has {', '.join(SCENE_VARIANTS)}")
         reproduce_scenes(Path(a.out or f"runs/reproduce_scenes_{a.variant}"), a.variant, a.pretrained, a.report_only)
         return 0
     if a.variant not in VARIANTS or a.pretrained:
         raise ValueError(f"fashion-mnist: --variant is one of {', '.join(VARIANTS)}; --pretrained is for fmnist-scenes")
-    (report if a.report_only else reproduce)(Path(a.out or f"runs/reproduce_fmnist_{a.variant}"), a.variant,
-                                             a.retrain_tokenizer)
+    out = Path(a.out or f"runs/reproduce_fmnist_{a.variant}")
+    if a.report_only:
+        report(out, a.variant, a.retrain_tokenizer)
+    else:
+        reproduce(out, a.variant, a.retrain_tokenizer, a.stages)
     return 0
 
 

@@ -30,6 +30,10 @@ class FrozenTokenizer(nn.Module):
     def freeze(self) -> None:
         self.requires_grad_(False)
         super().train(False)
+        # Channels-last (NHWC) convolutions: on a 2-core AVX512 CPU, encoding a batch of 128 Fashion-MNIST
+        # crops took 85 instead of 166 ms, with 99.986% of tokens equal to the NCHW result (fp32 both; only
+        # the summation order differs). docs/performance.md
+        self.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> FrozenTokenizer:
         # A parent's model.train() must not switch the tokenizer to training behaviour.
@@ -51,7 +55,7 @@ class FrozenTokenizer(nn.Module):
         if lo < -PIXEL_TOL or hi > 1 + PIXEL_TOL:
             raise ValueError(f"tokenizer expects pixel values in [0, 1] (it applies its own map_pixels), got min {lo:.4g}, max {hi:.4g}; "
                              "pass images before mean/std normalisation")
-        return images.float()
+        return images.float().contiguous(memory_format=torch.channels_last)  # as the weights (freeze)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:  # [B, V, h, w]
         raise NotImplementedError

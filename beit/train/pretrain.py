@@ -63,9 +63,7 @@ def check_compatible(model, tokenizer, cfg: Config):
 
 
 def build_pretrain_task(cfg: Config, device: torch.device) -> Task:
-    tokenizer = build_tokenizer(cfg, device)
-    if device.type == "cuda":  # cuDNN's NHWC kernels: the tokenizer's convolutions are a large share of the step
-        tokenizer = tokenizer.to(memory_format=torch.channels_last)
+    tokenizer = build_tokenizer(cfg, device)  # channels-last, see FrozenTokenizer.freeze
     model = build_model(cfg)  # create_model + pretrained (file or run directory) + image size/channel checks
     if model.lm_head is None:
         raise ConfigError(f"model.name={cfg.model.name} has no lm_head; pretraining needs a *_vocab preset")
