@@ -278,9 +278,22 @@ def has_module(name: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- a row
+def profile_table(fn: Callable[[], object], device: torch.device, iters: int, rows: int = 12) -> str:
+    """torch.profiler over `iters` calls: the operators that take the most time, as its table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def bench_row(preset: str, batch: int, device: torch.device, amp: str = "bf16", *, baselines: bool = True,
               tokenizer: str | None = None, compile: bool = False, warmup: int = 2, iters: int = 5,
-              repeats: int = 5, peak: float | None = None, **overrides) -> list[dict]:
+              repeats: int = 5, peak: float | None = None, profile: bool = False, **overrides) -> list[dict]:
     """Time ours (and HF or timm when installed) on one preset; one result dict per implementation."""
     kw = preset_kwargs(preset, **overrides)
     mim = bool(kw.get("vocab_size"))
@@ -299,6 +312,8 @@ def bench_row(preset: str, batch: int, device: torch.device, amp: str = "bf16", 
             builders.append(lambda: timm_ft(preset, batch, device, amp, **overrides))
     steps = [prepare(b, device, warmup) for b in builders]
     times = time_alternating(steps, device, iters, repeats)
+    if profile:  # where our step's time goes
+        print(profile_table(steps[0].fn, device, iters), flush=True)
     spec, spec_name = spec_peak_tflops(device)
     ours_t = times["ours"]
     out = []

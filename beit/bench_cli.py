@@ -36,6 +36,7 @@ def register(sub):
     p.add_argument("--repeats", type=int, default=5, help="alternating rounds; the median round is reported")
     p.add_argument("--loop", type=int, metavar="N", help="also run the real Fashion-MNIST pretraining loop for "
                                                          "N steps (data pipeline included) and compare")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of our step's top operators")
     p.add_argument("--json", type=Path, metavar="PATH", help="write all results as JSON")
     p.set_defaults(func=run)
 
@@ -63,19 +64,20 @@ def run(args):
     for name, row in rows.items():
         out = bench.bench_row(row["preset"], row["batch"], device, args.amp, baselines=not args.no_baselines,
                               tokenizer=args.tokenizer, compile=args.compile, warmup=args.warmup,
-                              iters=args.iters, repeats=args.repeats, peak=peak)
+                              iters=args.iters, repeats=args.repeats, peak=peak, profile=args.profile)
         for r in out:
             r["row"] = name
             print(bench.format_result(f"{name} (batch {row['batch']})", r), flush=True)
         results += out
     report = {"matmul_peak_tflops": peak, "rows": results}
     if args.loop:
-        loop = bench.run_loop(bench.shipped_config("pretrain/fmnist.yaml"), device, steps=args.loop)
+        loop = bench.run_loop(bench.shipped_config("pretrain/fmnist.yaml"), device, steps=args.loop,
+                              overrides=[f"train.compile={str(args.compile).lower()}", f"train.amp={args.amp}"])
         step = next((r for r in results if r["preset"] == loop["preset"] and r["impl"] == "ours"
                      and r["batch"] == loop["batch"]), None)
         if step is None:
             step = bench.bench_row(loop["preset"], loop["batch"], device, args.amp, baselines=False,
-                                   warmup=args.warmup, iters=args.iters, repeats=args.repeats, peak=peak)[0]
+                                   compile=args.compile, warmup=args.warmup, iters=args.iters, repeats=args.repeats, peak=peak)[0]
         loop["step_img_per_s"] = step["img_per_s"]
         loop["loop_over_step"] = loop["loop_img_per_s"] / step["img_per_s"]
         print(f"loop ({loop['config']}, {loop['steps_timed']} steps, {loop['num_workers']} worker(s)): "

@@ -34,14 +34,16 @@ def test_time_alternating_takes_the_median_round():
 def test_bench_cli_finetune_row_vs_timm(tmp_path, capsys):
     out = tmp_path / "b.json"
     main(["bench", "--preset", "beit_fmnist_patch4_32", "--batch", "4", "--device", "cpu", "--warmup", "0",
-          "--iters", "1", "--repeats", "1", "--json", str(out)])
+          "--iters", "1", "--repeats", "1", "--profile", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in rows] == ["ours", "timm"]
     ours, timm = rows
     # Same architecture, so the counted FLOPs agree closely (timm and ours differ only in tiny ops).
     assert ours["gflop_per_img"] == pytest.approx(timm["gflop_per_img"], rel=0.02)
     assert timm["ours_speedup"] == pytest.approx(timm["ms_per_step"] / ours["ms_per_step"])
-    assert "timm" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "timm" in printed
+    assert "aten::" in printed and "Self CPU" in printed  # --profile: the operator table of our step
 
 
 def test_gpu_check_tiny_runs_every_section(tmp_path):

@@ -163,7 +163,8 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
             lr = _train_one_step(run)
             bar.update(1)
             _log_and_evaluate(run, logger, bar, lr)
-            stopping = stop.agreed(info)  # SIGTERM / SIGINT: the step is finished; checkpoint and leave
+            # SIGTERM / SIGINT: the step is finished; checkpoint and leave
+            stopping = stop.agreed(info, check=run.step % cfg.train.log_every == 0)
             if stopping or run.step % cfg.train.save_every_steps == 0 or run.step == run.stop_step:
                 _save(run)
             if stopping:
@@ -211,10 +212,14 @@ class _StopSignals:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else "signal"
 
-    def agreed(self, info: DistInfo) -> bool:
-        """Whether any process was signalled, so that all ranks stop after the same step."""
+    def agreed(self, info: DistInfo, check: bool) -> bool:
+        """Whether any process was signalled, so that all ranks stop after the same step. Across processes the
+        flags are compared only when `check` (every `train.log_every` steps, where logging syncs anyway): an
+        all-reduce read on the host every step would make the CPU wait for the GPU every step."""
         if not info.enabled:
             return self.signum is not None
+        if not check:
+            return False
         flag = torch.tensor([float(self.signum is not None)], device=info.device)
         all_reduce_sum(flag)
         return bool(flag.item() > 0)
