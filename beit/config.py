@@ -247,6 +247,10 @@ class Config(_Section):
             raise ValueError("dist.fsdp_cpu_offload=true needs dist.strategy=fsdp")
         return self
 
+    def global_batch(self, world_size: int) -> int:
+        """Samples per optimizer step: per device x accumulation x processes."""
+        return self.data.batch_size * self.optim.accum_steps * world_size
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

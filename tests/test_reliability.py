@@ -210,3 +210,13 @@ def test_forward_mim_rejects_a_non_bool_mask():
     with pytest.raises(ValueError, match="must be a bool tensor"):
         model.forward_mim(x, mask)
     assert model.forward_mim(x, mask.bool()).shape == (20, 512)
+
+
+def test_stored_global_batch_is_read_from_the_checkpoint_a_resume_uses(tmp_path):
+    """A corrupt newest checkpoint is passed over (as `load_latest_intact` does), so the resume's batch check
+    compares against the checkpoint the run will actually continue from."""
+    torch.save({"global_batch": 64}, tmp_path / "ckpt-00000010.pt")
+    (tmp_path / "ckpt-00000020.pt").write_bytes(b"truncated")
+    assert ckpt_io.stored_global_batch(tmp_path) == 64
+    (tmp_path / "ckpt-00000010.pt").unlink()
+    assert ckpt_io.stored_global_batch(tmp_path) is None

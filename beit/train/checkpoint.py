@@ -117,12 +117,14 @@ def save_training_checkpoint(run_dir: Path, state: dict, step: int, keep_last: i
 
 
 def stored_global_batch(run_dir: Path) -> int | None:
-    """The global batch the newest checkpoint was trained at (None if unknown). Memory-mapped: reads no tensors."""
-    found = list_checkpoints(run_dir)
-    try:
-        return torch.load(found[-1], mmap=True, weights_only=True).get("global_batch") if found else None
-    except Exception:  # corrupt or foreign: resume reports it properly
-        return None
+    """The global batch of the newest readable checkpoint, the one a resume continues from (see
+    `load_latest_intact`); None if unknown. Memory-mapped: reads no tensors."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return torch.load(path, mmap=True, weights_only=True).get("global_batch")
+        except Exception:  # corrupt or foreign: passed over here as on resume, which reports it
+            continue
+    return None
 
 
 def load_training_checkpoint(path: Path, map_location="cpu") -> dict:

@@ -75,7 +75,7 @@ def autocast(device: torch.device, amp: str):
 
 
 def _check_batch(cfg: Config, info: DistInfo):
-    global_batch = cfg.data.batch_size * cfg.optim.accum_steps * info.world_size
+    global_batch = cfg.global_batch(info.world_size)
     want = cfg.optim.recipe_batch_size
     if want is not None and want != global_batch and info.is_main:
         bar = "!" * 78
@@ -98,7 +98,7 @@ def steps_per_epoch_of(cfg: Config, dataset: Dataset, world_size: int) -> int:
     if steps == 0:
         raise ConfigError(
             f"the training set has {len(dataset)} samples, fewer than one global batch "
-            f"({d.batch_size * cfg.optim.accum_steps * world_size}, from each loader worker for shards); "
+            f"({cfg.global_batch(world_size)}, from each loader worker for shards); "
             f"lower data.batch_size or optim.accum_steps"
         )
     return steps

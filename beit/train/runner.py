@@ -54,7 +54,7 @@ def launch(cfg: Config, build_task: Callable[[Config, torch.device], Task], resu
         run_dir = run_dir_of(cfg)
         ckpt_io.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
         if resume and (run_dir / "config.yaml").is_file():
-            same = ckpt_io.stored_global_batch(run_dir) == cfg.data.batch_size * cfg.optim.accum_steps * info.world_size
+            same = ckpt_io.stored_global_batch(run_dir) == cfg.global_batch(info.world_size)
             check_resume_config(yaml.safe_load((run_dir / "config.yaml").read_text()), cfg, str(run_dir / "config.yaml"),
                                 same_global_batch=same)
         setup_logging(None, info.is_main)
