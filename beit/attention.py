@@ -28,19 +28,7 @@ def last_block_attention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     for blk in model.blocks[:-1]:
         tokens = blk(tokens, shared)
     blk = model.blocks[-1]
-    attn = blk.attn
-    h = blk.norm1(tokens)
-    B, N, D = h.shape
-    bias = None if attn.q_bias is None else torch.cat([attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias])
-    q, k, _ = F.linear(h, attn.qkv.weight, bias).view(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # [B, H, N, N]
-    if shared is not None:
-        logits = logits + shared
-    if attn.relative_position_bias_table is not None:
-        from beit.models.vit import lookup_bias
-
-        logits = logits + lookup_bias(attn.relative_position_bias_table, attn.relative_position_index)
-    return logits.softmax(-1)
+    return blk.attn.attention_probs(blk.norm1(tokens), shared)
 
 
 @torch.no_grad()

@@ -108,18 +108,26 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, shared_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> q, k, v stacked: [3, B, H, N, hd]."""
         B, N, D = x.shape
         bias = None
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias)  # [B, N, 3D]
-        q, k, v = qkv.view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # [B, H, N, hd]
+        return qkv.view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
 
-        attn_bias = shared_bias  # [H, N, N] or None
-        if self.relative_position_bias_table is not None:
-            own = lookup_bias(self.relative_position_bias_table, self.relative_position_index)
-            attn_bias = own if attn_bias is None else attn_bias + own
+    def _bias(self, shared_bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The additive attention bias [H, N, N]: the shared table's, this layer's own, or their sum."""
+        if self.relative_position_bias_table is None:
+            return shared_bias
+        own = lookup_bias(self.relative_position_bias_table, self.relative_position_index)
+        return own if shared_bias is None else shared_bias + own
+
+    def forward(self, x: torch.Tensor, shared_bias: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self._qkv(x)  # each [B, H, N, hd]
+        attn_bias = self._bias(shared_bias)
         if attn_bias is not None:
             attn_bias = attn_bias.unsqueeze(0).to(q.dtype)  # [1, H, N, N]; SDPA wants the query dtype
         # SDPA's default scale is head_dim**-0.5, as in the official code.
@@ -128,6 +136,14 @@ class Attention(nn.Module):
         )  # [B, H, N, hd]
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x))
+
+    def attention_probs(self, x: torch.Tensor, shared_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The softmax weights `forward` applies, [B, H, N, N], built explicitly (SDPA never materialises
+        them): for drawing where tokens attend."""
+        q, k, _ = self._qkv(x)
+        logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # [B, H, N, N]
+        bias = self._bias(shared_bias)
+        return (logits if bias is None else logits + bias).softmax(-1)
 
 
 class Mlp(nn.Module):
