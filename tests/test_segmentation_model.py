@@ -127,6 +127,15 @@ def test_pretrained_mim_run_dir_into_64px_segmenter(tmp_path):
         assert torch.equal(blk.attn.relative_position_bias_table.detach(), want)
     assert torch.equal(seg.backbone.blocks[3].mlp.fc1.weight, mim.blocks[3].mlp.fc1.weight)
     assert torch.equal(seg.decode_head.conv_seg.weight, head_before)  # heads untouched
+    # ...so the backbone computes, block by block, what the MIM model resized to 64 px computes
+    from beit.convert import load_pretrained
+
+    mim64 = create_model("beit_fmnist_patch4_32_512_vocab", img_size=64).eval()
+    load_pretrained(mim64, str(run / "ckpt-00000010.pt"))
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        pairs = zip(mim64.get_intermediate_layers(x), seg.backbone.eval().get_intermediate_layers(x))
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in pairs)
     # create_segmenter(pretrained=...) goes through the same loader
     again = create_segmenter("beit_fmnist_patch4_64_upernet", pretrained=str(run))
     assert torch.equal(again.backbone.blocks[5].attn.relative_position_bias_table.detach(), want)
