@@ -14,6 +14,9 @@ from beit.train.distributed import DistInfo, wrap_fsdp
 from beit.train.evaluate import classifier_evaluate, run_over
 from beit.train.knn import knn_evaluate
 from beit.train.linprobe import LinearProbe
+from beit.data.segmentation import build_seg_dataset
+from beit.train.segment import build_eval_loader as seg_eval_loader
+from beit.train.segment import build_segmenter, evaluate_segmenter
 
 torch.set_num_threads(1)
 faulthandler.dump_traceback_later(240, exit=True)  # a collective mismatch fails the test instead of hanging
@@ -36,9 +39,32 @@ def measure(m, p):
             "probe_features": feats.flatten().tolist()[:500], "labels": labels.tolist()}
 
 
+# segmentation: 5 test scenes in batches of 2 -> rank 0 scores 3 (2 batches), rank 1 scores 2 (1 batch + 1 repeat)
+seg_cfg = Config.model_validate({
+    "model": {"name": "beit_fmnist_patch4_64_upernet", "embed_dim": 32, "num_heads": 2},
+    "data": {"dataset": "fmnist_scenes", "img_size": 64, "in_chans": 1, "mean": [0.286], "std": [0.353],
+             "num_workers": 0},
+    "seg": {"scenes": [4, 5], "scale": [256, 64], "eval_batch_size": 2, "eval_mode": "slide"},
+    "train": {"device": "cpu", "amp": "none", "progress": False},
+})
+seg_test = build_seg_dataset(seg_cfg, "test")
+segmenter = build_segmenter(seg_cfg, len(seg_test.classes)).eval()
+with torch.no_grad():  # BatchNorm statistics of real features, so that the random model's predictions vary
+    segmenter.train()(seg_test[0][0][None].repeat(2, 1, 1, 1))
+    segmenter.eval()
+
+
+def measure_seg():
+    metrics, _ = evaluate_segmenter(segmenter, seg_eval_loader(seg_cfg, seg_test), seg_cfg, torch.device("cpu"),
+                                    list(seg_test.classes))
+    return metrics
+
+
 single = measure(model, probe)
+single["seg"] = measure_seg()
 dist.init_process_group("gloo")
 sharded = measure(model, probe)
+sharded["seg"] = measure_seg()
 info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
 fsdp = classifier_evaluate(cfg, torch.device("cpu"))(wrap_fsdp(model, info))
 fsdp.update(knn_evaluate(model, cfg))

@@ -65,7 +65,8 @@ def test_fsdp_matches_one_process_and_resumes_on_another_count(tmp_path):
 
 
 def test_sharded_evaluation_equals_one_process(tmp_path):
-    """Top-1/top-5/loss, k-NN and probe features over 2 ranks (uneven shards; FSDP too) = 1 process."""
+    """Top-1/top-5/loss, k-NN, probe features and segmentation metrics over 2 ranks (uneven shards; FSDP
+    too for classification) = 1 process."""
     out = tmp_path / "eval.json"
     with socket.socket() as s:  # a free port: other test runs may share the machine
         s.bind(("127.0.0.1", 0))
@@ -84,6 +85,8 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
         assert got["loss"] == pytest.approx(single["loss"], rel=1e-5)
     assert r["sharded"]["labels"] == single["labels"]
     assert r["sharded"]["probe_features"] == pytest.approx(single["probe_features"], rel=1e-5, abs=1e-6)
+    # segmentation: per-class pixel counts summed over ranks give exactly the one-process metrics
+    assert single["seg"]["aAcc"] > 0 and r["sharded"]["seg"] == single["seg"]
 
 
 def test_fsdp_config_limits_are_errors():

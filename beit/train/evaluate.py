@@ -59,7 +59,7 @@ def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], dev
     if isinstance(loader.dataset, IterableDataset):  # streamed shards: no random access, every rank reads it all
         world = 1
     if world > 1:
-        loader, max_batches = _shard(loader, rank, world)
+        loader, max_batches = shard_loader(loader, rank, world)
     outs, labels, x = [], [], None
     show = progress and is_main_process()
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None if show else True):
@@ -83,7 +83,7 @@ def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], dev
     return torch.cat(outs), torch.cat(labels)
 
 
-def _shard(loader: DataLoader, rank: int, world: int) -> tuple[DataLoader, int]:
+def shard_loader(loader: DataLoader, rank: int, world: int) -> tuple[DataLoader, int]:
     """The same loader over this rank's contiguous share of the dataset (rank order = dataset order), and
     the batch count of the largest share (rank 0's), known without communicating."""
     n = len(loader.dataset)
