@@ -40,6 +40,18 @@ class BadSample(NamedTuple):
     error: str
 
 
+def skip_or_fail(on_bad_file: str, name: str, problem: str, quiet: bool = False) -> BadSample:
+    """A sample that cannot be used, under `data.on_bad_file`: "fail" raises one error naming it and what to do;
+    "skip" logs it (unless `quiet`: already reported) and returns the placeholder that the collate functions
+    drop and the loop counts."""
+    if on_bad_file == "fail":
+        raise RuntimeError(f"{problem}: '{name}'. Fix or remove it, or set data.on_bad_file=skip to skip (and count) "
+                           f"such samples")
+    if not quiet:
+        log.warning("skipping '%s': %s", name, problem)
+    return BadSample(name, problem)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fashion-MNIST
 
@@ -159,13 +171,7 @@ class ImageFolderDataset(Dataset):
             with Image.open(path) as f:
                 img = f.convert(self.mode)  # convert() forces a full decode: truncated files fail here
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-            if self.on_bad_file == "fail":
-                raise RuntimeError(
-                    f"cannot decode image '{path}': {type(e).__name__}: {e}. Fix or delete the file, or set "
-                    f"data.on_bad_file=skip to skip (and count) undecodable files"
-                ) from e
-            log.warning("skipping undecodable image '%s': %s: %s", path, type(e).__name__, e)
-            return BadSample(path, f"{type(e).__name__}: {e}")
+            return skip_or_fail(self.on_bad_file, path, f"cannot decode image ({type(e).__name__}: {e})")
         return img
 
     def __getitem__(self, i: int):

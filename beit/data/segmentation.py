@@ -34,7 +34,7 @@ from torchvision.transforms import InterpolationMode
 
 from beit.config import SEG_DATASETS, Config, ConfigError
 
-from .datasets import IMG_EXTENSIONS, BadSample, load_fashion_mnist
+from .datasets import IMG_EXTENSIONS, BadSample, load_fashion_mnist, skip_or_fail
 from .transforms import _check_stats, pil_mode
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,7 @@ class _SegDataset(Dataset):
         self.epoch = int(epoch)
 
     def bad(self, path: str, problem: str) -> BadSample:
-        if self.on_bad_file == "fail":
-            raise RuntimeError(f"{problem}: '{path}'. Fix or remove the file, or set data.on_bad_file=skip to skip "
-                               f"(and count) such samples")
-        log.warning("skipping '%s': %s", path, problem)
-        return BadSample(path, problem)
+        return skip_or_fail(self.on_bad_file, path, problem)
 
     def __getitem__(self, i: int):
         pair = self.load_pair(i)

@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .datasets import BadSample, ImageFolderDataset
+from .datasets import BadSample, ImageFolderDataset, skip_or_fail
 
 log = logging.getLogger(__name__)
 
@@ -282,12 +282,9 @@ class ShardDataset(IterableDataset):
             with Image.open(io.BytesIO(raw[ext])) as f:
                 img = f.convert(self.mode)  # convert() forces a full decode: truncated images fail here
         except Exception as e:
-            if self.on_bad_file == "fail":
-                raise RuntimeError(f"cannot decode sample '{name}' ({raw['__url__']}): {type(e).__name__}: {e}. "
-                                   f"Fix the shard, or set data.on_bad_file=skip to skip (and count) it") from e
-            if "__bad__" not in raw:  # a missing sample's shard was reported once, not once per sample
-                log.warning("skipping undecodable sample '%s': %s: %s", name, type(e).__name__, e)
-            return BadSample(name, f"{type(e).__name__}: {e}")
+            # a missing sample's shard was reported once, not once per sample
+            return skip_or_fail(self.on_bad_file, name, f"cannot decode sample of {raw['__url__']} "
+                                f"({type(e).__name__}: {e})", quiet="__bad__" in raw)
         return self.make_item(img, label, sample_index(raw["__key__"]), self.epoch)
 
     def __iter__(self) -> Iterator[Any]:

@@ -24,7 +24,7 @@ SCENE_VARIANTS = {
     "smoke": dict(pretrain=["train.epochs=1", "data.train_subset=512", "data.batch_size=64", "optim.warmup_epochs=0.1"],
                   segment=["seg.scenes=[200,50]", "train.steps=6", "optim.warmup_steps=2", "train.log_every=2",
                            "train.save_every_steps=3", "data.batch_size=16", "optim.recipe_batch_size=16",
-                           "seg.eval_batch_size=25"]),
+                           "seg.eval_batch_size=25", "train.compile=false"]),
 }
 INITS = ("pretrained", "scratch")
 
