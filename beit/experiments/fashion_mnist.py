@@ -72,7 +72,7 @@ VARIANTS = {
                   1.0: ["train.epochs=0.25", "train.eval_every_epochs=0.25", "optim.warmup_epochs=0.025"]},
         seeds=1, probes=False, knn=["data.train_subset=10000"]),
     "full": dict(
-        # torch.compile per block: +17% on the pretraining step and +15% on fine-tuning on a 2-core CPU
+        # torch.compile per block: +16% on the pretraining step and +31% on fine-tuning on a 2-core CPU
         # (`beit bench --compile`, docs/performance.md); it pays for its ~30 s of compilation in minutes.
         train=["train.compile=true"],
         pretrain=["train.epochs=4", "optim.warmup_epochs=0.4"],
