@@ -71,4 +71,5 @@ fsdp.update(knn_evaluate(model, cfg))
 if dist.get_rank() == 1:  # every rank returns the full result; check the rank that is not the main one
     with open(sys.argv[1], "w") as f:
         json.dump({"single": single, "sharded": sharded, "fsdp": fsdp}, f)
+dist.barrier()  # both ranks are done with every collective before either tears the group down
 dist.destroy_process_group()
