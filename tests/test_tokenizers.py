@@ -140,6 +140,7 @@ def test_bad_images_are_named(fmnist_tok):
         fmnist_tok.encode(torch.rand(2, 3, 32, 32))
     with pytest.raises(ValueError, match=r"min -0\.5.*max 1\.5"):
         fmnist_tok.encode(_out_of_range())
+    assert fmnist_tok.encode(_out_of_range(), check_range=False).shape == (2, 8, 8)  # the training step's sync-free path
     with pytest.raises(ValueError, match="uint8"):
         fmnist_tok.encode(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="not divisible"):

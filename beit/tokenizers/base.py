@@ -39,8 +39,11 @@ class FrozenTokenizer(nn.Module):
         # A parent's model.train() must not switch the tokenizer to training behaviour.
         return super().train(False)
 
-    def check_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] float in [0, 1] with C == in_chans and H, W divisible by the downsample factor."""
+    def check_images(self, images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        """[B, C, H, W] float in [0, 1] with C == in_chans and H, W divisible by the downsample factor.
+
+        The pixel-range check reads the data on the host (a device sync on a GPU); `check_range=False` is for
+        callers whose images are in [0, 1] by construction, like the pretraining step (TwoViewTransform clamps)."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"tokenizer expects images as a [B, C, H, W] tensor, got {shape}")
@@ -51,19 +54,20 @@ class FrozenTokenizer(nn.Module):
             raise ValueError(f"tokenizer expects {self.in_chans} channel(s), got {c} (images of shape {tuple(images.shape)})")
         if h % self.downsample or w % self.downsample:
             raise ValueError(f"image size {h}x{w} is not divisible by the tokenizer's downsample factor {self.downsample}")
-        lo, hi = images.min().item(), images.max().item()
-        if lo < -PIXEL_TOL or hi > 1 + PIXEL_TOL:
-            raise ValueError(f"tokenizer expects pixel values in [0, 1] (it applies its own map_pixels), got min {lo:.4g}, max {hi:.4g}; "
-                             "pass images before mean/std normalisation")
+        if check_range:
+            lo, hi = torch.stack(torch.aminmax(images)).tolist()  # one host read
+            if lo < -PIXEL_TOL or hi > 1 + PIXEL_TOL:
+                raise ValueError(f"tokenizer expects pixel values in [0, 1] (it applies its own map_pixels), got min {lo:.4g}, max {hi:.4g}; "
+                                 "pass images before mean/std normalisation")
         return images.float().contiguous(memory_format=torch.channels_last)  # as the weights (freeze)
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:  # [B, V, h, w]
+    def logits(self, images: torch.Tensor, check_range: bool = True) -> torch.Tensor:  # [B, V, h, w]
         raise NotImplementedError
 
     @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
         """[B, C, H, W] in [0, 1] -> LongTensor [B, H/ds, W/ds] of token ids."""
-        return self.logits(images).argmax(1)
+        return self.logits(images, check_range).argmax(1)
 
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:

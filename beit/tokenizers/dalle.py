@@ -147,8 +147,8 @@ class DalleTokenizer(FrozenTokenizer):
             self.decoder.load_state_dict(decoder_state)
         self.freeze()
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.check_images(images)
+    def logits(self, images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        x = self.check_images(images, check_range)
         return self.encoder(map_pixels(x))  # [B, 8192, h, w]
 
     def _decode(self, ids: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,8 @@ class DVAETokenizer(FrozenTokenizer):
         self.source = source
         self.freeze()
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(self.check_images(images))  # map_pixels happens inside
+    def logits(self, images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        return self.model.logits(self.check_images(images, check_range))  # map_pixels happens inside
 
     def _decode(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.decode_ids(ids)

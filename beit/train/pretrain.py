@@ -34,7 +34,8 @@ def make_mim_step(tokenizer: nn.Module):
         # The tokenizer is a frozen target generator: no grad, outside autocast (targets are argmaxes, so
         # low precision could flip them), never in the optimizer.
         with torch.inference_mode(), torch.autocast(batch["image"].device.type, enabled=False):
-            tokens = tokenizer.encode(batch["tok_image"].float()).flatten(1)  # [B, N]
+            # check_range=False: TwoViewTransform clamps tok_image to [0, 1], and the check is a host sync.
+            tokens = tokenizer.encode(batch["tok_image"].float(), check_range=False).flatten(1)  # [B, N]
         targets = tokens[mask].clone()  # [num_masked]; clone leaves inference mode
         logits = model(batch["image"], mask)  # [num_masked, vocab]
         loss = F.cross_entropy(logits.float(), targets)
