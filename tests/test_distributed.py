@@ -30,14 +30,16 @@ def test_fsdp_matches_one_process_and_resumes_on_another_count(tmp_path):
         (tmp_path / d).mkdir()
     one = write_config(tmp_path / "one", **EXACT)
     run("pretrain", str(one))
-    fsdp = write_config(tmp_path / "fsdp", **{**EXACT, "data": HALF, "dist": {"strategy": "fsdp"}})
+    # FSDP with gradient accumulation: 8 per process x 2 micro-batches x 2 processes = the same global batch.
+    fsdp = write_config(tmp_path / "fsdp", **{**EXACT, "data": {**HALF, "batch_size": 8}, "optim": {"accum_steps": 2},
+                                              "dist": {"strategy": "fsdp"}})
     run("pretrain", str(fsdp), nproc=2)
     ref, got = losses(tmp_path / "one" / "runs" / "cfg"), losses(tmp_path / "fsdp" / "runs" / "cfg")
     assert len(ref) == len(got) == 6 and ref[-1] < ref[0]
     assert got == pytest.approx(ref, rel=1e-4, abs=1e-4)
 
-    # The 2-process FSDP run as if killed after step 3, resumed in 1 plain process: it ends where the
-    # 1-process run does.
+    # The 2-process FSDP run as if killed after step 3, resumed in 1 plain process without accumulation: it
+    # ends where the 1-process run does.
     run_dir = tmp_path / "resumed" / "runs" / "cfg"
     shutil.copytree(tmp_path / "fsdp" / "runs" / "cfg", run_dir)
     (run_dir / "ckpt-00000006.pt").unlink()
