@@ -99,6 +99,13 @@ def test_patch16_neck_strides_and_layer_decay_groups():
     model = BeitSegmenter(**TINY, out_indices=(1, 2, 4, 5))
     maps = model.features(torch.randn(1, 3, 64, 64))
     assert [m.shape[-1] for m in maps] == [16, 8, 4, 2]  # strides 4, 8, 16, 32
+    other = BeitSegmenter(**TINY, out_indices=(1, 2, 4, 5), neck_scales=(4, 1, 1, 0.25))  # not a pyramid: allowed
+    assert [m.shape[-1] for m in other.features(torch.randn(1, 3, 64, 64))] == [16, 4, 4, 1]
+    assert other.forward_train(torch.randn(2, 3, 64, 64))[1].shape[-1] == 4  # aux head on the 3rd map
+    with pytest.raises(ValueError, match=r"neck_scales must be 4 factors .* got \[3, 1, 1, 1\]"):
+        BeitSegmenter(**TINY, out_indices=(1, 2, 4, 5), neck_scales=(3, 1, 1, 1))
+    with pytest.raises(ValueError, match="patch_size 16, 8 or 4, got 32"):
+        BeitSegmenter(**{**TINY, "patch_size": 32}, out_indices=(1, 2, 4, 5))
     groups = param_groups(model, OptimConfig(layer_decay=0.65))
     by_name = {n: g for g in groups for n in g["param_names"]}
     assert by_name["backbone.cls_token"]["lr_scale"] == pytest.approx(0.65 ** 7)

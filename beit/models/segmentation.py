@@ -43,27 +43,28 @@ class ConvModule(nn.Module):
 
 
 class FeaturePyramid(nn.Module):
-    """Patch-grid maps [B, D, H/p, W/p] -> maps at strides 4, 8, 16, 32 of the image.
+    """Patch-grid maps [B, D, H/p, W/p] -> four maps, each resized by its factor in `scales`.
 
-    Official: patch 16 -> fpn1 = ConvT·BN·GELU·ConvT (×4), fpn2 = ConvT (×2), fpn3 = identity,
-    fpn4 = max-pool (÷2); patch 8 -> ConvT (×2), identity, ÷2, ÷4. Patch 4 (our small preset) continues the
-    pattern: identity, ÷2, ÷4, ÷8.
+    Official (patch 16): fpn1 = ConvT·BN·GELU·ConvT (×4), fpn2 = ConvT (×2), fpn3 = identity, fpn4 = max-pool
+    (÷2), i.e. strides 4, 8, 16, 32 of the image. The default keeps those strides for patch 8 (×2, ×1, ÷2, ÷4)
+    and patch 4 (×1, ÷2, ÷4, ÷8); a preset may set other factors (powers of 2 from ÷8 to ×4).
     """
 
-    def __init__(self, dim: int, patch_size: int):
+    def __init__(self, dim: int, patch_size: int, scales: Sequence[float] | None = None):
         super().__init__()
+        if scales is None:
+            if patch_size not in (4, 8, 16):
+                raise ValueError(f"the default segmentation neck (strides 4..32) needs patch_size 16, 8 or 4, got "
+                                 f"{patch_size}; set neck_scales for other patch sizes")
+            scales = [patch_size / 4 / 2**i for i in range(4)]
+        if len(scales) != 4 or any(s not in (4, 2, 1, 1 / 2, 1 / 4, 1 / 8) for s in scales):
+            raise ValueError(f"neck_scales must be 4 factors from (4, 2, 1, 0.5, 0.25, 0.125), got {list(scales)}")
+        self.scales = tuple(float(s) for s in scales)
         up = lambda: nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)  # noqa: E731
-        pool = lambda k: nn.MaxPool2d(kernel_size=k, stride=k)  # noqa: E731
-        if patch_size == 16:
-            self.fpn1 = nn.Sequential(up(), nn.BatchNorm2d(dim), nn.GELU(), up())
-            self.fpn2 = nn.Sequential(up())
-            self.fpn3, self.fpn4 = nn.Identity(), pool(2)
-        elif patch_size == 8:
-            self.fpn1, self.fpn2, self.fpn3, self.fpn4 = nn.Sequential(up()), nn.Identity(), pool(2), pool(4)
-        elif patch_size == 4:
-            self.fpn1, self.fpn2, self.fpn3, self.fpn4 = nn.Identity(), pool(2), pool(4), pool(8)
-        else:
-            raise ValueError(f"the segmentation neck supports patch_size 16, 8 or 4 (strides 4..32), got {patch_size}")
+        ops = {4: lambda: nn.Sequential(up(), nn.BatchNorm2d(dim), nn.GELU(), up()), 2: lambda: nn.Sequential(up()),
+               1: nn.Identity}
+        self.fpn1, self.fpn2, self.fpn3, self.fpn4 = (
+            ops[s]() if s >= 1 else nn.MaxPool2d(kernel_size=int(1 / s), stride=int(1 / s)) for s in self.scales)
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         return [op(x) for op, x in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps)]
@@ -123,7 +124,8 @@ class BeitSegmenter(nn.Module):
 
     def __init__(self, num_classes: int = 150, out_indices: Sequence[int] = (3, 5, 7, 11), channels: int = 768,
                  pool_scales: Sequence[int] = (1, 2, 3, 6), use_aux_head: bool = True, aux_channels: int = 256,
-                 aux_num_convs: int = 1, aux_weight: float = 0.4, dropout_ratio: float = 0.1, **backbone_kwargs):
+                 aux_num_convs: int = 1, aux_weight: float = 0.4, dropout_ratio: float = 0.1,
+                 neck_scales: Sequence[float] | None = None, **backbone_kwargs):
         super().__init__()
         out_indices = [int(i) for i in out_indices]
         depth = backbone_kwargs.get("depth", 12)
@@ -138,7 +140,7 @@ class BeitSegmenter(nn.Module):
         self.num_classes, self.aux_weight = num_classes, aux_weight
         self.out_indices, self.channels, self.pool_scales = out_indices, channels, tuple(pool_scales)
         self.img_size, self.in_chans = self.backbone.patch_embed.img_size, self.backbone.patch_embed.in_chans
-        self.neck = FeaturePyramid(dim, self.backbone.patch_embed.patch_size)
+        self.neck = FeaturePyramid(dim, self.backbone.patch_embed.patch_size, neck_scales)
         self.decode_head = UPerHead(dim, channels, num_classes, pool_scales, dropout_ratio)
         self.auxiliary_head = (FCNHead(dim, aux_channels, num_classes, aux_num_convs, dropout_ratio)
                                if use_aux_head else None)
