@@ -126,6 +126,7 @@ class _Run:
     step: int = 0
     best: float | None = None
     skipped: int = 0  # fp16 overflow steps
+    loader: Any = None
     data_iter: Any = None
     first_bad: torch.Tensor | None = None  # on device: first step whose loss was not finite (-1: none yet)
     first_bad_loss: torch.Tensor | None = None  # on device: that loss
@@ -288,9 +289,10 @@ def _epoch_iterator(run: _Run):
     """A data iterator that starts exactly where an uninterrupted run would be at `run.step`."""
     cfg, info = run.cfg, run.info
     epoch, k = divmod(run.step, run.steps_per_epoch)
-    return iter(make_loader(run.task.dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, info.rank,
-                            info.world_size, epoch, k * cfg.optim.accum_steps, run.task.collate_fn,
-                            pin_memory=info.device.type == "cuda"))
+    run.loader = make_loader(run.task.dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed, info.rank,
+                             info.world_size, epoch, k * cfg.optim.accum_steps, run.task.collate_fn,
+                             pin_memory=info.device.type == "cuda", reuse=run.loader)
+    return iter(run.loader)
 
 
 def _train_one_step(run: _Run) -> float:
