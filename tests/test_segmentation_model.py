@@ -78,12 +78,12 @@ def test_fmnist_preset_shapes_and_upsample():
     assert model.backbone.grid == (16, 16) and model.backbone.blocks[0].attn.relative_position_bias_table is not None
     x = torch.randn(2, 1, 64, 64)
     logits, aux = model.forward_train(x)
-    assert logits.shape == (2, 11, 16, 16) and aux.shape == (2, 11, 4, 4)
+    assert logits.shape == (2, 11, 32, 32) and aux.shape == (2, 11, 8, 8)  # neck x2, x1, /2, /4 of the 16x16 grid
     with torch.no_grad():
         assert torch.equal(model(x), model.forward_train(x)[0])
     up = upsample_logits(logits, (64, 64))
     assert up.shape == (2, 11, 64, 64)
-    ref = torch.nn.functional.interpolate(logits, scale_factor=4, mode="bilinear", align_corners=False)
+    ref = torch.nn.functional.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=False)
     assert torch.allclose(up, ref)
     assert create_segmenter("beit_fmnist_patch4_64_upernet", use_aux_head=False).forward_train(x)[1] is None
     with pytest.raises(KeyError, match="create_segmenter"):

@@ -203,10 +203,11 @@ def hf_seg_config(sd: Mapping[str, torch.Tensor], arch: Mapping) -> dict:
     dim = backbone["cls_token"].shape[-1]
     patch = backbone["patch_embed.proj.weight"].shape[-1]
     channels = sd["decode_head.conv_seg.weight"].shape[1]
-    if patch != 16 or channels != dim:
-        raise ValueError(f"HF BeitForSemanticSegmentation has a fixed head (patch 16 neck, UperNet channels = "
-                         f"hidden_size); this segmenter has patch {patch}, channels {channels}, hidden {dim}: "
-                         f"not representable in HF — convert to mmseg instead")
+    scales = tuple(arch.get("neck_scales") or (4, 2, 1, 0.5))
+    if patch != 16 or channels != dim or scales != (4, 2, 1, 0.5):
+        raise ValueError(f"HF BeitForSemanticSegmentation has a fixed head (patch 16 neck x4, x2, x1, /2, UperNet "
+                         f"channels = hidden_size); this segmenter has patch {patch}, neck {scales}, channels "
+                         f"{channels}, hidden {dim}: not representable in HF — convert to mmseg instead")
     hf_idx, pad = hf_out_indices(arch["out_indices"], _num_blocks(backbone))
     cfg = hf_config_from_state_dict(backbone, arch)
     k = sd["decode_head.conv_seg.weight"].shape[0]

@@ -1,9 +1,10 @@
 """BEiT + UperNet semantic segmentation, as in the paper's ADE20K experiment.
 
 image ─► BEiT blocks (per-layer rel-pos bias) ─► tokens of 4 blocks (`out_indices`, 0-based) as patch-grid maps
-      ─► neck: maps at strides 4, 8, 16, 32 (transposed convs / identity / max-pool)
+      ─► neck: maps at strides 4, 8, 16, 32 (transposed convs / identity / max-pool; `neck_scales`)
       ─► UperNet decode head (PPM on the coarsest map + FPN)   ─► logits at stride 4      [B, K, H/4, W/4]
       ─► FCN auxiliary head on the stride-16 map (training only) ─► aux logits at stride 16 [B, K, H/16, W/16]
+(strides for the default neck; a preset's `neck_scales` may shift them, as the Fashion-MNIST scenes one does)
 
 This follows the official code (microsoft/unilm `beit/semantic_segmentation`: the backbone with `fpn1..fpn4`,
 and mmsegmentation 0.x `UPerHead` / `FCNHead` / `PPM`). Module names are the mmseg ones (`conv`, `bn`,
@@ -71,7 +72,7 @@ class FeaturePyramid(nn.Module):
 
 
 class UPerHead(nn.Module):
-    """UperNet: a pyramid pooling module on the coarsest map, a top-down FPN over all four, fused at stride 4."""
+    """UperNet: a pyramid pooling module on the coarsest map, a top-down FPN over all four, fused at the finest."""
 
     def __init__(self, in_ch: int, channels: int, num_classes: int, pool_scales=(1, 2, 3, 6), dropout=0.1):
         super().__init__()
@@ -95,7 +96,7 @@ class UPerHead(nn.Module):
             laterals[i - 1] = laterals[i - 1] + upsample_logits(laterals[i], laterals[i - 1].shape[2:])
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:3])] + [laterals[3]]
         outs = [outs[0]] + [upsample_logits(x, outs[0].shape[2:]) for x in outs[1:]]
-        return self.conv_seg(self.dropout(self.fpn_bottleneck(torch.cat(outs, dim=1))))  # [B, K, H/4, W/4]
+        return self.conv_seg(self.dropout(self.fpn_bottleneck(torch.cat(outs, dim=1))))  # [B, K, *maps[0] size]
 
 
 class FCNHead(nn.Module):
@@ -117,9 +118,9 @@ class FCNHead(nn.Module):
 class BeitSegmenter(nn.Module):
     """BEiT backbone (per-layer rel-pos bias, LayerScale, drop path) + multi-scale neck + UperNet (+ FCN aux head).
 
-    `forward(images)` returns decode-head logits [B, K, H/4, W/4] (what HF's `BeitForSemanticSegmentation`
-    returns as `.logits`); `upsample_logits` brings them to the image size. `out_indices` are 0-based block
-    indices, as in the official config ([3, 5, 7, 11] for base).
+    `forward(images)` returns decode-head logits [B, K, H/4, W/4] with the default neck (what HF's
+    `BeitForSemanticSegmentation` returns as `.logits`); `upsample_logits` brings them to the image size.
+    `out_indices` are 0-based block indices, as in the official config ([3, 5, 7, 11] for base).
     """
 
     def __init__(self, num_classes: int = 150, out_indices: Sequence[int] = (3, 5, 7, 11), channels: int = 768,
