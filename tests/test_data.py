@@ -274,13 +274,12 @@ def test_persistent_worker_follows_the_epoch():
     ds = MIMDataset(_Imgs(8), TwoViewTransform(32, 16), MaskingGenerator((4, 4), 6, min_num_patches=None), seed=3)
     loader = make_loader(ds, 2, 1, 0, 0, 1, 0, 0, collate_mim_skip_bad, pin_memory=False)
     assert loader.persistent_workers
-    epoch0 = [b["image"] for b in loader]
+    epoch0 = [b["image"] for _, b in zip(range(2), loader)]  # left half-read, as when accumulation leaves batches
     assert make_loader(ds, 2, 1, 0, 0, 1, 1, 1, collate_mim_skip_bad, pin_memory=False, reuse=loader) is loader
     epoch1 = [b["image"] for b in loader]  # epoch 1 from batch 1: 3 batches
     fresh = [b["image"] for b in make_loader(ds, 2, 0, 0, 0, 1, 1, 1, collate_mim_skip_bad, pin_memory=False)]
-    assert len(epoch0) == 4 and len(epoch1) == len(fresh) == 3
+    assert len(epoch0) == 2 and len(epoch1) == len(fresh) == 3
     assert all(torch.equal(a, b) for a, b in zip(epoch1, fresh))
-    assert not any(torch.equal(a, b) for a, b in zip(epoch1, epoch0[1:]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
