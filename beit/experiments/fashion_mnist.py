@@ -330,7 +330,7 @@ def register(subparsers):
                         "pretrain,finetune_pretrained_100pct_seed0); the rest run on a later call")
     p.set_defaults(func=_dispatch)
 
-    d = subparsers.add_parser("demo", help="the first five minutes: pretrain + fine-tune a small BEiT on CPU")
+    d = subparsers.add_parser("demo", help="the first eight minutes: pretrain + fine-tune a small BEiT on CPU")
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(func=lambda a: demo(Path(a.out)))
 
@@ -367,5 +367,5 @@ What happened ({time.time() - t0:.0f} s):
   2. fine-tuned with 10% of the labels (6,000 images), 2 epochs: test top-1 {top1['pretrained']['mean']:.2f}% vs {top1['scratch']['mean']:.2f}% for the
      same ViT from scratch with the same short budget; run directories {out}/finetune_*
   3. curves: {out / 'curves.png'}   table: {out / 'results.md'}   checkpoints: {out}/*/ckpt-*.pt
-Next: `make reproduce-quick` (~15 min) or `make reproduce`, the full run (~2.5 h; docs/results/fashion_mnist.md).""")
+Next: `make reproduce-quick` (~13 min) or `make reproduce`, the full run (~2.2 h; docs/results/fashion_mnist.md).""")
     return 0
