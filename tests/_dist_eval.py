@@ -3,6 +3,7 @@ one process (before the group exists) and sharded over both ranks, plain and FSD
 
 import faulthandler
 import json
+import os
 import sys
 
 import torch
@@ -73,3 +74,8 @@ if dist.get_rank() == 1:  # every rank returns the full result; check the rank t
         json.dump({"single": single, "sharded": sharded, "fsdp": fsdp}, f)
 dist.barrier()  # both ranks are done with every collective before either tears the group down
 dist.destroy_process_group()
+# Exit without interpreter teardown: in about one full-suite run in three, a rank aborted in C++ destructors
+# at exit ("terminate called without an active exception") after every result was written and compared.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
