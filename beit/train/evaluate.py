@@ -45,35 +45,51 @@ def amp_context(device: torch.device, amp: str):
     return autocast(device, "none" if amp == "fp16" and device.type != "cuda" else amp)
 
 
+def is_sharded(loader: DataLoader) -> bool:
+    """Whether evaluation over `loader` is split across ranks: under a process group, unless the dataset is
+    streamed (iterable shards have no random access, so every rank reads them whole)."""
+    return rank_and_world()[1] > 1 and not isinstance(loader.dataset, IterableDataset)
+
+
 @torch.no_grad()
+def forward_share(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                  amp: str = "bf16", desc: str = "eval", progress: bool = True):
+    """Yield (images on CPU, labels, fn(images on `device`)) for each batch of this rank's share of `loader`.
+
+    When `is_sharded(loader)`, each rank runs a contiguous 1/world share of the dataset (rank order = dataset
+    order), and ranks with fewer batches repeat a forward at the end so that FSDP's per-forward collectives
+    stay matched; the caller combines the ranks' results. Batches whose every file was undecodable (logged by
+    the dataset) are skipped. A progress bar (`desc`) shows on the main process when stderr is a terminal."""
+    max_batches = None
+    if is_sharded(loader):
+        loader, max_batches = shard_loader(loader, *rank_and_world())
+    done, x = 0, None
+    show = progress and is_main_process()
+    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                               disable=None if show else True):
+        if images is None:
+            continue
+        done += 1
+        x = images.to(device, non_blocking=True)
+        with amp_context(device, amp):
+            out = fn(x)
+        yield images, labels, out
+    for _ in range(max_batches - done if max_batches is not None and x is not None else 0):
+        with amp_context(device, amp):
+            fn(x)
+
+
 def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
              amp: str = "bf16", desc: str = "eval", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply `fn` (images [B, C, H, W] -> [B, ...]) to every batch. Returns (outputs fp32 on CPU, labels).
 
-    Under a process group (torchrun), each rank runs a contiguous 1/world share of the loader's dataset and
-    the outputs are gathered in dataset order, so every rank returns what one process would. Ranks with
-    fewer batches repeat a forward so that FSDP's per-forward collectives stay matched. A streamed
-    (iterable) dataset is read whole by every rank.
-    A progress bar with ETA (`desc`) shows on the main process when stderr is a terminal and `progress`."""
-    rank, world = rank_and_world()
-    if isinstance(loader.dataset, IterableDataset):  # streamed shards: no random access, every rank reads it all
-        world = 1
-    if world > 1:
-        loader, max_batches = shard_loader(loader, rank, world)
-    outs, labels, x = [], [], None
-    show = progress and is_main_process()
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None if show else True):
-        if batch[0] is None:  # every file of the batch was undecodable (already logged by the dataset)
-            continue
-        x, y = batch[0].to(device, non_blocking=True), batch[1]
-        with amp_context(device, amp):
-            out = fn(x)
+    Under a process group (torchrun) the ranks split the work (`forward_share`) and the outputs are gathered
+    in dataset order, so every rank returns what one process would."""
+    outs, labels = [], []
+    for _, y, out in forward_share(loader, fn, device, amp, desc, progress):
         outs.append(out.float().cpu())  # the device holds one batch of outputs at a time
         labels.append(y)
-    if world > 1:
-        for _ in range(max_batches - len(outs) if x is not None else 0):
-            with amp_context(device, amp):
-                fn(x)
+    if is_sharded(loader):
         shape = _gathered_shape(outs, device)
         # NCCL gathers device tensors: the whole set passes through the device once, then back to the CPU
         outs = [all_gather_cat((torch.cat(outs) if outs else torch.zeros(0, *shape)).to(device)).cpu()]

@@ -64,7 +64,7 @@ def launch(cfg: Config, build_task: Callable[[Config, torch.device], Task], resu
         random.seed(cfg.train.seed + info.rank)
         # Build first: a bad checkpoint, dataset or config fails here and leaves no run directory behind.
         task = build_task(cfg, info.device)
-        steps_per_epoch_of(cfg, task.dataset, info.world_size)
+        steps_per_epoch_of(cfg, task.dataset, info.world_size)  # a set smaller than one batch fails here, not in fit
         barrier()
         if info.is_main:
             ckpt_io.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from beit.builders import resolve_pretrained
 from beit.config import Config, ConfigError
@@ -30,8 +30,8 @@ from beit.convert import read_checkpoint
 from beit.data import collate_skip_bad
 from beit.data.segmentation import build_seg_dataset
 from beit.models.segmentation import create_segmenter, load_pretrained_backbone, upsample_logits
-from beit.train.distributed import all_reduce_sum, rank_and_world, resolve_device
-from beit.train.evaluate import amp_context, is_main_process, read_summary, shard_loader, write_results
+from beit.train.distributed import all_reduce_sum, resolve_device
+from beit.train.evaluate import forward_share, is_main_process, is_sharded, read_summary, write_results
 from beit.train.loop import Task
 from beit.train.runner import launch, open_run_dir
 
@@ -117,28 +117,15 @@ def evaluate_segmenter(model: nn.Module, loader: DataLoader, cfg: Config, device
     the sum is exact). Ranks with fewer batches repeat a forward, for FSDP's per-forward collectives."""
     infer, k, kept = seg_infer(cfg), len(names), []
     totals = torch.zeros(4, k, dtype=torch.float64)
-    rank, world = rank_and_world()
-    if world > 1 and not isinstance(loader.dataset, IterableDataset):
-        loader, max_batches = shard_loader(loader, rank, world)
-    else:
-        world = 1
     model.eval()
-    done, x = 0, None
-    for x, y in loader:
-        if x is None:  # every file of the batch was bad (logged and counted by the dataset)
-            continue
-        done += 1
-        with amp_context(device, cfg.train.amp):
-            logits = infer(model, x.to(device))
+    for x, y, logits in forward_share(loader, lambda images: infer(model, images), device, cfg.train.amp,
+                                      "eval (test)", cfg.train.progress):
         if logits.shape[-2:] != y.shape[-2:]:  # the image was rescaled for inference; score at the mask's size
             logits = F.interpolate(logits, y.shape[-2:], mode="bilinear", align_corners=False)
         pred = logits.argmax(1).cpu()  # [B, H, W]
         totals += intersect_and_union(pred, y, k, cfg.seg.ignore_index)
         kept += [(x[i], y[i], pred[i]) for i in range(min(len(x), keep - len(kept)))]
-    if world > 1:
-        for _ in range(max_batches - done if x is not None else 0):
-            with amp_context(device, cfg.train.amp):
-                infer(model, x.to(device))
+    if is_sharded(loader):
         totals = all_reduce_sum(totals.to(device)).cpu()
     if not totals[3].sum():
         raise RuntimeError("the evaluation set yielded no labelled pixels (every file bad, or every label ignored)")
