@@ -178,6 +178,7 @@ class OptimConfig(_Section):
     eps: float = Field(1e-8, gt=0)
     clip_grad: float | None = Field(3.0, gt=0)
     layer_decay: float | None = Field(None, gt=0, le=1)  # e.g. 0.65 for BEiT-B fine-tuning
+    head_lr_scale: float = Field(1.0, gt=0)  # lr multiplier of the layer above the backbone (head, neck); mmseg's lr_mult
     accum_steps: int = Field(1, ge=1)
     recipe_batch_size: int | None = Field(None, gt=0)  # the global batch the lr was tuned for; a mismatch warns loudly
     decay_mask_token: bool = True  # official: mask_token is weight-decayed

@@ -12,11 +12,13 @@ from beit.config import OptimConfig
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Official grouping: no weight decay for 1-D params, biases and `model.no_weight_decay()`
     (pos_embed, cls_token). mask_token and rel-pos tables are decayed unless the config says otherwise.
-    With `layer_decay`, each group carries `lr_scale = decay ** (depth + 1 - layer_id)`.
+    With `layer_decay`, each group carries `lr_scale = decay ** (depth + 1 - layer_id)`; `head_lr_scale`
+    multiplies it for the top layer id (what sits above the backbone: classifier, or neck and decode heads).
     """
     # Models without a ViT's hooks (the dVAE tokenizer): no named exemptions, one layer.
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     top = getattr(model, "depth", 0) + 1
+    by_layer = hasattr(model, "layer_id") and (cfg.layer_decay is not None or cfg.head_lr_scale != 1.0)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -28,10 +30,11 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
             or (name == "mask_token" and not cfg.decay_mask_token)
             or ("relative_position_bias_table" in name and not cfg.decay_rel_pos_bias)
         )
-        lid = model.layer_id(name) if cfg.layer_decay is not None else top
+        lid = model.layer_id(name) if by_layer else top
         key = (lid, no_decay)
         if key not in groups:
             scale = cfg.layer_decay ** (top - lid) if cfg.layer_decay is not None else 1.0
+            scale *= cfg.head_lr_scale if by_layer and lid == top else 1.0
             groups[key] = {
                 "name": f"layer_{lid}_{'no_decay' if no_decay else 'decay'}",
                 "params": [],
