@@ -114,6 +114,13 @@ def test_patch16_neck_strides_and_layer_decay_groups():
     for name in ("neck.fpn1.0.weight", "decode_head.conv_seg.weight", "auxiliary_head.convs.0.conv.weight"):
         assert by_name[name]["lr_scale"] == 1.0, name
     assert by_name["decode_head.bottleneck.bn.weight"]["weight_decay"] == 0.0
+    # head_lr_scale multiplies only what sits above the backbone, with or without layer decay
+    for decay, block_scale in ((0.65, 0.65 ** 4), (None, 1.0)):
+        scaled = {n: g["lr_scale"] for g in param_groups(model, OptimConfig(layer_decay=decay, head_lr_scale=10))
+                  for n in g["param_names"]}
+        assert scaled["backbone.blocks.2.attn.qkv.weight"] == pytest.approx(block_scale)
+        for name in ("neck.fpn1.0.weight", "decode_head.conv_seg.bias", "auxiliary_head.convs.0.conv.weight"):
+            assert scaled[name] == 10.0, name
 
 
 def test_pretrained_mim_run_dir_into_64px_segmenter(tmp_path):
