@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from beit.data.segmentation import FashionScenes
 from beit.models.segmentation import create_segmenter
+from beit.train.segment import intersect_and_union, seg_metrics
 
 MEAN, STD, CLASSES = 0.2860, 0.3530, 11  # configs/segment/fmnist_scenes.yaml
 
@@ -42,11 +43,8 @@ def block_tokens(bb: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     out = [[] for _ in bb.blocks]
     for batch in x.split(200):
         with torch.autocast("cpu", torch.bfloat16):
-            t = bb.embed(batch)  # [b, 257, D]
-            shared = bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
-            for i, blk in enumerate(bb.blocks):
-                t = bb._run_block(blk, t, shared)
-                out[i].append(t[:, 1:].float().flatten(0, 1))
+            for i, tokens in enumerate(bb.get_intermediate_layers(batch)):  # each [b, 257, D]
+                out[i].append(tokens[:, 1:].float().flatten(0, 1))
     return [torch.cat(o) for o in out]
 
 
@@ -65,9 +63,8 @@ def linear_probe(f_train, y_train, f_test, y_test, steps: int = 300) -> tuple[fl
         opt.step()
     with torch.no_grad():
         pred = lin(f_test).argmax(1)
-    ious = [((pred == c) & (y_test == c)).sum() / ((pred == c) | (y_test == c)).sum()
-            for c in range(CLASSES) if ((pred == c) | (y_test == c)).any()]
-    return 100 * torch.stack(ious).mean().item(), 100 * (pred == y_test).float().mean().item()
+    m = seg_metrics(intersect_and_union(pred, y_test, CLASSES, ignore_index=255), FashionScenes.classes)
+    return m["mIoU"], m["aAcc"]
 
 
 def main() -> None:

@@ -112,9 +112,9 @@ def evaluate_segmenter(model: nn.Module, loader: DataLoader, cfg: Config, device
     """Metrics over `loader`; also returns the first `keep` (image, mask, prediction) triples for drawing
     (this rank's first: rank 0's are the dataset's first).
 
-    Under a process group each rank scores a contiguous 1/world share of the images and the per-class pixel
+    Under a process group each rank scores its share of the images (`forward_share`) and the per-class pixel
     counts are summed over ranks, so every rank returns what one process computes (the counts are integers:
-    the sum is exact). Ranks with fewer batches repeat a forward, for FSDP's per-forward collectives."""
+    the sum is exact)."""
     infer, k, kept = seg_infer(cfg), len(names), []
     totals = torch.zeros(4, k, dtype=torch.float64)
     model.eval()
