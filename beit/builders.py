@@ -18,9 +18,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from beit.config import Config, ConfigError
+from beit.config import SEG_DATASETS, Config, ConfigError
 from beit.data import (MIMDataset, MIMItem, ShardDataset, build_dataset, build_finetune_transform,
                        build_mask_generator, build_two_view_transform, collate_skip_bad)
+from beit.data.segmentation import build_seg_dataset
 from beit.models import create_model
 from beit.tokenizers import FrozenTokenizer, create_tokenizer
 from beit.train.checkpoint import run_weights
@@ -63,7 +64,10 @@ def build_mim_dataset(cfg: Config, grid: tuple[int, int], split: str = "train",
     """The pretraining set: (patch view, tokenizer view, block mask) per image, keyed by (seed, epoch, index).
     From shards (data.dataset=webdataset) the reader's workers make the same items."""
     seed = cfg.train.seed if seed is None else seed
-    base = build_dataset(cfg.data, split)
+    if cfg.data.dataset in SEG_DATASETS:  # pretraining on a segmentation set's own images (masks unused)
+        base = build_seg_dataset(cfg, split)
+    else:
+        base = build_dataset(cfg.data, split)
     item = MIMItem(build_two_view_transform(cfg.data, cfg.tokenizer.image_size), build_mask_generator(cfg.data, grid),
                    seed)
     if isinstance(base, ShardDataset):

@@ -195,6 +195,23 @@ def test_fmnist_scenes_are_deterministic_and_labels_follow_the_pixels():
     assert len(train.images) == 60000
 
 
+@needs_fmnist
+def test_pretraining_reads_the_scene_images_without_their_masks():
+    from beit.builders import build_mim_dataset
+
+    # A whole-image crop without flip or jitter: the tokenizer view must be the scene itself.
+    cfg = load_config("configs/pretrain/fmnist_scenes.yaml", ["seg.scenes=[8,2]", "data.crop_scale=[1,1]",
+                                                               "data.crop_ratio=[1,1]", "data.hflip=0",
+                                                               "data.color_jitter=0"])
+    ds = build_mim_dataset(cfg, (16, 16))
+    assert len(ds) == 8
+    item = ds[3]
+    scene = torch.from_numpy(np.asarray(FashionScenes(None, "train", 8).load_pair(3)[0], np.float32) / 255)
+    assert item["image"].shape == item["tok_image"].shape == (1, 64, 64) and item["mask"].shape == (16, 16)
+    assert (item["tok_image"][0] - scene).abs().max() <= 1 / 255
+    assert int(item["mask"].sum()) == 102
+
+
 def _write_folder(root, with_bad=True):
     (root / "train" / "images").mkdir(parents=True)
     (root / "train" / "masks").mkdir(parents=True)
@@ -226,6 +243,18 @@ def test_seg_folder_bad_files_are_named_skips(tmp_path):
     assert "cannot decode mask" in problems["c.png"]
     assert "mask is 64x32 but its image" in problems["d.png"]
     assert "label 7" in problems["e.png"]
+
+
+def test_pretraining_on_a_seg_folder_needs_no_masks(tmp_path):
+    from beit.builders import build_mim_dataset
+
+    root = _write_folder(tmp_path)  # a.png has a good mask, b.png none, c-e bad ones: all five images are fine
+    (root / "train" / "images" / "f.png").write_bytes(b"not a png")
+    cfg = _folder_cfg(root, "data.num_mask_patches=6", "data.min_mask_patches=null")
+    ds = build_mim_dataset(cfg, (4, 4))
+    items = [ds[i] for i in range(len(ds))]
+    assert all(isinstance(x, dict) and x["image"].shape == (3, 64, 64) for x in items[:5])
+    assert isinstance(items[5], BadSample) and items[5].path.endswith("f.png") and "cannot decode image" in items[5].error
 
 
 def test_seg_folder_fail_mode_raises_naming_the_file(tmp_path):

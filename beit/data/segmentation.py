@@ -173,6 +173,11 @@ class _SegDataset(Dataset):
     def describe(self, i: int) -> str:
         return f"sample {i}"
 
+    def load_image(self, i: int):
+        """The image alone, for `MIMDataset`: `beit pretrain` on a segmentation set's images, masks unused."""
+        pair = self.load_pair(i)
+        return pair if isinstance(pair, BadSample) else pair[0]
+
 
 class SegFolderDataset(_SegDataset):
     """`image_dir/*.jpg` with `mask_dir/<same stem>.png` (8-bit label maps). ADE20K and `seg_folder` both use it."""
@@ -210,15 +215,21 @@ class SegFolderDataset(_SegDataset):
     def describe(self, i: int) -> str:
         return str(self.samples[i][1] or self.samples[i][0])
 
+    def load_image(self, i: int):
+        path = self.samples[i][0]
+        try:
+            with Image.open(path) as f:
+                return f.convert(self.mode)  # a full decode: truncated files fail here
+        except Exception as e:
+            return self.bad(str(path), f"cannot decode image ({type(e).__name__}: {e})")
+
     def load_pair(self, i: int):
         path, mask_path = self.samples[i]
         if mask_path is None:
             return self.bad(str(path), "no mask with the same stem")
-        try:
-            with Image.open(path) as f:
-                img = f.convert(self.mode)  # a full decode: truncated files fail here
-        except Exception as e:
-            return self.bad(str(path), f"cannot decode image ({type(e).__name__}: {e})")
+        img = self.load_image(i)
+        if isinstance(img, BadSample):
+            return img
         try:
             with Image.open(mask_path) as f:
                 if f.mode not in MASK_MODES:
@@ -324,7 +335,7 @@ def build_seg_dataset(cfg: Config, split: str, train_transform: bool | None = No
 
 
 class _Head(Dataset):
-    """The first `n` samples of a segmentation dataset (smoke runs), keeping `classes` and `set_epoch`."""
+    """The first `n` samples of a segmentation dataset (smoke runs), keeping `classes`, `set_epoch`, `load_image`."""
 
     def __init__(self, base: _SegDataset, n: int):
         self.base, self.n, self.classes = base, int(n), base.classes
@@ -339,3 +350,6 @@ class _Head(Dataset):
         if not 0 <= i < self.n:
             raise IndexError(i)
         return self.base[i]
+
+    def load_image(self, i: int):
+        return self.base.load_image(i)
