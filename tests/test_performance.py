@@ -81,3 +81,25 @@ def test_channels_last_tokenizer_gives_the_nchw_tokens():
         nchw = tok.model.logits(x.contiguous()).argmax(1)
     agreement = (nhwc == nchw).float().mean().item()
     assert agreement >= 0.995, agreement
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_two_view_tensors_have_torchvisions_bits(mode):
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    from beit.data.transforms import TwoViewTransform, unit_array
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (24, 24) if mode == "L" else (24, 24, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels, mode)
+    assert torch.equal(torch.from_numpy(unit_array(img)), TF.to_tensor(img))
+    c = 1 if mode == "L" else 3
+    mean, std = [0.2860, 0.45, 0.406][:c], [0.3530, 0.224, 0.225][:c]
+    # A whole-image crop to the image's own size, without jitter or flip: the views are the image itself.
+    tf = TwoViewTransform(24, 24, scale=(1, 1), ratio=(1, 1), color_jitter=0, hflip=0, mean=mean, std=std,
+                          in_chans=c)
+    patch, tok = tf(img, np.random.default_rng(1))
+    assert torch.equal(patch, TF.normalize(TF.to_tensor(img), mean, std))
+    assert torch.equal(tok, TF.to_tensor(img)) and patch.dtype == tok.dtype == torch.float32

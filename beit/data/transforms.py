@@ -36,6 +36,14 @@ def _interp(name: str) -> InterpolationMode:
     return _INTERP[name]
 
 
+def unit_array(img: Image.Image) -> np.ndarray:
+    """`TF.to_tensor`'s values for an 8-bit PIL image, [C, H, W] float32 in [0, 1], as a numpy array: the same
+    float32 division by 255, without the per-call tensor overhead that made it most of a small image's cost."""
+    x = np.asarray(img, dtype=np.float32)
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    return x / np.float32(255)
+
+
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
 
@@ -146,6 +154,7 @@ class TwoViewTransform:
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.color_jitter, self.hflip = float(color_jitter), float(hflip)
         self.mean, self.std = list(mean), list(std)
+        self._mean, self._std = (np.asarray(v, np.float32)[:, None, None] for v in (mean, std))  # [C, 1, 1]
         self.mode = pil_mode(in_chans)
         self.patch_interp, self.tokenizer_interp = _interp(patch_interp), _interp(tokenizer_interp)
 
@@ -156,9 +165,9 @@ class TwoViewTransform:
         top, left, h, w = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng)
         patch = TF.resized_crop(img, top, left, h, w, list(self.patch_size), self.patch_interp)
         tok = TF.resized_crop(img, top, left, h, w, list(self.tokenizer_size), self.tokenizer_interp)
-        patch_view = TF.normalize(TF.to_tensor(patch), self.mean, self.std)  # [C, H, W]
-        # PIL clips lanczos overshoot to uint8 already; the clamp keeps the [0, 1] contract explicit.
-        tok_view = TF.to_tensor(tok).clamp_(0.0, 1.0)  # [C, h, w]
+        # TF.normalize(TF.to_tensor(x)) in numpy, the same float32 operations in the same order: equal bits.
+        patch_view = torch.from_numpy((unit_array(patch) - self._mean) / self._std)  # [C, H, W]
+        tok_view = torch.from_numpy(unit_array(tok))  # [C, h, w] in [0, 1]: PIL clips lanczos overshoot to uint8
         return patch_view, tok_view
 
     def __repr__(self) -> str:
