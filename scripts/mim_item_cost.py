@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from beit.builders import build_mim_dataset, build_model
+from beit.builders import build_mim_dataset, build_tokenizer
 from beit.config import load_config
 
 
@@ -24,7 +24,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
-    ds = build_mim_dataset(cfg, build_model(cfg).grid)
+    grid = cfg.tokenizer.image_size // build_tokenizer(cfg).downsample  # no model: model.pretrained need not exist
+    ds = build_mim_dataset(cfg, (grid, grid))
     for i in range(100):  # warm caches and lazy imports
         ds[i % len(ds)]
     t = time.process_time()

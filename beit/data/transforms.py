@@ -153,8 +153,7 @@ class TwoViewTransform:
         self.tokenizer_size = _pair(tokenizer_size_px)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.color_jitter, self.hflip = float(color_jitter), float(hflip)
-        self.mean, self.std = list(mean), list(std)
-        self._mean, self._std = (np.asarray(v, np.float32)[:, None, None] for v in (mean, std))  # [C, 1, 1]
+        self.mean, self.std = (np.asarray(v, np.float32)[:, None, None] for v in (mean, std))  # [C, 1, 1]
         self.mode = pil_mode(in_chans)
         self.patch_interp, self.tokenizer_interp = _interp(patch_interp), _interp(tokenizer_interp)
 
@@ -166,7 +165,7 @@ class TwoViewTransform:
         patch = TF.resized_crop(img, top, left, h, w, list(self.patch_size), self.patch_interp)
         tok = TF.resized_crop(img, top, left, h, w, list(self.tokenizer_size), self.tokenizer_interp)
         # TF.normalize(TF.to_tensor(x)) in numpy, the same float32 operations in the same order: equal bits.
-        patch_view = torch.from_numpy((unit_array(patch) - self._mean) / self._std)  # [C, H, W]
+        patch_view = torch.from_numpy((unit_array(patch) - self.mean) / self.std)  # [C, H, W]
         tok_view = torch.from_numpy(unit_array(tok))  # [C, h, w] in [0, 1]: PIL clips lanczos overshoot to uint8
         return patch_view, tok_view
 
