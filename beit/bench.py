@@ -394,6 +394,30 @@ def run_loop(config: str, device: torch.device, steps: int | None = None, second
             "num_workers": cfg.data.num_workers, "loop_img_per_s": img_s}
 
 
+def loop_vs_step(config: str, device: torch.device, steps: int, rounds: int, compile: bool = False, amp: str = "bf16",
+                 warmup: int = 2, overrides: list[str] | None = None) -> dict:
+    """The real loop against the synthetic step of the same model, batch and tokenizer, in `rounds` alternating
+    rounds of `steps` loop steps then `steps` synthetic steps: the median of the rounds' loop/step ratios, so that
+    a machine whose speed drifts over minutes hits both sides of every ratio alike."""
+    from beit.builders import build_tokenizer as build_config_tokenizer
+    from beit.config import load_config
+
+    overrides = [f"train.compile={str(compile).lower()}", f"train.amp={amp}", *(overrides or [])]
+    cfg = load_config(config, overrides)
+    tok = build_config_tokenizer(cfg, device)
+    step = prepare(lambda: ours_mim(cfg.model.name, cfg.data.batch_size, device, amp, tok, compile=compile), device,
+                   warmup)
+    loops, step_rates = [], []
+    for _ in range(rounds):
+        loop = run_loop(config, device, steps=steps, overrides=overrides)
+        loops.append(loop["loop_img_per_s"])
+        step_rates.append(step.batch / time_alternating([step], device, steps, 1)[step.name])
+    ratios = [lp / st for lp, st in zip(loops, step_rates)]
+    return {**loop, "rounds": rounds, "loop_img_per_s": statistics.median(loops),
+            "step_img_per_s": statistics.median(step_rates), "loop_over_step": statistics.median(ratios),
+            "rounds_loop_img_per_s": loops, "rounds_step_img_per_s": step_rates}
+
+
 def shipped_config(rel: str) -> str:
     from pathlib import Path
 

@@ -35,7 +35,12 @@ def register(sub):
     p.add_argument("--iters", type=int, default=5, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=5, help="alternating rounds; the median round is reported")
     p.add_argument("--loop", type=int, metavar="N", help="also run the real Fashion-MNIST pretraining loop for "
-                                                         "N steps (data pipeline included) and compare")
+                                                         "N steps (data pipeline included) and compare it "
+                                                         "with the step, alternating")
+    p.add_argument("--loop-rounds", type=int, default=3, help="alternating loop/step rounds for --loop; the "
+                                                              "median ratio is reported")
+    p.add_argument("--loop-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for --loop (and its step), e.g. data.num_workers=0")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of our step's top operators")
     p.add_argument("--json", type=Path, metavar="PATH", help="write all results as JSON")
     p.set_defaults(func=run)
@@ -71,18 +76,12 @@ def run(args):
         results += out
     report = {"matmul_peak_tflops": peak, "rows": results}
     if args.loop:
-        loop = bench.run_loop(bench.shipped_config("pretrain/fmnist.yaml"), device, steps=args.loop,
-                              overrides=[f"train.compile={str(args.compile).lower()}", f"train.amp={args.amp}"])
-        step = next((r for r in results if r["preset"] == loop["preset"] and r["impl"] == "ours"
-                     and r["batch"] == loop["batch"]), None)
-        if step is None:
-            step = bench.bench_row(loop["preset"], loop["batch"], device, args.amp, baselines=False,
-                                   compile=args.compile, warmup=args.warmup, iters=args.iters, repeats=args.repeats, peak=peak)[0]
-        loop["step_img_per_s"] = step["img_per_s"]
-        loop["loop_over_step"] = loop["loop_img_per_s"] / step["img_per_s"]
-        print(f"loop ({loop['config']}, {loop['steps_timed']} steps, {loop['num_workers']} worker(s)): "
-              f"{loop['loop_img_per_s']:.1f} img/s vs step {loop['step_img_per_s']:.1f} img/s "
-              f"({100 * loop['loop_over_step']:.0f}%)", flush=True)
+        loop = bench.loop_vs_step(bench.shipped_config("pretrain/fmnist.yaml"), device, args.loop, args.loop_rounds,
+                                  compile=args.compile, amp=args.amp, warmup=args.warmup, overrides=args.loop_set)
+        rounds = ", ".join(f"{lp:.1f}/{st:.1f}" for lp, st in zip(loop["rounds_loop_img_per_s"],
+                                                                   loop["rounds_step_img_per_s"]))
+        print(f"loop ({loop['config']}, {loop['num_workers']} worker(s)) vs step, {loop['rounds']} rounds of "
+              f"{args.loop} steps each (img/s: {rounds}): median ratio {100 * loop['loop_over_step']:.1f}%", flush=True)
         report["loop"] = loop
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -69,3 +69,37 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     assert fsdp["gflop_per_img"] == pytest.approx(report["sections"]["bf16 batch 1"]["rows"][0]["gflop_per_img"])
     loop = report["sections"]["fmnist loop"]["rows"][-1]
     assert loop["impl"] == "loop" and loop["steps_timed"] >= 1 and loop["loop_img_per_s"] > 0
+
+
+def test_loop_vs_step_pairs_each_loop_round_with_the_step_round_after_it(monkeypatch):
+    # A drifting machine: the ratio must come from each round's own pair, not from the two medians
+    # (here the medians would give 90/100 = 0.9, while the rounds' ratios are 1.0, 0.5 and 1.0).
+    loops, steps, calls = iter([100.0, 50.0, 90.0]), iter([100.0, 100.0, 90.0]), []
+
+    def fake_loop(config, device, steps, overrides):
+        calls.append("loop")
+        return {"config": config, "batch": 128, "steps_timed": steps, "num_workers": 1, "loop_img_per_s": next(loops)}
+
+    def fake_time(step_list, device, iters, repeats):
+        calls.append("step")
+        return {step_list[0].name: step_list[0].batch / next(steps)}
+
+    monkeypatch.setattr(bench, "run_loop", fake_loop)
+    monkeypatch.setattr(bench, "time_alternating", fake_time)
+    monkeypatch.setattr(bench, "prepare", lambda build, device, warmup: bench.Step("ours", lambda: None, 128))
+    out = bench.loop_vs_step(bench.shipped_config("pretrain/fmnist.yaml"), torch.device("cpu"), steps=5, rounds=3)
+    assert calls == ["loop", "step"] * 3
+    assert out["loop_over_step"] == pytest.approx(1.0)
+    assert out["loop_img_per_s"] == 90.0 and out["step_img_per_s"] == 100.0
+
+
+def test_bench_cli_loop_runs_the_real_loop_and_its_step(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    main(["bench", "--preset", "beit_fmnist_patch4_32_512_vocab", "--batch", "4", "--device", "cpu", "--no-baselines",
+          "--warmup", "0", "--iters", "1", "--repeats", "1", "--loop", "1", "--loop-rounds", "2",
+          "--loop-set", "data.batch_size=8", "data.num_workers=0", "data.train_subset=256", "--json", str(out)])
+    loop = json.loads(out.read_text())["loop"]
+    assert loop["batch"] == 8 and loop["num_workers"] == 0 and loop["rounds"] == 2
+    assert len(loop["rounds_loop_img_per_s"]) == len(loop["rounds_step_img_per_s"]) == 2
+    assert loop["loop_over_step"] > 0
+    assert "median ratio" in capsys.readouterr().out
