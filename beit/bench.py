@@ -402,6 +402,8 @@ def loop_vs_step(config: str, device: torch.device, steps: int, rounds: int, com
     from beit.builders import build_tokenizer as build_config_tokenizer
     from beit.config import load_config
 
+    if steps < 1 or rounds < 1:
+        raise ValueError(f"--loop needs at least 1 step and --loop-rounds at least 1 round, got {steps} and {rounds}")
     overrides = [f"train.compile={str(compile).lower()}", f"train.amp={amp}", *(overrides or [])]
     cfg = load_config(config, overrides)
     tok = build_config_tokenizer(cfg, device)
