@@ -103,3 +103,38 @@ def test_two_view_tensors_have_torchvisions_bits(mode):
     patch, tok = tf(img, np.random.default_rng(1))
     assert torch.equal(patch, TF.normalize(TF.to_tensor(img), mean, std))
     assert torch.equal(tok, TF.to_tensor(img)) and patch.dtype == tok.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_two_view_pil_calls_give_torchvisions_views(mode):
+    """Colour jitter, crop and resizes made with direct PIL calls (and a numpy mean for the contrast) give the
+    bytes torchvision's functional ops give for the same draws, on random images and crops."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+
+    from beit.data.transforms import TwoViewTransform, random_resized_crop_box, unit_array
+
+    def reference(img, tf, rng):  # the same draws, in the same order, through torchvision
+        lo, hi = max(0.0, 1.0 - tf.color_jitter), 1.0 + tf.color_jitter
+        factors = lo + (hi - lo) * rng.random(3)
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+        for k in rng.permutation(3):
+            if not (ops[k] is TF.adjust_saturation and img.mode == "L"):
+                img = ops[k](img, float(factors[k]))
+        if rng.random() < tf.hflip:
+            img = TF.hflip(img)
+        top, left, h, w = random_resized_crop_box(img.width, img.height, tf.scale, tf.ratio, rng)
+        patch = TF.resized_crop(img, top, left, h, w, list(tf.patch_size), InterpolationMode.BICUBIC)
+        tok = TF.resized_crop(img, top, left, h, w, list(tf.tokenizer_size), InterpolationMode.LANCZOS)
+        return unit_array(patch), unit_array(tok)
+
+    c = 1 if mode == "L" else 3
+    tf = TwoViewTransform(32, 16, scale=(0.2, 1.0), color_jitter=0.8, mean=[0.0] * c, std=[1.0] * c, in_chans=c)
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 28, 28) if mode == "L" else (40, 28, 28, 3), dtype=np.uint8)
+    for i, p in enumerate(pixels):
+        img = Image.fromarray(p >> (i % 3))  # darker images too: the contrast's mean grey level varies
+        patch, tok = tf(img, np.random.default_rng([7, i]))
+        ref_patch, ref_tok = reference(img, tf, np.random.default_rng([7, i]))
+        assert np.array_equal(patch.numpy(), ref_patch) and np.array_equal(tok.numpy(), ref_tok), i
