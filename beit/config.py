@@ -115,6 +115,9 @@ class DataConfig(_Section):
     cutmix: float = Field(1.0, ge=0)
     mixup_switch_prob: float = Field(0.5, ge=0, le=1)
     crop_pct: float | None = Field(None, gt=0, le=1)  # eval: Resize(size / crop_pct) + CenterCrop; null = 0.875, 1.0 at >= 384
+    # Validation split: this many training images (stratified, a fixed draw independent of train.seed) are
+    # held out as split "val"; "train" is the rest, and label_fraction draws from that rest. 0 = no val split.
+    val_size: int = Field(0, ge=0)
     label_fraction: float = Field(1.0, gt=0, le=1)  # class-balanced, seeded subset of the training labels
     train_subset: int | None = Field(None, gt=0)  # first N training samples (smoke tests)
     eval_subset: int | None = Field(None, gt=0)
@@ -200,6 +203,7 @@ class TrainConfig(_Section):
     save_every_steps: int = Field(500, ge=1)
     keep_last: int = Field(2, ge=0)  # newest training checkpoints kept; 0 keeps all
     eval_every_epochs: float = Field(1, gt=0)
+    eval_split: Literal["test", "val"] = "test"  # what periodic evaluation (and k-NN queries) read; "val" needs data.val_size
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     knn_every_epochs: float | None = Field(None, gt=0)
@@ -235,6 +239,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.train.eval_split == "val" and self.data.val_size == 0:
+            raise ValueError("train.eval_split=val needs a validation split: set data.val_size (e.g. 5000 training "
+                             "images held out) or use train.eval_split=test")
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr {self.optim.min_lr:g} is above optim.lr {self.optim.lr:g}")
         if self.dist.strategy == "fsdp":

@@ -267,20 +267,50 @@ def balanced_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> np
     return np.sort(np.concatenate(picked))
 
 
+def stratified_holdout(labels: Sequence[int], size: int) -> np.ndarray:
+    """Sorted indices of `size` samples held out for validation, stratified: each class gives its share
+    (largest remainders make the total exact). The draw is fixed (seed 0 of its own stream): every run, seed
+    and label fraction sees the same validation split."""
+    labels = np.asarray(labels)
+    if not 0 < size < len(labels):
+        raise ValueError(f"data.val_size={size} must be between 1 and the training split's size - 1 ({len(labels) - 1})")
+    classes, counts = np.unique(labels, return_counts=True)
+    share = counts * size / len(labels)
+    take = np.floor(share).astype(int)
+    take[np.argsort(-(share - take), kind="stable")[: size - take.sum()]] += 1
+    rng = np.random.default_rng([0, 0x7A11D])
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
+def _split_off_val(ds, split: str, val_size: int):
+    """The training split's rest ("train") or its held-out part ("val") under data.val_size."""
+    held = stratified_holdout(ds.targets, val_size)
+    if split == "val":
+        return SubsetDataset(ds, held)
+    return SubsetDataset(ds, np.setdiff1d(np.arange(len(ds)), held))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point
 
 
 def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed: int = 0) -> Dataset:
-    """Dataset of `(transform(pil_img), label)` for a `DataConfig` and split "train" | "test".
+    """Dataset of `(transform(pil_img), label)` for a `DataConfig` and split "train" | "val" | "test".
 
     With `transform=None` items are PIL images (mode 'L' if cfg.in_chans == 1 else 'RGB'), as `MIMDataset`
     expects. `label_fraction` (train only) keeps a class-balanced subset seeded by `label_seed`;
     `train_subset` / `eval_subset` then keep the first N samples. `dataset: webdataset` gives an iterable
     `ShardDataset` (beit/data/shards.py) instead.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if split == "val" and not cfg.val_size:
+        raise ValueError("the 'val' split needs data.val_size > 0 (training images held out for validation)")
+    if cfg.val_size and cfg.dataset == "webdataset":
+        raise ValueError("data.val_size needs random access, which streamed shards do not have; write the "
+                         "validation images as their own shards and evaluate on them (data.eval_shards)")
+    split, held_out = ("train", split) if cfg.val_size and split != "test" else (split, None)
     mode = pil_mode(cfg.in_chans)
     train = split == "train"
     if cfg.dataset == "fashion_mnist":
@@ -321,6 +351,9 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
             ds = extra.torchvision_dataset(cfg.dataset, cfg.root, split, mode, transform)
     else:  # unreachable through DataConfig's Literal, kept for direct callers
         raise ValueError(f"unknown data.dataset {cfg.dataset!r}")
+    if held_out is not None:
+        ds = _split_off_val(ds, held_out, cfg.val_size)
+        train = held_out == "train"
     if train and cfg.label_fraction < 1:
         ds = SubsetDataset(ds, balanced_subset(ds.targets, cfg.label_fraction, label_seed))
     n = cfg.train_subset if train else cfg.eval_subset

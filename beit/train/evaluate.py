@@ -142,11 +142,12 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str,
 
 
 def classifier_evaluate(cfg: Config, device: torch.device) -> Callable[[nn.Module], dict]:
-    """`evaluate(model)` for the training loop: top-1/top-5 and loss on the test split (loader built once)."""
-    loader = build_eval_loader(cfg, "test")
+    """`evaluate(model)` for the training loop: top-1/top-5 and loss on `train.eval_split` (loader built once)."""
+    split = cfg.train.eval_split
+    loader = build_eval_loader(cfg, split)
 
     def evaluate(model: nn.Module) -> dict:
-        logits, labels = run_over(loader, model, device, cfg.train.amp, "eval (test)", cfg.train.progress)
+        logits, labels = run_over(loader, model, device, cfg.train.amp, f"eval ({split})", cfg.train.progress)
         return {**accuracy(logits, labels), "loss": nn.functional.cross_entropy(logits, labels).item()}
 
     return evaluate

@@ -6,7 +6,7 @@ vote      = sum over the k nearest of exp(sim / T) * onehot(label)   [B, K]
 top-1/top-5 = ranks of the vote.
 
 The memory bank is the training split with the eval transform (no augmentation), restricted by
-`data.label_fraction` / `data.train_subset` like every other command; queries are the test split.
+`data.label_fraction` / `data.train_subset` like every other command; queries are `train.eval_split`.
 `knn_evaluate(model, cfg)` is the periodic signal for pretraining (`train.knn_every_epochs`).
 """
 
@@ -63,8 +63,9 @@ def knn_evaluate(model: nn.Module, cfg: Config) -> dict[str, float]:
         fn = lambda x: pooled_features(net, x)  # noqa: E731
         train_feats, train_labels = run_over(build_eval_loader(cfg, "train"), fn, device, cfg.train.amp,
                                              "k-NN features (train)", cfg.train.progress)
-        test_feats, test_labels = run_over(build_eval_loader(cfg, "test"), fn, device, cfg.train.amp,
-                                           "k-NN features (test)", cfg.train.progress)
+        split = cfg.train.eval_split
+        test_feats, test_labels = run_over(build_eval_loader(cfg, split), fn, device, cfg.train.amp,
+                                           f"k-NN features ({split})", cfg.train.progress)
     finally:
         net.train(was_training)
     res = knn_classify(train_feats, train_labels, test_feats, test_labels, cfg.train.knn_k, cfg.train.knn_temperature,

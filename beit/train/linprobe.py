@@ -118,7 +118,8 @@ def build_linprobe_task(cfg: Config, device: torch.device):
     if not cfg.model.pretrained:
         log.warning("model.pretrained is null: probing a randomly initialised backbone (a floor, not a result)")
     backbone = build_model(cfg)
-    test = build_labeled_dataset(cfg, "test")
+    split = cfg.train.eval_split
+    test = build_labeled_dataset(cfg, split)
     if cfg.train.probe_cache_features:
         train = build_labeled_dataset(cfg, "train")
     else:
@@ -130,14 +131,14 @@ def build_linprobe_task(cfg: Config, device: torch.device):
     probe = LinearProbe(backbone, num_classes).to(device)
 
     if cfg.train.probe_cache_features:
-        train, test_feats = _cache(probe, cfg, "train", device), _cache(probe, cfg, "test", device)
+        train, test_feats = _cache(probe, cfg, "train", device), _cache(probe, cfg, split, device)
         test_loader = DataLoader(test_feats, batch_size=4096)
         collate = None
     else:
-        test_loader, collate = build_eval_loader(cfg, "test", test), collate_skip_bad
+        test_loader, collate = build_eval_loader(cfg, split, test), collate_skip_bad
 
     def evaluate(model: nn.Module) -> dict:
-        logits, labels = run_over(test_loader, model, device, cfg.train.amp, "eval (test)", cfg.train.progress)
+        logits, labels = run_over(test_loader, model, device, cfg.train.amp, f"eval ({split})", cfg.train.progress)
         return per_layer_accuracy(logits, labels)
 
     return Task(model=probe, step=probe_step, dataset=train, collate_fn=collate, evaluate=evaluate,
