@@ -29,12 +29,17 @@ def test_compiled_blocks_give_the_eager_outputs_and_gradients_under_bf16():
     torch.manual_seed(0)
     plain = create_model("beit_fmnist_patch4_32_512_vocab", depth=2, drop_path_rate=0.0)  # no random stream
     fast = copy.deepcopy(plain)
+    torch._dynamo.reset()
     compile_blocks(fast)  # as train.compile=true
     x = torch.randn(4, 1, 32, 32)
     mask = torch.rand(4, 64) < 0.4
     out_32, g_32 = _forward_backward(plain, x, mask, amp="none")
     out_p, g_p = _forward_backward(plain, x, mask)
+    assert not torch._dynamo.utils.counters["frames"]["ok"]  # eager: nothing traced
     out_f, g_f = _forward_backward(fast, x, mask)
+    # dynamo traced the blocks: the comparison below is compiled against eager, not eager against itself
+    assert torch._dynamo.utils.counters["frames"]["ok"] >= 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert _rel(out_f, out_p) <= 2 * _rel(out_p, out_32) + 1e-3
     assert g_p.keys() == g_f.keys() == g_32.keys() and len(g_p) > 10
     for name in g_p:
