@@ -97,6 +97,9 @@ class DataConfig(_Section):
     batch_size: int = Field(64, gt=0)  # per device, per micro-batch
     num_workers: int = Field(4, ge=0)
     on_bad_file: Literal["skip", "fail"] = "skip"
+    # An evaluation split's class folder that the training split lacks: "fail" (before any work) or "skip"
+    # its images (counted by class name in the log). Every split is numbered by the training split's classes.
+    on_unknown_class: Literal["fail", "skip"] = "fail"
     # Pretraining augmentation (shared crop, two views).
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -169,6 +172,22 @@ class SegConfig(_Section):
     eval_batch_size: int = 1  # images per evaluation batch (sizes differ on ADE20K: keep 1 there)
     scenes: tuple[int, int] = (20000, 2000)  # fmnist_scenes: (train, test) scenes
     scene_seed: int = 0  # fmnist_scenes: the scenes are a function of this seed and the index
+    # Fidelity switches (docs/deviations.md); each default is the official recipe (unilm + mmseg 0.x).
+    sync_bn: bool = True  # under torchrun, BatchNorm statistics over the global batch (official SyncBN)
+    loss_avg_non_ignore: bool = False  # false: CE summed over labelled pixels / all pixels (mmseg 0.x)
+    resize_antialias: bool = False  # false: bilinear without antialiasing, as cv2 / mmcv.imresize
+    eval_amp: bool = False  # false: evaluate in fp32 (official); true: under train.amp
+    # Multi-scale + flip test (mmseg aug_test): sliding window at each ratio of seg.scale, softmax averaged.
+    # null = single scale; the official `_ms` values are [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] with eval_flip.
+    eval_scales: list[float] | None = None
+    eval_flip: bool = False
+
+    @field_validator("eval_scales")
+    @classmethod
+    def _positive_scales(cls, v):
+        if v is not None and (not v or min(v) <= 0):
+            raise ValueError(f"seg.eval_scales must be a non-empty list of positive ratios or null, got {v}")
+        return v
 
 
 class OptimConfig(_Section):

@@ -101,6 +101,7 @@ def read_source(source: str | Path) -> Source:
     stored, names = None, []
     if isinstance(raw.get("config"), dict):  # our training checkpoints (ckpt-*.pt, best.pt)
         stored = config_from_dict(raw["config"], f"{path} (stored config)")
+        names = list(raw.get("class_names") or [])  # the run's class index (older checkpoints: none stored)
     elif path.suffix == ".safetensors":  # zoo files carry the config in the safetensors metadata
         meta = _safetensors_metadata(path)
         if "beit_config" in meta:

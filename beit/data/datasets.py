@@ -145,16 +145,57 @@ def _scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
-class ImageFolderDataset(Dataset):
-    """`root/<class>/**/*.jpg` -> (transform(PIL image), class index); undecodable files are skipped or fail."""
+class UnknownClassError(ValueError):
+    """An evaluation split holds a class the run's class index (the training split's) does not know."""
 
-    def __init__(self, root: str | Path, mode: str, transform: Callable | None = None, on_bad_file: str = "skip"):
+
+def reindex_samples(root: Path, found: list[str], samples: list[tuple[str, int]], classes: list[str],
+                    on_unknown_class: str = "fail") -> tuple[list[tuple[str, int]], dict[str, int]]:
+    """`samples` labelled by their folder's position in `classes` (the run's class index) instead of in `found`
+    (this split's own sorted folders), so a split lacking a class shifts no label. A folder not in `classes`
+    is an error, or with on_unknown_class="skip" its images are dropped. Returns (samples, {skipped class:
+    images})."""
+    if found == classes:
+        return samples, {}
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [name for name in found if name not in index]
+    if unknown and on_unknown_class != "skip":
+        raise UnknownClassError(
+            f"'{root}' has class folders the training split does not: {unknown} (the run's classes, fixed by the "
+            f"training split: {classes}); remove those folders, or set data.on_unknown_class=skip to skip (and "
+            f"count) their images")
+    kept, skipped = [], {}
+    for path, label in samples:
+        name = found[label]
+        if name in index:
+            kept.append((path, index[name]))
+        else:
+            skipped[name] = skipped.get(name, 0) + 1
+    if skipped:
+        log.warning("'%s': skipped the images of classes the training split does not have (data.on_unknown_class="
+                    "skip): %s", root, ", ".join(f"{k} ({v} images)" for k, v in skipped.items()))
+    return kept, skipped
+
+
+class ImageFolderDataset(Dataset):
+    """`root/<class>/**/*.jpg` -> (transform(PIL image), class index); undecodable files are skipped or fail.
+
+    `classes` (the training split's class names) fixes the index: an evaluation split is read with the
+    training split's numbering, whatever folders it lacks (`reindex_samples`)."""
+
+    def __init__(self, root: str | Path, mode: str, transform: Callable | None = None, on_bad_file: str = "skip",
+                 classes: Sequence[str] | None = None, on_unknown_class: str = "fail"):
         if on_bad_file not in ("skip", "fail"):
             raise ValueError(f"data.on_bad_file must be 'skip' or 'fail', got {on_bad_file!r}")
         self.root = Path(root)
         from .extra import cached_scan
 
         self.classes, self.samples = cached_scan(self.root, _scan_folder)  # a 14M-file tree is listed once
+        self.skipped_classes: dict[str, int] = {}
+        if classes is not None and self.samples:
+            self.samples, self.skipped_classes = reindex_samples(self.root, list(self.classes), self.samples,
+                                                                 list(classes), on_unknown_class)
+            self.classes = list(classes)
         if not self.samples:
             raise FileNotFoundError(
                 f"no images ({', '.join(IMG_EXTENSIONS)}) under '{self.root}'; expected {self.root}/<class>/*.jpg"
@@ -295,13 +336,26 @@ def _split_off_val(ds, split: str, val_size: int):
 # Entry point
 
 
-def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed: int = 0) -> Dataset:
+def training_classes(root: Path) -> list[str] | None:
+    """The class names of an ImageFolder root's training split (`root/train`), the index every split of a run
+    is read with; None without a labelled training folder."""
+    from .extra import cached_scan
+
+    if not (root / "train").is_dir():
+        return None
+    classes, _ = cached_scan(root / "train", _scan_folder)
+    return None if classes == [""] else list(classes)
+
+
+def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed: int = 0,
+                  classes: Sequence[str] | None = None) -> Dataset:
     """Dataset of `(transform(pil_img), label)` for a `DataConfig` and split "train" | "val" | "test".
 
     With `transform=None` items are PIL images (mode 'L' if cfg.in_chans == 1 else 'RGB'), as `MIMDataset`
     expects. `label_fraction` (train only) keeps a class-balanced subset seeded by `label_seed`;
     `train_subset` / `eval_subset` then keep the first N samples. `dataset: webdataset` gives an iterable
-    `ShardDataset` (beit/data/shards.py) instead.
+    `ShardDataset` (beit/data/shards.py) instead. An ImageFolder evaluation split is numbered by `classes`
+    (default: the training folder's classes), never by its own folders.
     """
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
@@ -332,7 +386,10 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
             folder = root
         if not folder.is_dir():
             raise FileNotFoundError(f"data.root '{root}' is not a directory")
-        ds = ImageFolderDataset(folder, mode, transform, cfg.on_bad_file)
+        if not train and classes is None:
+            classes = training_classes(root)
+        ds = ImageFolderDataset(folder, mode, transform, cfg.on_bad_file, classes,
+                                getattr(cfg, "on_unknown_class", "fail"))
     elif cfg.dataset == "webdataset":  # streamed: no random access, so no subsets (the reader says so)
         from .shards import build_shard_dataset
 

@@ -27,7 +27,7 @@ from beit.builders import build_labeled_dataset, build_model
 from beit.config import Config, ConfigError
 from beit.data import collate_skip_bad, num_labels
 from beit.export import export_run
-from beit.train.evaluate import classifier_evaluate, is_main_process, read_summary, write_results
+from beit.train.evaluate import class_names, classifier_evaluate, is_main_process, read_summary, write_results
 from beit.train.loop import Task
 from beit.train.runner import launch
 
@@ -90,7 +90,8 @@ def build_finetune_task(cfg: Config, device: torch.device):
                           f"set model.num_classes={labels}")
     mixup = build_mixup(cfg, model.num_classes)
     return Task(model=model, step=make_classification_step(mixup, cfg.train.label_smoothing), dataset=dataset,
-                collate_fn=collate_skip_bad, evaluate=classifier_evaluate(cfg, device), best_metric="top1")
+                collate_fn=collate_skip_bad, evaluate=classifier_evaluate(cfg, device), best_metric="top1",
+                class_names=class_names(dataset, cfg) or None)
 
 
 def run_finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:

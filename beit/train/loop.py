@@ -56,6 +56,7 @@ class Task:
     # (the tokenizer re-initialises dead codes here).
     after_step: Callable[[nn.Module, torch.optim.Optimizer, int], None] | None = None
     extra_state: Any = None  # has state_dict()/load_state_dict(): task state that checkpoints keep and resume restores
+    class_names: list[str] | None = None  # the run's class index (training split), stored in every checkpoint
 
 
 def to_device(batch, device: torch.device):
@@ -378,8 +379,8 @@ def _log_and_evaluate(run: _Run, logger: MetricLogger, bar, lr: float):
         run.best = metric
         model_sd, _ = full_state(run.model)  # every rank: FSDP gathers the shards to rank 0
         if info.is_main and run.run_dir is not None:
-            ckpt_io.atomic_save({"model": model_sd, "config": cfg.to_dict(), "step": step, name: metric},
-                                run.run_dir / "best.pt")
+            ckpt_io.atomic_save({"model": model_sd, "config": cfg.to_dict(), "step": step, name: metric,
+                                 "class_names": run.task.class_names}, run.run_dir / "best.pt")
     run.model.train()
 
 
@@ -401,6 +402,7 @@ def _save(run: _Run):
             "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
             "rng": ckpt_io.rng_state(), "best": run.best, "config": run.cfg.to_dict(),
             "metric_window": run.window.state_dict(), "global_batch": run.global_batch,
+            "class_names": run.task.class_names,
             "task_state": run.task.extra_state.state_dict() if run.task.extra_state is not None else None,
         }, run.step, run.cfg.train.keep_last)
     barrier()

@@ -1,0 +1,80 @@
+"""Data integrity and run safety (docs/reliability.md): one class index per run, run directories one process
+owns, one-line errors for bad input, messages that name the real cause."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from beit.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+SCRATCH = str(REPO / "configs" / "finetune" / "fmnist_scratch.yaml")
+# A 1-block, 32-wide classifier on 32 px grey images; no augmentation that could blur the classes.
+TINY_FT = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2", "data.batch_size=16", "data.num_workers=0",
+           "data.color_jitter=0", "train.progress=false", "train.log_every=4", "train.epochs=3",
+           "optim.warmup_epochs=0", "optim.lr=3e-3", "optim.layer_decay=null", "train.label_smoothing=0",
+           "train.export=[]"]
+LEVELS = {"a_dark": 20, "b_mid": 128, "c_light": 235}  # trivially separable: the mean grey level is the class
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _write_folder(root: Path, split: str, classes: list[str], n: int, seed: int = 0):
+    rng = np.random.default_rng([seed, len(split)])
+    for name in classes:
+        d = root / split / name
+        d.mkdir(parents=True)
+        for i in range(n):
+            level = LEVELS.get(name, 80)
+            px = np.clip(level + rng.integers(-10, 11, (32, 32)), 0, 255).astype(np.uint8)
+            Image.fromarray(px, "L").save(d / f"{i}.png")
+
+
+def _ft_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", SCRATCH, *TINY_FT, "data.dataset=image_folder", f"data.root={root}", "model.num_classes=3",
+            f"train.out_dir={out}", "train.run_name=three", *extra]
+
+
+# ------------------------------------------------------------------------------------------------ class index
+def test_test_split_lacking_a_class_keeps_the_training_numbering(tmp_path):
+    """test/ lacks the middle class: its third class keeps label 2, so a model that learned the classes scores
+    ~100%, not the 50% that separate numbering (c_light -> 1) would give."""
+    _write_folder(tmp_path / "data", "train", list(LEVELS), 32)
+    _write_folder(tmp_path / "data", "test", ["a_dark", "c_light"], 20, seed=1)
+    main(_ft_args(tmp_path / "data", tmp_path / "runs"))
+    run = tmp_path / "runs" / "three"
+    results = json.loads((run / "results.json").read_text())
+    assert results["top1"] >= 90.0, results
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    assert ckpt["class_names"] == ["a_dark", "b_mid", "c_light"]  # the run's index travels with its weights
+
+
+def test_test_split_with_an_unknown_class_is_one_line_before_training(tmp_path, capsys):
+    _write_folder(tmp_path / "data", "train", ["a_dark", "c_light"], 8)
+    _write_folder(tmp_path / "data", "test", ["a_dark", "b_mid", "c_light"], 2)
+    with pytest.raises(SystemExit) as e:
+        main(_ft_args(tmp_path / "data", tmp_path / "runs"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "['b_mid']" in err and "data.on_unknown_class=skip" in err and str(tmp_path / "data" / "test") in err
+    assert not (tmp_path / "runs").exists()  # nothing was trained or created
+
+
+def test_unknown_class_images_can_be_skipped_and_counted_by_name(tmp_path, caplog):
+    from beit.config import load_config
+    from beit.data import build_dataset
+
+    _write_folder(tmp_path / "data", "train", ["a_dark", "c_light"], 2)
+    _write_folder(tmp_path / "data", "test", ["a_dark", "b_mid", "c_light"], 3)
+    cfg = load_config(SCRATCH, ["data.dataset=image_folder", f"data.root={tmp_path / 'data'}",
+                                "data.on_unknown_class=skip"])
+    ds = build_dataset(cfg.data, "test")
+    assert ds.skipped_classes == {"b_mid": 3}
+    assert ds.classes == ["a_dark", "c_light"] and sorted(ds.targets.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert "b_mid (3 images)" in caplog.text
