@@ -47,7 +47,21 @@ def test_compiled_blocks_give_the_eager_outputs_and_gradients_under_bf16():
     torch._dynamo.reset()
 
 
-def test_fused_adamw_takes_the_for_each_step():
+@pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_fused_adamw_takes_the_for_each_step(tmp_path):
+    """The optimizer the training loop builds is the fused AdamW (read from its checkpoint after a real
+    2-step run), and the fused step gives what the for-each step gives."""
+    from test_pretrain import write_config
+
+    from beit.config import load_config
+    from beit.train.pretrain import run_pretrain
+
+    cfg = load_config(write_config(tmp_path, data={"train_subset": 64}, train={"max_steps": 2}))
+    run_dir = run_pretrain(cfg)
+    groups = torch.load(run_dir / "ckpt-00000002.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert len(groups) >= 2 and all(g["fused"] is True for g in groups), [g.get("fused") for g in groups]
+
     torch.manual_seed(0)
     params = [torch.randn(64, 32), torch.randn(32)]
     grads = [torch.randn_like(p) for p in params]
