@@ -307,7 +307,8 @@ def run_stages(out: Path, stages: list[Stage], wall: dict[str, float]):
             run_stage(stage, out)
         finally:
             wall[stage.name] = wall.get(stage.name, 0.0) + time.time() - t0
-            (out / WALL_TIME).write_text(json.dumps(wall, indent=2))
+            # merged with the file: another process may be running other stages of the same folder
+            (out / WALL_TIME).write_text(json.dumps({**_read_wall(out), stage.name: wall[stage.name]}, indent=2))
         setup_logging(None, True)
 
 

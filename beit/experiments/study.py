@@ -1,0 +1,360 @@
+"""`beit study`: does pretraining on my unlabeled images help, and by how much? A protocol a reviewer accepts.
+
+For each label fraction:
+  1. every arm (BEiT-pretrained, the same ViT from scratch) trains once per point of its grid (e.g. lr x layer
+     decay) on the training split minus a held-out validation split, and is scored on validation only;
+  2. each arm keeps its best grid point (its own recipe) and trains it with `seeds` seeds; seed s draws the same
+     labelled subset for every arm, so the arms' test scores pair up by seed;
+  3. each final run is evaluated on the test split once, at its end;
+  4. a raw-pixel k-NN (k chosen on validation) on the same labelled subsets places the numbers.
+The report gives each arm's validation grid, its recipe, test mean ± std over seeds, and the paired gain with its
+95% t-interval -> results.json, results.md, study.png.
+
+Every run is an ordinary `beit finetune` run in its own directory under the output folder; rerunning the
+command skips finished runs and resumes a stopped one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from beit.builders import build_eval_loader, build_model
+from beit.config import Config, ConfigError, load_config, parse_overrides
+from beit.experiments.fashion_mnist import Stage, run_stages, two_panel_figure
+from beit.train.distributed import resolve_device
+from beit.train.evaluate import accuracy, run_over
+
+log = logging.getLogger("beit")
+ARMS = ("pretrained", "scratch")
+
+
+class StudyConfig(BaseModel):
+    """A study file (configs/study/*.yaml). Paths are relative to the working directory."""
+
+    model_config = ConfigDict(extra="forbid")
+    finetune: str  # fine-tuning config of the pretrained arm; the scratch arm is it with model.pretrained=null
+    pretrained: str | None = None  # run directory, checkpoint or zoo name; null = run `pretrain` first
+    pretrain: str | None = None  # pretraining config, run when `pretrained` is null (the training images, no labels)
+    pretrain_overrides: list[str] = []
+    val_size: int = Field(5000, gt=0)  # training images held out for validation (stratified, fixed)
+    fractions: dict[float, list[str]]  # label fraction -> overrides of its runs (epochs, warmup, cadence)
+    seeds: int = Field(3, ge=1)
+    grid: dict[str, list[Any]]  # dotted key -> values; every arm trains every combination
+    knn_ks: list[int] = [1, 3, 5, 10, 20]  # pixel k-NN: k is chosen on validation among these
+    overrides: list[str] = []  # applied to every run (data.root=..., train.compile=true, ...)
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """Read a study file; `overrides` are study keys (`seeds=1`) or run keys with a section (`data.root=/x`),
+    the latter appended to `overrides`. Every run config is validated here, before any work."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    run_keys = [o for o in overrides or [] if "." in o.split("=", 1)[0]]
+    for key, value in parse_overrides([f"study.{o}" for o in overrides or [] if o not in run_keys]).get("study", {}).items():
+        raw[key] = value
+    raw["overrides"] = list(raw.get("overrides") or []) + run_keys
+    try:
+        study = StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+    if study.pretrained is None and study.pretrain is None:
+        raise ConfigError(f"{path}: set `pretrained` (a run, checkpoint or zoo name) or `pretrain` (a config to run)")
+    for point in grid_points(study):
+        for frac in study.fractions:
+            _config(study, "scratch", frac, point, 0, "val", Path("."))  # a bad key or value fails now
+    return study
+
+
+def grid_points(study: StudyConfig) -> list[dict[str, Any]]:
+    keys = list(study.grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(study.grid[k] for k in keys))]
+
+
+def _tag(point: dict[str, Any]) -> str:
+    return "_".join(f"{k.split('.')[-1]}{v}" for k, v in point.items()).replace("layer_decay", "ld") or "default"
+
+
+def _pct(frac: float) -> str:
+    return f"{frac * 100:g}pct"
+
+
+def run_name(arm: str, frac: float, point: dict[str, Any], seed: int) -> str:
+    return f"{_pct(frac)}_{arm}_{_tag(point)}_seed{seed}"
+
+
+def _overrides(study: StudyConfig, arm: str, frac: float, point: dict, seed: int, split: str, out: Path) -> list[str]:
+    init = f"model.pretrained={study.pretrained or out / 'pretrain'}" if arm == "pretrained" else "model.pretrained=null"
+    grid = [f"{k}={'null' if v is None else v}" for k, v in point.items()]
+    return (study.overrides + study.fractions[frac] + grid + [
+        init, f"data.val_size={study.val_size}", f"data.label_fraction={frac}", f"train.seed={seed}",
+        f"train.eval_split={split}", f"train.out_dir={out}", f"train.run_name={run_name(arm, frac, point, seed)}",
+        "train.export=[]"])
+
+
+def _config(study: StudyConfig, arm: str, frac: float, point: dict, seed: int, split: str, out: Path) -> Config:
+    return load_config(study.finetune, _overrides(study, arm, frac, point, seed, split, out), command="finetune")
+
+
+def _stage(study: StudyConfig, arm: str, frac: float, point: dict, seed: int, out: Path) -> Stage:
+    # Every training run scores validation (at its end: set train.eval_every_epochs to the run's length);
+    # the test split is read once per final run, by `test_score`.
+    return Stage(run_name(arm, frac, point, seed), "finetune", Path(study.finetune),
+                 _overrides(study, arm, frac, point, seed, "val", out), init=arm, label_fraction=frac)
+
+
+# ------------------------------------------------------------------------------------------------ scores
+def val_score(run_dir: Path) -> float:
+    return json.loads((run_dir / "results.json").read_text())["top1"]
+
+
+@torch.no_grad()
+def test_score(cfg: Config, run_dir: Path) -> float:
+    """Top-1 (%) of the run's final weights on the test split, computed once and kept in test.json."""
+    path = run_dir / "test.json"
+    if path.exists():
+        return json.loads(path.read_text())["top1"]
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": str(run_dir)})})
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg).to(device).eval()
+    logits, labels = run_over(build_eval_loader(cfg, "test"), model, device, cfg.train.amp, "test", cfg.train.progress)
+    top1 = accuracy(logits, labels)["top1"]
+    path.write_text(json.dumps({"split": "test", "num_samples": len(labels), "top1": top1}, indent=2))
+    return top1
+
+
+def _pixels(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened, normalised eval-transform pixels of a split: [N, C*H*W], labels [N]."""
+    loader = build_eval_loader(cfg, split)
+    xs, ys = zip(*((x.flatten(1), y) for x, y in loader))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int,
+                chunk: int = 512) -> torch.Tensor:
+    """Majority vote of the k nearest (Euclidean) bank rows; ties go to the class of the nearest tied neighbour."""
+    k = min(k, len(bank))
+    num_classes = int(bank_labels.max()) + 1
+    preds = []
+    sq = (bank * bank).sum(1)  # [N]
+    for q in queries.split(chunk):
+        d = sq[None] - 2 * q @ bank.T  # [b, N]: squared distance up to a per-query constant
+        idx = d.topk(k, dim=1, largest=False).indices  # [b, k], nearest first
+        onehot = torch.nn.functional.one_hot(bank_labels[idx], num_classes).float()  # [b, k, K]
+        rank_bonus = torch.linspace(1e-3, 0, k)[None, :, None]  # breaks ties toward the nearer neighbour
+        preds.append((onehot * (1 + rank_bonus)).sum(1).argmax(1))
+    return torch.cat(preds)
+
+
+def pixel_knn(study: StudyConfig, frac: float, out: Path) -> dict:
+    """Raw-pixel k-NN on the labelled subset of each seed: k chosen on validation (seed 0), test per seed."""
+    path = out / f"pixel_knn_{_pct(frac)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t0 = time.time()
+    point = grid_points(study)[0]
+    cfgs = [_config(study, "scratch", frac, point, s, "val", out) for s in range(study.seeds)]
+    val_x, val_y = _pixels(cfgs[0], "val")
+    test_x, test_y = _pixels(cfgs[0], "test")
+    banks = [_pixels(c, "train") for c in cfgs]  # the seed's labelled subset, eval transform
+    val = {k: 100.0 * (knn_predict(*banks[0], val_x, k) == val_y).float().mean().item() for k in study.knn_ks}
+    k = max(val, key=val.get)
+    test = [100.0 * (knn_predict(*b, test_x, k) == test_y).float().mean().item() for b in banks]
+    res = {"val_top1_by_k": {str(kk): v for kk, v in val.items()}, "k": k, "test_top1": test,
+           "wall_time_s": time.time() - t0}
+    path.write_text(json.dumps(res, indent=2))
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def mean_std(xs: list[float]) -> dict:
+    return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs),
+            "runs": xs}
+
+
+def paired_interval(a: list[float], b: list[float]) -> dict:
+    """Mean of a - b over pairs with its 95% t-interval (none for one pair)."""
+    d = [x - y for x, y in zip(a, b)]
+    m = statistics.mean(d)
+    if len(d) < 2:
+        return {"mean": m, "ci95": None, "n": len(d)}
+    half = (_T975[len(d) - 2] if len(d) <= 31 else 1.96) * statistics.stdev(d) / math.sqrt(len(d))
+    return {"mean": m, "ci95": [m - half, m + half], "n": len(d)}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def _run_dir_done(out: Path, name: str) -> bool:
+    return (out / name / "results.json").exists()
+
+
+def select(study: StudyConfig, arm: str, frac: float, out: Path) -> tuple[list[dict], dict | None]:
+    """The arm's validation grid (finished points) and its best point, once every point has finished."""
+    grid = [{"point": p, "run": run_name(arm, frac, p, 0),
+             "val_top1": val_score(out / run_name(arm, frac, p, 0)) if _run_dir_done(out, run_name(arm, frac, p, 0))
+             else None} for p in grid_points(study)]
+    if any(g["val_top1"] is None for g in grid):
+        return grid, None
+    return grid, max(grid, key=lambda g: g["val_top1"])["point"]  # ties: the first in grid order
+
+
+def run_fraction(study: StudyConfig, frac: float, out: Path, wall: dict[str, float]):
+    """Grid (seed 0) for every arm, then the selected recipes' other seeds, then test once per final run."""
+    run_stages(out, [_stage(study, arm, frac, p, 0, out) for arm in ARMS for p in grid_points(study)], wall)
+    for arm in ARMS:
+        best = select(study, arm, frac, out)[1]
+        run_stages(out, [_stage(study, arm, frac, best, s, out) for s in range(1, study.seeds)], wall)
+        for s in range(study.seeds):
+            test_score(_config(study, arm, frac, best, s, "test", out), out / run_name(arm, frac, best, s))
+    pixel_knn(study, frac, out)
+
+
+def collect(study: StudyConfig, out: Path) -> dict:
+    rows = {}
+    for frac in sorted(study.fractions):
+        row: dict[str, Any] = {"label_fraction": frac, "arms": {}}
+        for arm in ARMS:
+            grid, best = select(study, arm, frac, out)
+            arm_row: dict[str, Any] = {"grid": grid, "selected": best}
+            tests = [out / run_name(arm, frac, best, s) / "test.json" for s in range(study.seeds)] if best else []
+            if tests and all(t.exists() for t in tests):
+                arm_row["test"] = mean_std([json.loads(t.read_text())["top1"] for t in tests])
+            row["arms"][arm] = arm_row
+        if all("test" in row["arms"][a] for a in ARMS):
+            row["gain"] = paired_interval(row["arms"]["pretrained"]["test"]["runs"], row["arms"]["scratch"]["test"]["runs"])
+        knn = out / f"pixel_knn_{_pct(frac)}.json"
+        if knn.exists():
+            k = json.loads(knn.read_text())
+            row["pixel_knn"] = {"k": k["k"], "val_top1_by_k": k["val_top1_by_k"], "test": mean_std(k["test_top1"])}
+            if "test" in row["arms"]["pretrained"]:
+                row["pretrained_minus_pixel_knn"] = paired_interval(row["arms"]["pretrained"]["test"]["runs"],
+                                                                    k["test_top1"])
+        rows[_pct(frac)] = row
+    return {"study": study.model_dump(mode="json"), "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _cell(r: dict | None) -> str:
+    if not r:
+        return "—"
+    return f"{r['mean']:.2f} ± {r['std']:.2f} (n={r['n']})" if r["n"] > 1 else f"{r['mean']:.2f} (n=1)"
+
+
+def _gain(g: dict | None) -> str:
+    if not g:
+        return "—"
+    ci = f" [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]" if g.get("ci95") else " (one pair: no interval)"
+    return f"{g['mean']:+.2f}{ci}"
+
+
+def _val(v: float | None) -> str:
+    return "pending" if v is None else f"{v:.2f}"
+
+
+def render_md(results: dict) -> str:
+    """results.md: per label fraction, the validation grid of both arms, the selected recipes, test over seeds,
+    the paired gain with its 95% interval, and the pixel k-NN reference."""
+    lines = ["# Study: BEiT-pretrained vs the same ViT from scratch, each arm tuned on validation", ""]
+    lines += ["| labels | pretrained (test) | scratch (test) | gain, 95% CI (pp) | pixel k-NN (test) | "
+              "pretrained − pixel k-NN, 95% CI |", "|---|---|---|---|---|---|"]
+    for pct, row in results["rows"].items():
+        knn = row.get("pixel_knn")
+        lines.append(f"| {row['label_fraction'] * 100:g}% | {_cell(row['arms']['pretrained'].get('test'))} | "
+                     f"{_cell(row['arms']['scratch'].get('test'))} | {_gain(row.get('gain'))} | "
+                     f"{_cell(knn['test']) + ' k=' + str(knn['k']) if knn else '—'} | "
+                     f"{_gain(row.get('pretrained_minus_pixel_knn'))} |")
+    for pct, row in results["rows"].items():
+        lines += ["", f"## {row['label_fraction'] * 100:g}% labels: validation grid (seed 0, top-1 %)", ""]
+        keys = list(results["study"]["grid"])
+        lines += ["| " + " | ".join(keys) + " | pretrained | scratch |", "|" + "---|" * (len(keys) + 2)]
+        pre, scr = row["arms"]["pretrained"], row["arms"]["scratch"]
+        for gp, gs in zip(pre["grid"], scr["grid"]):
+            mark = lambda arm, g: "**" if arm["selected"] == g["point"] else ""  # noqa: E731
+            lines.append("| " + " | ".join(str(gp["point"][k]) for k in keys) + f" | {mark(pre, gp)}{_val(gp['val_top1'])}"
+                         f"{mark(pre, gp)} | {mark(scr, gs)}{_val(gs['val_top1'])}{mark(scr, gs)} |")
+        lines.append("")
+        lines.append("Selected (bold): " + "; ".join(f"{a}: {row['arms'][a]['selected'] or 'pending'}" for a in ARMS))
+        if row.get("pixel_knn"):
+            by_k = row["pixel_knn"]["val_top1_by_k"]
+            lines.append("Pixel k-NN on validation by k: " + ", ".join(f"k={k}: {v:.2f}" for k, v in by_k.items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(results: dict, path: Path):
+    """Left: test top-1 vs label fraction, mean ± std over seeds, every arm and the pixel k-NN. Right: each
+    arm's validation grid per label fraction."""
+    with two_panel_figure(path) as (ax, ax2):
+        series = {"BEiT pretrained": lambda r: r["arms"]["pretrained"].get("test"),
+                  "from scratch": lambda r: r["arms"]["scratch"].get("test"),
+                  "pixel k-NN": lambda r: r.get("pixel_knn", {}).get("test")}
+        for label, get in series.items():
+            pts = [(r["label_fraction"] * 100, get(r)) for r in results["rows"].values() if get(r)]
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
+                            marker="o", capsize=4, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training images (%)")
+        ax.set_ylabel("test top-1 (%), mean ± std over seeds")
+        ax.set_title("test accuracy by label fraction")
+        ax.legend(fontsize=8)
+        for i, (pct, row) in enumerate(results["rows"].items()):
+            for j, arm in enumerate(ARMS):
+                vals = [g["val_top1"] for g in row["arms"][arm]["grid"] if g["val_top1"] is not None]
+                ax2.scatter([i + 0.15 * (2 * j - 1)] * len(vals), vals, marker="o" if arm == "pretrained" else "s",
+                            color=f"C{j}", label=arm if i == 0 else None)
+        ax2.set_xticks(range(len(results["rows"])), [f"{r['label_fraction'] * 100:g}%" for r in results["rows"].values()])
+        ax2.set_xlabel("labelled training images")
+        ax2.set_ylabel("validation top-1 (%)")
+        ax2.set_title("each arm's grid points on validation (seed 0)")
+        ax2.legend(fontsize=8)
+
+
+def report(study: StudyConfig, out: Path) -> dict:
+    results = collect(study, out)
+    wall = out / "stage_wall_time.json"
+    results["stage_wall_time_s"] = json.loads(wall.read_text()) if wall.exists() else {}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    md = render_md(results)
+    (out / "results.md").write_text(md)
+    plot_study(results, out / "study.png")
+    print(f"\n{md}\nresults: {out / 'results.json'}, {out / 'results.md'}, {out / 'study.png'}")
+    return results
+
+
+def run_study(study: StudyConfig, out: Path, only: list[float] | None = None, report_only: bool = False) -> dict:
+    """Run (or continue) the study in `out`, then report what has finished. `only`: these label fractions."""
+    from beit.train.runner import setup_logging
+
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(None, True)
+    if not report_only:
+        wall_path = out / "stage_wall_time.json"
+        wall = json.loads(wall_path.read_text()) if wall_path.exists() else {}
+        if study.pretrained is None:
+            run_stages(out, [Stage("pretrain", "pretrain", Path(study.pretrain), study.pretrain_overrides + [
+                f"train.out_dir={out}", "train.run_name=pretrain"])], wall)
+        for frac in sorted(study.fractions):
+            if only is None or frac in only:
+                run_fraction(study, frac, out, wall)
+    return report(study, out)
+

@@ -1,0 +1,156 @@
+"""`beit study` and the validation split it rests on."""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from beit.config import ConfigError, load_config
+from beit.data.datasets import build_dataset, stratified_holdout
+from beit.experiments.study import knn_predict, load_study, paired_interval
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def test_holdout_is_stratified_fixed_and_disjoint_from_training():
+    labels = np.repeat(np.arange(4), [30, 30, 20, 20])
+    held = stratified_holdout(labels, 10)
+    assert np.bincount(labels[held]).tolist() == [3, 3, 2, 2]
+    assert held.tolist() == stratified_holdout(labels, 10).tolist()  # the same draw every time
+    with pytest.raises(ValueError, match="data.val_size=100"):
+        stratified_holdout(labels, 100)
+
+
+def _folder(root: Path, per_class: dict[str, int], rng: np.random.Generator):
+    """1-channel 32 px images: class c is a bright horizontal bar at row 4 + 10c, plus noise."""
+    for split, n in per_class.items():
+        for c in range(3):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (32, 32), dtype=np.uint8)
+                img[4 + 10 * c: 8 + 10 * c] = 255
+                Image.fromarray(img).save(d / f"{i}.png")
+
+
+def test_val_split_never_meets_training_or_test(tmp_path):
+    _folder(tmp_path, {"train": 20, "test": 5}, np.random.default_rng(0))
+    over = ["data.dataset=image_folder", f"data.root={tmp_path}", "data.in_chans=1", "data.val_size=9",
+            "data.label_fraction=0.5"]
+    cfg = load_config(None, over)
+    train, val, test = (build_dataset(cfg.data, s) for s in ("train", "val", "test"))
+    # 3 per class held out leaves 17 per class; half of 17 rounds (half to even) to 8 per class
+    assert (len(train), len(val), len(test)) == (24, 9, 15)
+    assert not set(train.base.indices[train.indices]) & set(val.indices)
+    assert np.bincount(val.targets).tolist() == [3, 3, 3]
+    with pytest.raises(ConfigError, match="train.eval_split=val needs"):
+        load_config(None, ["train.eval_split=val"])
+
+
+def test_knn_predict_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(50, 6, generator=g), torch.randn(20, 6, generator=g)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    for k in (1, 5):
+        want = []
+        for q in queries:
+            order = ((bank - q) ** 2).sum(1).argsort()[:k].tolist()
+            votes = np.bincount(labels[order].numpy(), minlength=4)
+            best = np.flatnonzero(votes == votes.max())
+            want.append(next(int(labels[i]) for i in order if int(labels[i]) in best))  # nearest among tied
+        assert knn_predict(bank, labels, queries, k).tolist() == want
+
+
+def test_paired_interval_is_students_t():
+    from scipy import stats
+
+    a, b = [75.1, 74.2, 76.0, 75.5], [60.0, 61.5, 59.0, 62.2]
+    d = np.subtract(a, b)
+    lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    got = paired_interval(a, b)
+    assert got["mean"] == pytest.approx(d.mean())
+    assert got["ci95"] == pytest.approx([lo, hi], abs=2e-3)
+    assert statistics.mean(a) - statistics.mean(b) == pytest.approx(got["mean"])
+
+
+def _study_files(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    _folder(data, {"train": 40, "test": 10}, np.random.default_rng(1))
+    model = ["model.depth=1"]
+    common = ["data.dataset=image_folder", f"data.root={data}", "data.batch_size=16", "data.num_workers=0",
+              "train.progress=false", "train.compile=false"]
+    pre = [*common, *model, "train.epochs=1", "train.max_steps=3", "optim.warmup_epochs=0"]
+    study = {
+        "finetune": "configs/finetune/fmnist.yaml", "pretrain": "configs/pretrain/fmnist.yaml",
+        "pretrain_overrides": pre, "val_size": 30, "seeds": 2,
+        "grid": {"optim.lr": [1e-3, 3e-3]},
+        "fractions": {0.5: ["train.epochs=2", "train.eval_every_epochs=2", "optim.warmup_epochs=0"],
+                      1.0: ["train.epochs=1", "train.eval_every_epochs=1", "optim.warmup_epochs=0"]},
+        "knn_ks": [1, 3], "overrides": [*common, *model],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(study))  # JSON is YAML
+    return path
+
+
+def test_study_runs_end_to_end_on_an_image_folder_and_resumes(tmp_path):
+    path, out = _study_files(tmp_path), tmp_path / "out"
+    cmd = [sys.executable, "-m", "beit", "study", str(path), "--out", str(out)]
+    first = subprocess.run(cmd + ["--fractions", "0.5"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    half, full = res["rows"]["50pct"], res["rows"]["100pct"]
+    for arm in ("pretrained", "scratch"):
+        assert [g["val_top1"] is not None for g in half["arms"][arm]["grid"]] == [True, True]
+        best = half["arms"][arm]["selected"]
+        assert best == max(half["arms"][arm]["grid"], key=lambda g: g["val_top1"])["point"]
+        assert half["arms"][arm]["test"]["n"] == 2
+        # the grid never read the test split; the selected runs read it once, into test.json
+        for g in half["arms"][arm]["grid"]:
+            run = out / g["run"]
+            assert yaml_split(run) == "val"
+            assert (run / "test.json").exists() == (g["point"] == best)
+        assert full["arms"][arm].get("test") is None  # not run yet: reported as pending
+    assert half["gain"]["n"] == 2 and len(half["gain"]["ci95"]) == 2
+    assert half["pixel_knn"]["k"] in (1, 3)
+    assert half["pixel_knn"]["test"]["mean"] > 90  # separable bars: the pixel baseline must get them right
+    assert (out / "study.png").stat().st_size > 10_000
+    md = (out / "results.md").read_text()
+    assert "| 50% |" in md and "pending" in md
+    # Rerun: finished runs are skipped (their metrics are not appended to), the other fraction runs.
+    before = (out / half["arms"]["scratch"]["grid"][0]["run"] / "metrics.jsonl").read_text()
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (out / half["arms"]["scratch"]["grid"][0]["run"] / "metrics.jsonl").read_text() == before
+    res = json.loads((out / "results.json").read_text())
+    assert res["rows"]["100pct"]["arms"]["pretrained"]["test"]["n"] == 2
+
+
+def yaml_split(run: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())["train"]["eval_split"]
+
+
+def test_bad_study_files_are_one_line_errors(tmp_path):
+    path = _study_files(tmp_path)
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
+        load_study(path, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="seedz"):
+        load_study(path, ["seedz=2"])
+    r = subprocess.run([sys.executable, "-m", "beit", "study", str(tmp_path / "nope.yaml")], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "study file" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+def test_shipped_fmnist_study_is_valid():
+    study = load_study("configs/study/fmnist.yaml")
+    assert study.val_size == 5000 and study.seeds >= 3
+    assert any(v is None for v in study.grid["optim.layer_decay"])  # the grid includes no layer decay
