@@ -1,25 +1,31 @@
 """Write the shipped Fashion-MNIST models (beit/assets/fmnist_{backbone,classifier}.safetensors) from two runs.
 
     OMP_NUM_THREADS=2 python scripts/make_zoo.py --pretrain runs/reproduce_fmnist_full/pretrain \\
-        --finetune runs/reproduce_fmnist_full/finetune_pt_100 [--out beit/assets]
+        --finetune runs/reproduce_fmnist_full/finetune_pretrained_100pct_seed0 [--out beit/assets]
 
 Each file holds the run's final weights in fp16 (official key layout) and, in its safetensors metadata, the
 run's config (`beit_config`) and class names, so `beit.load("fmnist-classifier")` and
 `beit.create_model("beit_fmnist_patch4_32", pretrained="fmnist")` rebuild them with nothing restated.
-Then the classifier file is evaluated with `beit eval` on the full Fashion-MNIST test split and its top-1
-printed: that number goes into docs/model_zoo.md (tests/test_zoo.py checks it within 0.1 pp).
+Then the classifier file is evaluated with `beit eval` on the full Fashion-MNIST test split; its top-1, top-5
+and the files' sizes are printed and written to --json (docs/results/model_zoo.json), from which
+docs/model_zoo.md's numbers are rendered (scripts/render_docs.py; tests/test_zoo.py checks the top-1 within
+0.1 pp). To measure the shipped files again without rewriting them:
+
+    OMP_NUM_THREADS=2 python scripts/make_zoo.py --eval-only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 MAX_BYTES = 6 * 1024 * 1024
+ROOT = Path(__file__).resolve().parent.parent
 FILES = {"pretrain": "fmnist_backbone.safetensors", "finetune": "fmnist_classifier.safetensors"}
 
 
@@ -52,26 +58,44 @@ def write_asset(run: str, out: Path, want_kind: str) -> Path:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrain", required=True, help="pretraining run directory (or checkpoint)")
-    p.add_argument("--finetune", required=True, help="100%%-label fine-tuning run directory (or checkpoint)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "beit" / "assets"))
-    args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_asset(args.pretrain, out / FILES["pretrain"], "mim")
-    classifier = write_asset(args.finetune, out / FILES["finetune"], "classifier")
-
+def evaluate(classifier: Path) -> dict:
+    """`beit eval` of the classifier file on the full Fashion-MNIST test split."""
     from beit.hub import command_config
     from beit.train.evaluate import run_eval
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = command_config(str(classifier), [f"train.out_dir={tmp}", "train.run_name=zoo_eval",
                                                "data.eval_subset=null", "data.num_workers=0"], "eval")
-        res = json.loads((run_eval(cfg) / "results.json").read_text())
+        return json.loads((run_eval(cfg) / "results.json").read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrain", help="pretraining run directory (or checkpoint)")
+    p.add_argument("--finetune", help="100%%-label fine-tuning run directory (or checkpoint)")
+    p.add_argument("--out", default=str(ROOT / "beit" / "assets"))
+    p.add_argument("--json", default=str(ROOT / "docs" / "results" / "model_zoo.json"),
+                   help="where the measured numbers go (default docs/results/model_zoo.json)")
+    p.add_argument("--eval-only", action="store_true", help="write nothing to --out; evaluate the files there")
+    args = p.parse_args()
+    out = Path(args.out)
+    if not args.eval_only:
+        if not (args.pretrain and args.finetune):
+            p.error("--pretrain and --finetune are required (or --eval-only)")
+        out.mkdir(parents=True, exist_ok=True)
+        write_asset(args.pretrain, out / FILES["pretrain"], "mim")
+        write_asset(args.finetune, out / FILES["finetune"], "classifier")
+    classifier = out / FILES["finetune"]
+    res = evaluate(classifier)
+    record = {"command": "python scripts/make_zoo.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
+              "files": {("backbone" if kind == "pretrain" else "classifier"): {"file": f, "size_mib": (out / f).stat().st_size / 2**20}
+                        for kind, f in FILES.items()},
+              "classifier_eval": {k: res[k] for k in ("top1", "top5", "num_samples")}}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     print(f"beit eval {classifier.name}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
-          f"({res['num_samples']} Fashion-MNIST test images) -> put the top-1 into docs/model_zoo.md")
+          f"({res['num_samples']} Fashion-MNIST test images) -> {args.json}; "
+          f"then python scripts/render_docs.py writes it into docs/model_zoo.md")
 
 
 if __name__ == "__main__":
