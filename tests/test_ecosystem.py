@@ -143,10 +143,14 @@ def test_overrides_that_contradict_the_checkpoint_are_errors(run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ HF
-def eval_predictions(model, folder: Path) -> dict[str, int]:
+def _eval_transform(model):
     from beit.data import build_finetune_transform
 
-    tf = build_finetune_transform(model.beit_config.data, train=False)
+    return build_finetune_transform(model.beit_config.data, train=False)
+
+
+def eval_predictions(model, folder: Path) -> dict[str, int]:
+    tf = _eval_transform(model)
     files = sorted(folder.glob("*/*.png"))
     with torch.no_grad():
         logits = model(torch.stack([tf(Image.open(f)) for f in files]))
@@ -169,14 +173,24 @@ def test_hf_export_loads_through_the_three_entry_points(run, tmp_path):
 
     model = AutoModelForImageClassification.from_pretrained(hf_dir).eval()
     processor = AutoImageProcessor.from_pretrained(hf_dir)
-    classify = pipeline("image-classification", model=str(hf_dir))
+    classify = pipeline("image-classification", model=str(hf_dir), top_k=3)
     names = model.config.id2label
     assert [names[i] for i in range(3)] == ["blue", "green", "red"]
+    # the preprocessing fields read back are the run's (mean/std 0.5, eval resize 32 / crop_pct, crop 32)
+    assert list(processor.image_mean) == [0.5, 0.5, 0.5] and list(processor.image_std) == [0.5, 0.5, 0.5]
+    assert processor.crop_size == {"height": 32, "width": 32} and processor.do_center_crop
+    ref = beit.load(run)
+    tf = _eval_transform(ref)
     for f, want in ours.items():
         with torch.no_grad():
             pixels = processor(Image.open(f).convert("RGB"), return_tensors="pt")["pixel_values"]
-            assert model(pixel_values=pixels).logits.argmax(-1).item() == want, f
-        assert classify(f)[0]["label"] == names[want], f
+            torch.testing.assert_close(pixels[0], tf(Image.open(f)), atol=1e-5, rtol=0, msg=f)
+            logits = model(pixel_values=pixels).logits  # [1, 3]
+            torch.testing.assert_close(logits, ref(tf(Image.open(f))[None]), atol=1e-4, rtol=0, msg=f)
+        assert logits.argmax(-1).item() == want, f
+        probs = logits.softmax(-1)[0]
+        got = {r["label"]: r["score"] for r in classify(f)}
+        assert got == pytest.approx({names[i]: probs[i].item() for i in range(3)}, abs=1e-5), f
 
 
 def test_gray_model_through_the_hf_pipeline(tmp_path):
@@ -195,9 +209,15 @@ def test_gray_model_through_the_hf_pipeline(tmp_path):
         model.head.weight.normal_()
     ckpt_io.save_training_checkpoint(tmp_path, {"model": model.state_dict(), "config": cfg.to_dict()}, 1, 1)
     classify = pipeline("image-classification", model=str(export(tmp_path, tmp_path / "hf", "hf")), top_k=3)
-    for f, want in eval_predictions(beit.load(tmp_path), data / "test").items():
+    ours = beit.load(tmp_path)
+    tf = _eval_transform(ours)
+    for f, want in eval_predictions(ours, data / "test").items():
         got = classify(f)
         assert got[0]["label"] == ["blue", "green", "red"][want], f
+        with torch.no_grad():
+            probs = ours(tf(Image.open(f))[None]).softmax(-1)[0]  # the 1-channel model on the gray image
+        assert {r["label"]: r["score"] for r in got} == pytest.approx(
+            {name: probs[i].item() for i, name in enumerate(["blue", "green", "red"])}, abs=1e-5), f
 
 
 # ------------------------------------------------------------------------------------------------ timm
