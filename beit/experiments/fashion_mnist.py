@@ -318,7 +318,8 @@ def register(subparsers):
     p.add_argument("dataset", choices=["fashion-mnist", "fmnist-scenes"],
                    help="fashion-mnist: classification; fmnist-scenes: segmentation (beit/experiments/fmnist_scenes.py)")
     p.add_argument("--variant", choices=["quick", "full", "gpu", "smoke"], default="full",
-                   help="quick: <= 20 min on a 2-core CPU; full: <= 3 h on it; gpu: a larger one-GPU budget; "
+                   help="quick: ~13 min on a 2-core CPU; full: ~2 h 11 min on it (measured: "
+                        "docs/results/fashion_mnist.md); gpu: a larger one-GPU budget; "
                         "fmnist-scenes has full and smoke (a one-minute check of the driver)")
     p.add_argument("--pretrained", default=None,
                    help="fmnist-scenes: an existing Fashion-MNIST pretraining run directory (else it is run)")
@@ -368,5 +369,5 @@ What happened ({time.time() - t0:.0f} s):
   2. fine-tuned with 10% of the labels (6,000 images), 2 epochs: test top-1 {top1['pretrained']['mean']:.2f}% vs {top1['scratch']['mean']:.2f}% for the
      same ViT from scratch with the same short budget; run directories {out}/finetune_*
   3. curves: {out / 'curves.png'}   table: {out / 'results.md'}   checkpoints: {out}/*/ckpt-*.pt
-Next: `make reproduce-quick` (~13 min) or `make reproduce`, the full run (~2.2 h; docs/results/fashion_mnist.md).""")
+Next: `make reproduce-quick` (~13 min) or `make reproduce`, the full run (~2 h 11 min; docs/results/fashion_mnist.md).""")
     return 0
