@@ -36,8 +36,23 @@ probe = LinearProbe(build_model(cfg), 10)
 
 def measure(m, p):
     feats, labels = run_over(build_eval_loader(cfg, "test"), p.features, torch.device("cpu"), "none")
-    return {**classifier_evaluate(cfg, torch.device("cpu"))(m), **knn_evaluate(m, cfg),
-            "probe_features": feats.flatten().tolist()[:500], "labels": labels.tolist()}
+    seen = []  # batch sizes this rank's model forwarded during the classifier evaluation: its share, observed
+    hook = m.register_forward_pre_hook(lambda mod, args: seen.append(len(args[0])))
+    try:
+        res = classifier_evaluate(cfg, torch.device("cpu"))(m)
+    finally:
+        hook.remove()
+    return {**res, **knn_evaluate(m, cfg), "probe_features": feats.flatten().tolist()[:500],
+            "labels": labels.tolist(), "batches": gather(seen)}
+
+
+def gather(obj):
+    """Every rank's `obj`, in rank order (just [obj] before the process group exists)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # segmentation: 5 test scenes in batches of 2 -> rank 0 scores 3 (2 batches), rank 1 scores 2 (1 batch + 1 repeat)

@@ -86,6 +86,10 @@ def test_sharded_evaluation_equals_one_process(tmp_path):
             assert got[k] == single[k], k
         assert got["loss"] == pytest.approx(single["loss"], rel=1e-5)
     assert r["sharded"]["labels"] == single["labels"]
+    # each rank forwarded its own share (11 and 10 images, then rank 1 repeats a forward to match rank 0's
+    # batch count), not the whole set
+    assert single["batches"] == [[10, 10, 1]]
+    assert r["sharded"]["batches"] == [[10, 1], [10, 10]]
     assert r["sharded"]["probe_features"] == pytest.approx(single["probe_features"], rel=1e-5, abs=1e-6)
     # segmentation: per-class pixel counts summed over ranks give exactly the one-process metrics
     assert single["seg"]["aAcc"] > 0 and r["sharded"]["seg"] == single["seg"]
