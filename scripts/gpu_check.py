@@ -1,4 +1,5 @@
-"""One-shot GPU check of the pretraining step at BEiT-B/16 scale (about 8 minutes on one GPU).
+"""One-shot GPU check of the pretraining step at BEiT-B/16 scale (at most --budget seconds on one GPU;
+docs/results/gpu.md gives a measured run and how long it took).
 
     python scripts/gpu_check.py --out gpu_check.json [--compile] [--budget 480]
     python scripts/gpu_check.py --tiny --out /tmp/gpu_check.json      # CPU smoke version (tested in CI)
