@@ -6,7 +6,11 @@ Train pipeline (mmseg `configs/_base_/datasets/ade20k.py`, used by the official 
     -> random crop `data.img_size` (512), redrawn up to 10 times while one class covers > cat_max_ratio (0.75)
     -> horizontal flip (p 0.5) -> photometric distortion -> normalise -> pad to the crop (image 0, mask 255).
 Eval: rescale to `seg.scale` at ratio 1 and normalise; the mask stays at its original size (metrics are
-computed there, as mmseg does).
+computed there, as mmseg does). With `seg.eval_scales` (multi-scale test) the image is only normalised: the
+evaluation rescales it to each ratio itself (beit/train/segment.py).
+
+Images are resized bilinearly with half-pixel centres and, by default, no antialiasing: cv2's INTER_LINEAR,
+which mmcv.imresize calls in the official pipeline (`seg.resize_antialias=true` smooths downscaled images).
 
 Image and mask go through the same torchvision `transforms.v2.functional` calls as `tv_tensors.Image` and
 `tv_tensors.Mask`, so every geometric op is applied to both with the same parameters, and masks are always
@@ -52,6 +56,18 @@ def rescale_size(h: int, w: int, scale: Sequence[int], ratio: float = 1.0) -> tu
     long_edge, short_edge = max(scale) * ratio, min(scale) * ratio
     factor = min(long_edge / max(h, w), short_edge / min(h, w))
     return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def resize_image(image: torch.Tensor, size: Sequence[int], antialias: bool = False) -> torch.Tensor:
+    """uint8 [C, H, W] -> uint8 [C, *size], bilinear with half-pixel centres. antialias=False is cv2's
+    INTER_LINEAR (mmcv.imresize): computed in float32 and rounded, so within one grey level of cv2's fixed-point
+    result (torchvision's own uint8 bilinear kernel is off the exact value by up to one level on about a
+    quarter of the pixels). antialias=True widens the filter when downscaling (PIL-like)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    out = F.resize(image.as_subclass(torch.Tensor).float(), list(size), InterpolationMode.BILINEAR,
+                   antialias=antialias)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def crop_box(mask: np.ndarray, crop: int, cat_max_ratio: float, ignore_index: int,
@@ -103,26 +119,28 @@ class SegTransform:
     """(PIL image, uint8 mask [H, W], rng) -> (image [C, H', W'] normalised, mask int64 [h, w]).
 
     train=True: the mmseg train pipeline (module docstring), output crop x crop. train=False: rescale the image
-    to `scale` at ratio 1 and normalise; the mask keeps its original size.
+    to `scale` at ratio 1 (unless `eval_rescale` is False) and normalise; the mask keeps its original size.
     """
 
     def __init__(self, crop: int, scale: Sequence[int], ratio_range: Sequence[float], cat_max_ratio: float,
                  photometric: bool, mean: Sequence[float], std: Sequence[float], in_chans: int,
-                 ignore_index: int, train: bool):
+                 ignore_index: int, train: bool, antialias: bool = False, eval_rescale: bool = True):
         _check_stats(mean, std, in_chans)
         self.crop, self.scale, self.ratio_range = int(crop), tuple(scale), tuple(ratio_range)
         self.cat_max_ratio, self.photometric, self.train = cat_max_ratio, photometric, train
         self.mean, self.std, self.mode, self.ignore_index = list(mean), list(std), pil_mode(in_chans), ignore_index
+        self.antialias, self.eval_rescale = antialias, eval_rescale
 
     def __call__(self, img: Image.Image, mask: np.ndarray, rng: np.random.Generator | None = None):
         image = tv_tensors.Image(F.pil_to_tensor(img.convert(self.mode)))  # uint8 [C, H, W]
         target = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask))[None])  # uint8 [1, H, W]
         h, w = image.shape[-2:]
         if not self.train:
-            image = F.resize(image, list(rescale_size(h, w, self.scale)), InterpolationMode.BILINEAR)
+            if self.eval_rescale:
+                image = resize_image(image, rescale_size(h, w, self.scale), self.antialias)
             return self._normalize(image), target[0].long()
         size = list(rescale_size(h, w, self.scale, rng.uniform(*self.ratio_range)))
-        image, target = F.resize(image, size, InterpolationMode.BILINEAR), F.resize(target, size)  # mask: nearest
+        image, target = resize_image(image, size, self.antialias), F.resize(target, size)  # mask: nearest
         top, left = crop_box(target[0].numpy(), self.crop, self.cat_max_ratio, self.ignore_index, rng)
         image, target = (F.crop(t, top, left, min(self.crop, size[0] - top), min(self.crop, size[1] - left))
                          for t in (image, target))
@@ -297,7 +315,8 @@ def _split_dir(root: Path, names: Sequence[str]) -> str:
 def build_seg_transform(cfg: Config, train: bool) -> SegTransform:
     d, s = cfg.data, cfg.seg
     return SegTransform(d.img_size, s.scale, s.ratio_range, s.cat_max_ratio, s.photometric, d.mean, d.std,
-                        d.in_chans, s.ignore_index, train)
+                        d.in_chans, s.ignore_index, train, antialias=s.resize_antialias,
+                        eval_rescale=s.eval_scales is None)  # multi-scale: the evaluation rescales
 
 
 def build_seg_dataset(cfg: Config, split: str, train_transform: bool | None = None) -> _SegDataset:

@@ -3,7 +3,8 @@ and its evaluation: sliding-window or whole-image inference, mIoU / per-class Io
 
 batch = (images [B, C, S, S] after the mmseg train pipeline, masks [B, S, S] int64, ignore index where padded)
 logits [B, K, S/4, S/4], aux [B, K, S/16, S/16] = segmenter.forward_train(images)
-loss = CE(upsample(logits), masks) + aux_weight * CE(upsample(aux), masks)   (ignore index excluded)
+loss = CE(upsample(logits), masks) + aux_weight * CE(upsample(aux), masks)
+       (ignored pixels add 0 and count in the mean, as mmseg 0.x: `seg.loss_avg_non_ignore`)
 
 The backbone starts from `model.pretrained` (any checkpoint `model.pretrained` takes elsewhere, or a
 pretraining run directory) or from scratch with `model.pretrained: null`; decoder and heads start from their
@@ -94,12 +95,50 @@ def whole_logits(model: nn.Module, images: torch.Tensor, crop: int) -> torch.Ten
 
 
 def seg_infer(cfg: Config) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """(model, images) -> logits at the images' size, in `seg.eval_mode` (slide, stride `seg.stride`, or whole)."""
+    """(model, images) -> scores at the images' size whose argmax is the prediction: logits in `seg.eval_mode`
+    (slide, stride `seg.stride`, or whole), or with `seg.eval_scales` the multi-scale + flip softmax average."""
     crop = cfg.data.img_size
     if cfg.seg.eval_mode == "whole":
-        return lambda model, x: whole_logits(model, x, crop)
-    stride = eval_stride(cfg)
-    return lambda model, x: slide_logits(model, x, crop, stride)
+        single = lambda model, x: whole_logits(model, x, crop)  # noqa: E731
+    else:
+        stride = eval_stride(cfg)
+        single = lambda model, x: slide_logits(model, x, crop, stride)  # noqa: E731
+    s = cfg.seg
+    if s.eval_scales is None:
+        return single
+    return lambda model, x: aug_test_probs(lambda im: single(model, im), x, s.eval_scales, s.eval_flip,
+                                           min(s.scale), crop, s.resize_antialias)
+
+
+def aug_scale_size(h: int, w: int, ratio: float, short_edge: int, crop: int) -> tuple[int, int]:
+    """The size an h x w image is tested at for `ratio` in the official `_ms` configs (MultiScaleFlipAug with
+    unilm's `SETR_Resize(setr_multi_scale=True)`): short edge int(short_edge * ratio), raised to the crop when
+    smaller (so ratios below 1 often equal 1 on ADE20K), long edge following the aspect ratio, unbounded."""
+    short = max(int(short_edge * ratio), crop)
+    factor = short / min(h, w)
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def aug_test_probs(infer: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, ratios: list[float],
+                   flip: bool, short_edge: int, crop: int, antialias: bool = False) -> torch.Tensor:
+    """mmseg 0.x `EncoderDecoder.aug_test`: images [B, C, H, W] at their original size -> class probabilities
+    [B, K, H, W], the mean over ratios (x flips) of softmax(logits at that scale, resized to H x W), each
+    flipped view flipped back. `infer` (images -> logits at their size) is the sliding window.
+
+    The image is rescaled here as a normalised float tensor; mmseg rescales the 8-bit image with cv2 before
+    normalising (the same bilinear weights; ours skips the rounding to 8 bits)."""
+    h, w = images.shape[-2:]
+    total, n = None, 0
+    for ratio in ratios:
+        size = aug_scale_size(h, w, ratio, short_edge, crop)
+        x = images if size == (h, w) else F.interpolate(images, size, mode="bilinear", align_corners=False,
+                                                        antialias=antialias)
+        for flipped in (False, True) if flip else (False,):
+            logits = upsample_logits(infer(x.flip(-1) if flipped else x).float(), (h, w))  # [B, K, H, W]
+            probs = logits.softmax(1)
+            probs = probs.flip(-1) if flipped else probs
+            total, n = probs if total is None else total + probs, n + 1
+    return total / n
 
 
 def eval_stride(cfg: Config) -> int:
@@ -110,7 +149,8 @@ def eval_stride(cfg: Config) -> int:
 def evaluate_segmenter(model: nn.Module, loader: DataLoader, cfg: Config, device: torch.device,
                        names: list[str], keep: int = 0) -> tuple[dict, list]:
     """Metrics over `loader`; also returns the first `keep` (image, mask, prediction) triples for drawing
-    (this rank's first: rank 0's are the dataset's first).
+    (this rank's first: rank 0's are the dataset's first). In fp32 unless `seg.eval_amp` (then `train.amp`);
+    multi-scale + flip with `seg.eval_scales` / `seg.eval_flip`.
 
     Under a process group each rank scores its share of the images (`forward_share`) and the per-class pixel
     counts are summed over ranks, so every rank returns what one process computes (the counts are integers:
@@ -118,11 +158,12 @@ def evaluate_segmenter(model: nn.Module, loader: DataLoader, cfg: Config, device
     infer, k, kept = seg_infer(cfg), len(names), []
     totals = torch.zeros(4, k, dtype=torch.float64)
     model.eval()
-    for x, y, logits in forward_share(loader, lambda images: infer(model, images), device, cfg.train.amp,
-                                      "eval (test)", cfg.train.progress):
-        if logits.shape[-2:] != y.shape[-2:]:  # the image was rescaled for inference; score at the mask's size
-            logits = F.interpolate(logits, y.shape[-2:], mode="bilinear", align_corners=False)
-        pred = logits.argmax(1).cpu()  # [B, H, W]
+    amp = cfg.train.amp if cfg.seg.eval_amp else "none"  # official: fp32
+    for x, y, scores in forward_share(loader, lambda images: infer(model, images), device, amp, "eval (test)",
+                                      cfg.train.progress):
+        if scores.shape[-2:] != y.shape[-2:]:  # the image was rescaled for inference; score at the mask's size
+            scores = F.interpolate(scores, y.shape[-2:], mode="bilinear", align_corners=False)
+        pred = scores.argmax(1).cpu()  # [B, H, W]
         totals += intersect_and_union(pred, y, k, cfg.seg.ignore_index)
         kept += [(x[i], y[i], pred[i]) for i in range(min(len(x), keep - len(kept)))]
     if is_sharded(loader):
@@ -203,16 +244,28 @@ def _train_forward(model: nn.Module):
         del inner.forward
 
 
-def make_seg_step(ignore_index: int) -> Callable[[nn.Module, tuple], dict]:
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, avg_non_ignore: bool = False):
+    """Pixel cross-entropy of logits [B, K, h, w] (upsampled to the labels' size) against labels [B, H, W].
+
+    avg_non_ignore=False (mmseg 0.x, what the official configs ran): summed over the labelled pixels and
+    divided by all B*H*W pixels, ignored ones included; True: the mean over labelled pixels only
+    (`F.cross_entropy`'s, mmseg's later `avg_non_ignore=True`). With 25% of pixels ignored the first is 0.75x."""
+    logits = upsample_logits(logits, labels.shape[-2:]).float()
+    if avg_non_ignore:
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / labels.numel()
+
+
+def make_seg_step(ignore_index: int, avg_non_ignore: bool = False) -> Callable[[nn.Module, tuple], dict]:
     def seg_step(model, batch):
         x, y = batch  # [B, C, S, S], [B, S, S]
         with _train_forward(model) as m:
             logits, aux = m(x)
         inner = getattr(model, "module", model)
-        loss = F.cross_entropy(upsample_logits(logits, y.shape[-2:]).float(), y, ignore_index=ignore_index)
+        loss = seg_loss(logits, y, ignore_index, avg_non_ignore)
         out = {"loss_decode": loss.detach()}
         if aux is not None:
-            aux_loss = F.cross_entropy(upsample_logits(aux, y.shape[-2:]).float(), y, ignore_index=ignore_index)
+            aux_loss = seg_loss(aux, y, ignore_index, avg_non_ignore)
             loss = loss + inner.aux_weight * aux_loss
             out["loss_aux"] = aux_loss.detach()
         return {"loss": loss, **out}
@@ -233,8 +286,9 @@ def build_segment_task(cfg: Config, device: torch.device):
     def evaluate(m: nn.Module) -> dict:
         return evaluate_segmenter(m, loader, cfg, device, names)[0]
 
-    return Task(model=model, step=make_seg_step(cfg.seg.ignore_index), dataset=train, collate_fn=collate_skip_bad,
-                evaluate=evaluate, best_metric="mIoU")
+    step = make_seg_step(cfg.seg.ignore_index, cfg.seg.loss_avg_non_ignore)
+    return Task(model=model, step=step, dataset=train, collate_fn=collate_skip_bad, evaluate=evaluate,
+                best_metric="mIoU")
 
 
 def run_segment(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
@@ -243,7 +297,7 @@ def run_segment(cfg: Config, resume: bool = False, overwrite: bool = False) -> P
         summary = read_summary(run_dir)
         last = summary.get("eval", {})
         write_results(run_dir, {"command": "segment", "pretrained": cfg.model.pretrained, "steps": summary.get("steps"),
-                                "eval_mode": cfg.seg.eval_mode, "best_mIoU": summary.get("best"), **last})
+                                **eval_settings(cfg), "best_mIoU": summary.get("best"), **last})
     return run_dir
 
 
@@ -256,7 +310,14 @@ def run_seg_eval(cfg: Config, overwrite: bool = False) -> Path:
     run_dir = open_run_dir(cfg, overwrite=overwrite)
     metrics, _ = evaluate_segmenter(model, build_eval_loader(cfg, test), cfg, device, list(test.classes))
     write_results(run_dir, {"checkpoint": resolve_pretrained(cfg.model.pretrained), "split": "test",
-                            "num_images": len(test), "eval_mode": cfg.seg.eval_mode, **metrics})
+                            "num_images": len(test), **eval_settings(cfg), **metrics})
     log.info(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}  "
-             f"({len(test)} images, {cfg.seg.eval_mode})")
+             f"({len(test)} images, {eval_settings(cfg)})")
     return run_dir
+
+
+def eval_settings(cfg: Config) -> dict:
+    """How the reported metrics were evaluated (written beside them in results.json)."""
+    s = cfg.seg
+    return {"eval_mode": s.eval_mode, "eval_scales": s.eval_scales, "eval_flip": s.eval_flip,
+            "eval_precision": cfg.train.amp if s.eval_amp and cfg.train.amp != "none" else "fp32"}
