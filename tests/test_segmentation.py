@@ -345,7 +345,14 @@ def test_segment_trains_evaluates_resumes_and_draws(tmp_path, capsys):
     assert [p.name for p in sorted((tmp_path / "seg").glob("ckpt-*.pt"))] == ["ckpt-00000002.pt"]
     main(args + ["--resume"])
     res = json.loads((tmp_path / "seg" / "results.json").read_text())
-    assert res["steps"] == 4 and 0 <= res["mIoU"] <= 100 and len(res["per_class_iou"]) == 11
+    assert res["steps"] == 4 and len(res["per_class_iou"]) == 11
+    # the resumed run is the uninterrupted one, bit for bit: same seeded crops, flips and distortions
+    main(["segment", SCENES, *TINY, f"train.out_dir={tmp_path}", "train.run_name=full"])
+    a = torch.load(tmp_path / "full" / "ckpt-00000004.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "seg" / "ckpt-00000004.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert full["mIoU"] == res["mIoU"] and full["per_class_iou"] == res["per_class_iou"]
     rows = [json.loads(line) for line in (tmp_path / "seg" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [2, 4]
     assert rows[0]["loss"] > 0 and "loss_aux" in rows[0]
