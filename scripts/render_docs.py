@@ -11,12 +11,13 @@ A number in a markdown file is marked with two HTML comments (invisible on GitHu
     top-1 <!--r rr:100.pretrained.mean-->88.53<!--/r-->, gain <!--r gain #~+.2f-->+5.26<!--/r-->
 
 - `r-src ALIAS = PATH[#KEY.PATH]`: a JSON file (path from the repository root), optionally a part of it;
+  a `.jsonl` file is the list of its lines' records (`log:-1.loss`: the last record's loss);
 - `r-let NAME = EXPR`: a named expression, for derived numbers (gains, totals, means);
 - `r EXPR [#FORMAT]` ... `/r`: the text between the two comments is EXPR, formatted.
 
 EXPR is arithmetic (+ - * / //, parentheses, numbers) over references `ALIAS:key.path`, names from
 `r-let` and the functions sum, mean, min, max, len, abs. In a key path, a segment is a dict key or a
-list index; quote a key holding other characters than letters, digits and `_` ('Ankle boot'); a
+list index (negative from the end); quote a key holding other characters than letters, digits and `_` ('Ankle boot'); a
 segment with `*` or `?` matches several keys (a list: `sum(wall:finetune_*_1pct_*)`). Put spaces
 around a minus sign. Directives belong to the file they are in; they may appear anywhere in it.
 
@@ -41,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = re.compile(r"<!--r\s+(?P<expr>.*?)-->(?P<text>.*?)<!--/r-->")
 DIRECTIVE = re.compile(r"<!--r-(?P<kind>src|let)\s+(?P<name>[A-Za-z_]\w*)\s*=\s*(?P<value>.*?)\s*-->")
-SEGMENT = r"(?:'[^']*'|[\w*?]+)"
+SEGMENT = r"(?:'[^']*'|-?[\w*?]+)"
 REFERENCE = re.compile(rf"(?P<alias>[A-Za-z_]\w*):(?P<path>{SEGMENT}(?:\.{SEGMENT})*)")
 FUNCS = {"sum": sum, "min": min, "max": max, "len": len, "abs": abs,
          "mean": lambda xs: sum(xs) / len(xs)}
@@ -107,7 +108,9 @@ class Scope:
         path, prefix = self.srcs[alias]
         if path not in self.json_cache:
             try:
-                self.json_cache[path] = json.loads(path.read_text())
+                text = path.read_text()
+                self.json_cache[path] = ([json.loads(line) for line in text.splitlines() if line.strip()]
+                                         if path.suffix == ".jsonl" else json.loads(text))
             except (OSError, ValueError) as e:
                 raise DocError(f"source '{alias}': cannot read {path}: {e}") from None
         return walk(self.json_cache[path], prefix, str(path))
@@ -216,6 +219,23 @@ def default_files(root: Path) -> list[Path]:
     return [p for p in [root / "README.md", *sorted((root / "docs").rglob("*.md"))] if p.is_file()]
 
 
+def unmarked(files: list[Path], root: Path) -> int:
+    """Print the decimal numbers outside markers and code blocks: what is typed, not rendered."""
+    count = 0
+    for file in files:
+        text = re.sub(r"```.*?```", lambda m: "\n" * m[0].count("\n"), file.read_text(), flags=re.S)
+        text = re.sub(r"<!--.*?-->", "", MARKER.sub("", text))
+        text = re.sub(r"`[^`\n]*`", "", text)
+        for i, line in enumerate(text.splitlines(), 1):
+            found = re.findall(r"(?<![\w.])[+\u2212-]?\d+\.\d+(?![\w.])", line)
+            if found:
+                count += len(found)
+                shown = file.relative_to(root) if file.is_relative_to(root) else file
+                print(f"{shown}:{i}: {' '.join(found)}")
+    print(f"{count} decimal numbers are typed, not rendered", file=sys.stderr)
+    return 0
+
+
 def run(files: list[Path], root: Path, check: bool) -> int:
     bad, total, marked = [], 0, 0
     for file in files:
@@ -240,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="*", type=Path, help="markdown files (default: README.md and docs/**/*.md)")
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a number disagrees")
     p.add_argument("--root", type=Path, default=ROOT, help="where the JSON paths start (default: the repository)")
+    p.add_argument("--unmarked", action="store_true",
+                   help="list the decimal numbers outside markers and code blocks (typed, so not checked)")
     a = p.parse_args(argv)
     root = a.root.resolve()
     files = [f.resolve() for f in a.files] or default_files(root)
@@ -248,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"render_docs: error: {f}: no such file", file=sys.stderr)
             return 2
     try:
-        return run(files, root, a.check)
+        return unmarked(files, root) if a.unmarked else run(files, root, a.check)
     except DocError as e:
         print(f"render_docs: error: {e}", file=sys.stderr)
         return 2

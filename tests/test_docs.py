@@ -56,6 +56,7 @@ def write(tmp_path: Path, md: str) -> Path:
     (tmp_path / "r.json").write_text(json.dumps({
         "wall": {"ft_1pct_a": 3600.0, "ft_1pct_b": 4260.0, "ft_10pct_a": 60.0, "quick": 802.4},
         "iou": {"Ankle boot": 1.234, "Bag": 50.0}, "runs": [1.0, 2.0, 4.5], "gain": -4.2849, "n": 10000}))
+    (tmp_path / "log.jsonl").write_text('{"step": 10, "loss": 6.196}\n{"step": 20, "loss": 2.657}\n')
     page = tmp_path / "page.md"
     page.write_text(md)
     return page
@@ -68,12 +69,13 @@ def test_formats_wildcards_quoted_keys_and_named_expressions(tmp_path):
                  "<!--r j:iou.'Ankle boot'-->?<!--/r--> <!--r j:gain #~+.2f-->?<!--/r--> "
                  "<!--r len(j:runs) #d-->?<!--/r--> <!--r mean(j:runs) #.1f-->?<!--/r--> "
                  "<!--r j:n #,d-->?<!--/r--> <!--r (j:iou.Bag - j:runs.2) / 60 * 60-->?<!--/r--> "
-                 "<!--r max(j:wall.*) / 60 #.0f-->?<!--/r--> <!--r j:wall.ft_10pct_a #mins-->?<!--/r-->\n")
+                 "<!--r max(j:wall.*) / 60 #.0f-->?<!--/r--> <!--r j:wall.ft_10pct_a #mins-->?<!--/r-->\n"
+                 "<!--r-src log = log.jsonl--><!--r log:0.loss-->?<!--/r--> <!--r log:-1.loss-->?<!--/r-->\n")
     assert rd.main(["--check", str(page), "--root", str(tmp_path)]) == 1
     assert rd.main([str(page), "--root", str(tmp_path)]) == 0
     values = re.findall(r"-->([^<]*)<!--/r-->", page.read_text())
     assert values == ["2 h 11 min", "13 min 22 s", "1.23", "\u22124.28", "3", "2.5", "10,000", "45.50", "71",
-                      "1 min 0 s"]
+                      "1 min 0 s", "6.20", "2.66"]
     assert rd.main(["--check", str(page), "--root", str(tmp_path)]) == 0
 
 
