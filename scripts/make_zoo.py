@@ -87,9 +87,9 @@ def main() -> None:
         write_asset(args.finetune, out / FILES["finetune"], "classifier")
     classifier = out / FILES["finetune"]
     res = evaluate(classifier)
+    files = {"backbone": FILES["pretrain"], "classifier": FILES["finetune"]}
     record = {"command": "python scripts/make_zoo.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
-              "files": {("backbone" if kind == "pretrain" else "classifier"): {"file": f, "size_mib": (out / f).stat().st_size / 2**20}
-                        for kind, f in FILES.items()},
+              "files": {k: {"file": f, "size_mib": (out / f).stat().st_size / 2**20} for k, f in files.items()},
               "classifier_eval": {k: res[k] for k in ("top1", "top5", "num_samples")}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")

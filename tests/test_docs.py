@@ -4,7 +4,6 @@ check catches a number changed by hand. No training: only markdown and JSON are 
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
