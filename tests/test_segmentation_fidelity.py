@@ -214,3 +214,30 @@ def test_evaluation_runs_in_fp32_unless_asked_and_multi_scale_scores_the_dataset
         assert torch.equal(pred, kept[i][2])
         counts += intersect_and_union(pred, mask, 11, 255)
     assert metrics == seg_metrics(counts, names)
+
+
+# ------------------------------------------------------------------------------------------------ SyncBN
+@needs_fmnist
+def test_sync_bn_on_two_processes_equals_one_process_over_the_global_batch(tmp_path):
+    out = tmp_path / "syncbn.json"
+    with socket.socket() as s:  # a free port: other test runs may share the machine
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          port, str(Path(__file__).with_name("_dist_syncbn.py")), str(out)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    one = r["one"]
+    assert one["bn_classes"] == ["BatchNorm2d"] and len(one["stats"]) >= 10  # heads and neck
+    for name in ("ddp", "fsdp"):  # converted automatically under the process group
+        assert r[name]["bn_classes"] == ["GlobalBatchNorm"], name
+        assert r[name]["stats"].keys() == one["stats"].keys()
+        for k, v in one["stats"].items():
+            assert r[name]["stats"][k] == pytest.approx(v, rel=1e-4, abs=1e-5), (name, k)
+        for k, v in one["grads"].items():  # the backward is the global batch's too
+            assert r[name]["grads"][k] == pytest.approx(v, rel=1e-3, abs=1e-6), (name, k)
+    # seg.sync_bn=false: per-process statistics, measurably not the global batch's
+    off = r["ddp_no_sync"]
+    assert off["bn_classes"] == ["BatchNorm2d"]
+    assert max(abs(a - b) for k in one["stats"] for a, b in zip(off["stats"][k], one["stats"][k])) > 1e-3

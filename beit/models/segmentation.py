@@ -10,8 +10,9 @@ This follows the official code (microsoft/unilm `beit/semantic_segmentation`: th
 and mmsegmentation 0.x `UPerHead` / `FCNHead` / `PPM`). Module names are the mmseg ones (`conv`, `bn`,
 `psp_modules.i.1`, `bottleneck`, `lateral_convs`, `fpn_convs`, `fpn_bottleneck`, `conv_seg`, `convs`), so the
 official ADE20K checkpoints and HF hub files map onto ours by a few renames (beit/convert/segmentation.py).
-BatchNorm is plain `nn.BatchNorm2d` here; under DDP wrap the model from outside with
-`nn.SyncBatchNorm.convert_sync_batchnorm` (the official config uses SyncBN).
+BatchNorm is plain `nn.BatchNorm2d` here; under torchrun `beit segment` converts it from outside
+(`beit.train.distributed.sync_batchnorm`, `seg.sync_bn`) so its statistics are the global batch's, as the
+official config's SyncBN.
 """
 
 from __future__ import annotations

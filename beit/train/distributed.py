@@ -231,3 +231,65 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.broadcast(t, src)
     return t
+
+
+# ------------------------------------------------------------------------------------------------ SyncBN
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch: per-channel sums are all-reduced
+    over the process group (autograd-aware, so the backward is the global batch's too), on any device and
+    backend. `nn.SyncBatchNorm` does the same on GPUs only; this one also runs on CPU (gloo), which is where
+    the equivalence with one process is tested. Same parameters, buffers and state-dict keys as BatchNorm,
+    and the same running-statistics update (unbiased variance, `momentum`). Eval mode uses the running
+    statistics and communicates nothing."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()  # statistics in fp32 under autocast, as cuDNN's BatchNorm
+        local = torch.tensor([xf.numel() // xf.shape[1]], dtype=xf.dtype, device=x.device)
+        sums = all_reduce(torch.cat([xf.sum(dims), local]))  # [C + 1]: per-channel sums, pixel count
+        count = sums[-1]
+        mean = sums[:-1] / count
+        centred = xf - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / count  # two passes: no E[x^2] - E[x]^2 cancellation
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                unbiased = var.detach() * count / (count - 1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Under a process group of more than one process, replace every BatchNorm of `model` (in place) by a
+    `GlobalBatchNorm` holding the same parameter and buffer tensors; otherwise return `model` unchanged.
+    Call before DDP / FSDP wrapping and before the optimizer is built (the official segmentation configs use
+    SyncBN; mmseg's models, like ours, are written with plain BatchNorm)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return model
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                 child.track_running_stats, device=child.running_mean.device
+                                 if child.running_mean is not None else None)
+            if child.affine:
+                bn.weight, bn.bias = child.weight, child.bias
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(bn, key, getattr(child, key))
+            bn.train(child.training)
+            setattr(model, name, bn)
+        else:
+            sync_batchnorm(child)
+    return model

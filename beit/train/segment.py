@@ -31,7 +31,7 @@ from beit.convert import read_checkpoint
 from beit.data import collate_skip_bad
 from beit.data.segmentation import build_seg_dataset
 from beit.models.segmentation import create_segmenter, load_pretrained_backbone, upsample_logits
-from beit.train.distributed import all_reduce_sum, resolve_device
+from beit.train.distributed import all_reduce_sum, resolve_device, sync_batchnorm
 from beit.train.evaluate import forward_share, is_main_process, is_sharded, read_summary, write_results
 from beit.train.loop import Task
 from beit.train.runner import launch, open_run_dir
@@ -279,6 +279,8 @@ def build_segment_task(cfg: Config, device: torch.device):
     test = build_seg_dataset(cfg, "test")
     names = list(train.classes)
     model = build_segmenter(cfg, len(names))
+    if cfg.seg.sync_bn:  # under torchrun: BatchNorm over the global batch (official SyncBN); before DDP / FSDP
+        model = sync_batchnorm(model)
     if hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     loader = build_eval_loader(cfg, test)
