@@ -46,10 +46,11 @@ def build_model(cfg: Config, need_pretrained: bool = False) -> nn.Module:
         log.info(f"loading {pretrained}")
     model = create_model(cfg.model.name, pretrained, **cfg.model.overrides())
     problems = []
-    if cfg.data.img_size != model.patch_embed.img_size:
-        problems.append(f"data.img_size {cfg.data.img_size} != model img_size {model.patch_embed.img_size}")
-    if cfg.data.in_chans != model.patch_embed.in_chans:
-        problems.append(f"data.in_chans {cfg.data.in_chans} != model in_chans {model.patch_embed.in_chans}")
+    inp = getattr(model, "patch_embed", model)  # a ViT's input sizes live on its patch embedding; a CNN's on itself
+    if cfg.data.img_size != inp.img_size:
+        problems.append(f"data.img_size {cfg.data.img_size} != model img_size {inp.img_size}")
+    if cfg.data.in_chans != inp.in_chans:
+        problems.append(f"data.in_chans {cfg.data.in_chans} != model in_chans {inp.in_chans}")
     if problems:
         raise ConfigError("model and data disagree: " + "; ".join(problems))
     return model
@@ -75,11 +76,12 @@ def build_mim_dataset(cfg: Config, grid: tuple[int, int], split: str = "train",
     return MIMDataset(base, item.two_view, item.mask_gen, seed=seed)
 
 
-def build_labeled_dataset(cfg: Config, split: str, train_transform: bool = False):
-    """`build_dataset` with the fine-tuning (train) or eval transform; bad label fractions become ConfigErrors."""
+def build_labeled_dataset(cfg: Config, split: str, train_transform: bool = False, classes: list[str] | None = None):
+    """`build_dataset` with the fine-tuning (train) or eval transform; bad label fractions become ConfigErrors.
+    `classes` numbers an ImageFolder split by a checkpoint's class index (default: the training split's)."""
     try:
         return build_dataset(cfg.data, split, build_finetune_transform(cfg.data, train=train_transform),
-                             label_seed=cfg.train.seed)
+                             label_seed=cfg.train.seed, classes=classes)
     except ValueError as e:  # e.g. a label fraction that leaves a class empty
         raise ConfigError(str(e)) from None
 

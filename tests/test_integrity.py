@@ -78,3 +78,50 @@ def test_unknown_class_images_can_be_skipped_and_counted_by_name(tmp_path, caplo
     assert ds.skipped_classes == {"b_mid": 3}
     assert ds.classes == ["a_dark", "c_light"] and sorted(ds.targets.tolist()) == [0, 0, 0, 1, 1, 1]
     assert "b_mid (3 images)" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ beit eval
+def _classifier_ckpt(path: Path, names: list[str], dataset: str = "image_folder", root: str | None = None) -> Path:
+    """A tiny (untrained) 32 px grey classifier saved as our training checkpoints are: weights, config, classes."""
+    from beit.config import load_config
+    from beit.models import create_model
+
+    cfg = load_config(SCRATCH, [*TINY_FT, f"model.num_classes={len(names)}", f"data.dataset={dataset}",
+                                f"data.root={root}" if root else "data.root=null", "data.eval_subset=20"])
+    model = create_model(cfg.model.name, **cfg.model.overrides())
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 0, "class_names": names}, path)
+    return path
+
+
+def test_eval_reads_a_folder_with_the_checkpoints_class_index(tmp_path):
+    ckpt = _classifier_ckpt(tmp_path / "c.pt", ["a_dark", "b_mid", "c_light"])
+    _write_folder(tmp_path / "data", "test", ["a_dark", "c_light"], 3)  # no train/: the checkpoint's index
+    main(["eval", str(ckpt), f"data.root={tmp_path / 'data'}", f"train.out_dir={tmp_path / 'runs'}"])
+    res = json.loads(next((tmp_path / "runs").glob("*/results.json")).read_text())
+    assert res["class_names"] == ["a_dark", "b_mid", "c_light"] and res["num_samples"] == 6
+    cm = res["confusion_matrix"]  # true rows: c_light's 3 images sit in row 2, the middle row is empty
+    assert [sum(r) for r in cm] == [3, 0, 3]
+
+
+def test_eval_on_other_class_names_is_one_line_showing_both(tmp_path, capsys):
+    ckpt = _classifier_ckpt(tmp_path / "c.pt", ["a_dark", "b_mid", "c_light"])
+    _write_folder(tmp_path / "data", "test", ["a_dark", "zebra"], 2)
+    args = ["eval", str(ckpt), f"data.root={tmp_path / 'data'}", f"train.out_dir={tmp_path / 'runs'}"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "['zebra']" in err and "['a_dark', 'b_mid', 'c_light']" in err and "--allow-other-classes" in err
+    assert not (tmp_path / "runs").exists()
+    main([*args, "--allow-other-classes"])  # meant to differ: scored by the data's own numbering
+    assert json.loads(next((tmp_path / "runs").glob("*/results.json")).read_text())["num_samples"] == 4
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_eval_of_a_digits_checkpoint_on_fashion_mnist_is_an_error(tmp_path, capsys):
+    ckpt = _classifier_ckpt(tmp_path / "c.pt", [str(i) for i in range(10)], dataset="fashion_mnist")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(ckpt), f"train.out_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "['T-shirt/top', 'Trouser'" in err and "['0', '1', '2'" in err

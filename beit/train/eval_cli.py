@@ -89,4 +89,9 @@ def register(subparsers) -> None:
                             ("knn", "k-NN accuracy of frozen features (k=20, T=0.07)", _knn),
                             ("eval", "top-1/top-5, per-class accuracy and confusion matrix of a checkpoint; mIoU, "
                              "mAcc, aAcc and per-class IoU of a segmentation run", _eval)):
-        add_train_command(subparsers, name, help, run, checkpoint_config_loader(name), CHECKPOINT_HELP)
+        p = add_train_command(subparsers, name, help, run, checkpoint_config_loader(name), CHECKPOINT_HELP)
+    p.add_argument("--allow-other-classes", action="store_true",
+                   help="evaluate on data whose class names differ from the checkpoint's (scored by label index)")
+    load = checkpoint_config_loader("eval")
+    p.set_defaults(func=lambda a: _eval(load(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite,
+                                        allow_other_classes=a.allow_other_classes))

@@ -203,9 +203,40 @@ def plot_confusion(cm: torch.Tensor, names: list[str], path: Path, title: str):
 
 
 # ------------------------------------------------------------------------------------------------ beit eval
-def run_eval(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
+def checkpoint_class_names(source: str | None) -> list[str]:
+    """The class names a checkpoint was trained with (its run's class index), [] when it does not say."""
+    from beit.hub import read_source  # hub reaches this module lazily too; both stay importable alone
+
+    try:
+        return list(read_source(source).class_names) if source else []
+    except (OSError, ValueError, ConfigError):  # a foreign layout or preset tag: no names to compare
+        return []
+
+
+def eval_dataset(cfg: Config, checkpoint_names: list[str], allow_other_classes: bool = False):
+    """The test split numbered by the checkpoint's class index; class names that differ from the checkpoint's
+    are an error showing both lists (unless `allow_other_classes`: then the data's own numbering is scored)."""
+    hint = "pass --allow-other-classes if they are meant to differ (labels are then compared by index)"
+    if allow_other_classes or not checkpoint_names:
+        return build_labeled_dataset(cfg, "test")
+    if cfg.data.dataset == "image_folder":  # folders are matched by name: a subset of the classes is fine
+        try:
+            return build_labeled_dataset(cfg, "test", classes=checkpoint_names)
+        except ConfigError as e:
+            raise ConfigError(f"the data's class names differ from the checkpoint's: {e}; {hint}") from None
+    dataset = build_labeled_dataset(cfg, "test")
+    names = class_names(dataset, cfg)
+    if names and names != checkpoint_names:
+        raise ConfigError(f"the data's class names {names} differ from the checkpoint's {checkpoint_names} "
+                          f"({cfg.model.pretrained}); {hint}")
+    return dataset
+
+
+def run_eval(cfg: Config, overwrite: bool = False, resume: bool = False, allow_other_classes: bool = False) -> Path:
     """Evaluate `model.pretrained` on the test split: results.json (top-1/top-5, per-class accuracy, confusion
-    matrix) and confusion.png in runs/<run_name>/. Segmentation data (`beit segment` runs): mIoU and friends."""
+    matrix) and confusion.png in runs/<run_name>/. Segmentation data (`beit segment` runs): mIoU and friends.
+    The data is read with the checkpoint's class index; other class names are an error unless
+    `allow_other_classes`."""
     if cfg.data.dataset in SEG_DATASETS:
         from beit.train.segment import run_seg_eval  # segment imports this module
 
@@ -215,14 +246,15 @@ def run_eval(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path
     if model.num_classes <= 0:
         raise ConfigError(f"model {cfg.model.name} has no classification head (num_classes=0); `beit eval` needs "
                           f"a fine-tuned classifier — use `beit knn` or `beit linprobe` for a pretrained backbone")
+    own = checkpoint_class_names(cfg.model.pretrained)
+    loader = build_eval_loader(cfg, "test", eval_dataset(cfg, own, allow_other_classes))
     run_dir = open_run_dir(cfg, overwrite=overwrite or resume)
-    loader = build_eval_loader(cfg, "test")
     logits, labels = run_over(loader, model, device, cfg.train.amp, "eval (test)", cfg.train.progress)
     k = model.num_classes
     if int(labels.max()) >= k:
         raise ConfigError(f"the data has label {int(labels.max())} but the model has {k} classes")
     cm = confusion_matrix(logits.argmax(-1), labels, k)
-    names = class_names(loader.dataset, cfg)
+    names = own if own and not allow_other_classes else class_names(loader.dataset, cfg)
     names = names if len(names) == k else [str(i) for i in range(k)]
     per_class = {names[i]: (100.0 * cm[i, i].item() / cm[i].sum().item()) if cm[i].sum() else None for i in range(k)}
     results = {
