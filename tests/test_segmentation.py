@@ -72,46 +72,81 @@ def test_window_positions_follow_mmseg_slide_inference():
     assert window_starts(300, 512, 341) == [0]  # smaller than the crop: one (padded) window
 
 
-class _PixelModel(torch.nn.Module):
-    """Logits at 1/4 resolution that depend only on the pixels under each output cell (4x4 average, then a
-    per-class linear map): a window's logits agree with the whole image's wherever the window covers."""
+def _hand_slide(model, x, windows, crop):
+    """The sliding-window average written out for explicitly listed (top, left) windows: each window's logits
+    bilinearly upsampled to the window (zero-padded to the crop first where it overhangs the image, then cut
+    back), summed into place, divided by how many windows cover each pixel."""
+    b, _, h, w = x.shape
+    total, count = 0, torch.zeros(h, w)
+    for top, left in windows:
+        win = x[..., top:top + crop, left:left + crop]
+        wh, ww = win.shape[-2:]
+        logits = torch.nn.functional.interpolate(model(torch.nn.functional.pad(win, (0, crop - ww, 0, crop - wh))),
+                                                 (crop, crop), mode="bilinear", align_corners=False)[..., :wh, :ww]
+        total = total + torch.nn.functional.pad(logits, (left, w - left - ww, top, h - top - wh))
+        count[top:top + wh, left:left + ww] += 1
+    return total / count
+
+
+class _ConvModel(torch.nn.Module):
+    """Logits at 1/4 resolution from a fixed asymmetric zero-padded conv: a window's logits
+    near its edges differ from the whole image's, so window positions and the averaging both show."""
 
     num_classes = 3
 
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 7, stride=4, padding=3)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.linspace(-1, 1, self.conv.weight.numel()).view_as(self.conv.weight))
+
     def forward(self, x):
-        return torch.einsum("bchw,kc->bkhw", torch.nn.functional.avg_pool2d(x, 4), torch.tensor([[1.0], [-1.0], [0.5]]))
+        return self.conv(x)
 
 
-def test_sliding_window_equals_whole_image_when_one_window_covers_it():
-    from beit.train.segment import slide_logits, whole_logits
+def test_sliding_window_pads_an_image_smaller_than_the_crop():
+    from beit.train.segment import slide_logits
 
-    x = torch.randn(2, 1, 64, 64)
-    model = _PixelModel()
-    torch.testing.assert_close(slide_logits(model, x, 64, 42), whole_logits(model, x, 64))
+    x = torch.randn(2, 1, 48, 56)  # one window, overhanging by 16 rows and 8 columns
+    model = _ConvModel()
+    with torch.no_grad():
+        out = slide_logits(model, x, 64, 42)
+        torch.testing.assert_close(out, _hand_slide(model, x, [(0, 0)], 64), rtol=0, atol=1e-6)
+        # the overhang is padded, not the image resized: resizing gives other logits
+        assert (out - _hand_slide(model, torch.nn.functional.interpolate(x, (64, 64)), [(0, 0)], 64)[..., :48, :56]
+                ).abs().max() > 1e-2
 
 
 @needs_fmnist
-def test_sliding_window_equals_whole_image_for_the_fmnist_segmenter():
+def test_sliding_window_average_for_the_fmnist_segmenter_on_a_larger_image():
     from beit.models.segmentation import create_segmenter
-    from beit.train.segment import slide_logits, whole_logits
+    from beit.train.segment import slide_logits
 
+    torch.manual_seed(0)
     model = create_segmenter("beit_fmnist_patch4_64_upernet").eval()
-    x = torch.randn(2, 1, 64, 64)
+    x = torch.randn(1, 1, 96, 80)
+    # crop 64, stride 42: rows start at 0 and 32 (the last flush with the end), columns at 0 and 16
     with torch.no_grad():
-        torch.testing.assert_close(slide_logits(model, x, 64, 42), whole_logits(model, x, 64))
+        out = slide_logits(model, x, 64, 42)
+        want = _hand_slide(model, x, [(0, 0), (0, 16), (32, 0), (32, 16)], 64)
+    assert out.shape == (1, model.num_classes, 96, 80)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_sliding_windows_cover_a_larger_image_and_average_the_overlap():
     from beit.train.segment import slide_logits
 
     x = torch.randn(1, 1, 96, 80)
-    model = _PixelModel()
-    # Windows every 32 px (on the 4-px grid of the model): each window sees the same pixels as the whole image.
-    full = torch.nn.functional.interpolate(model(x), (96, 80), mode="bilinear", align_corners=False)
-    out = slide_logits(model, x, 64, 32)
+    model = _ConvModel()
+    # crop 64, stride 32: rows start at 0 and 32, columns at 0 and 16 (flush with the end)
+    with torch.no_grad():
+        out = slide_logits(model, x, 64, 32)
+        want = _hand_slide(model, x, [(0, 0), (0, 16), (32, 0), (32, 16)], 64)
     assert out.shape == (1, 3, 96, 80)
-    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))  # bilinear borders differ at window edges
-    torch.testing.assert_close(out[inner], full[inner], atol=0.3, rtol=0)
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    # the windows disagree where they overlap (so the average is not any one window's logits)
+    one = _hand_slide(model, x, [(0, 0)], 64)
+    assert (out[..., 32:64, 16:64] - one[..., 32:64, 16:64]).abs().max() > 1e-2
 
 
 # ------------------------------------------------------------------------------------------------ transforms
