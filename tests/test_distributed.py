@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from beit.train.metrics import read_metrics
-from test_pretrain import run, write_config
+from test_pretrain import TINY, run, write_config
 
 # amp none, no drop path, exact mask counts: the only differences between 1 and 2 processes are reduction order.
 EXACT = {"train": {"max_steps": 6, "log_every": 1, "amp": "none", "save_every_steps": 3},
@@ -25,18 +25,24 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl", "train")]
 
 
+def _final_weights(run_dir: Path, step: int) -> dict:
+    return torch.load(run_dir / f"ckpt-{step:08d}.pt", weights_only=True)["model"]
+
+
 def test_fsdp_matches_one_process_and_resumes_on_another_count(tmp_path):
-    for d in ("one", "fsdp", "resumed"):
+    for d in ("one", "fsdp", "resumed", "one_to_fsdp"):
         (tmp_path / d).mkdir()
-    one = write_config(tmp_path / "one", **EXACT)
+    # the uninterrupted 1-process reference: 8 steps, checkpoints at 3, 6 and 8 (the last two kept)
+    one = write_config(tmp_path / "one", **{**EXACT, "train": {**EXACT["train"], "max_steps": 8}})
     run("pretrain", str(one))
+    one_dir = tmp_path / "one" / "runs" / "cfg"
     # FSDP with gradient accumulation: 8 per process x 2 micro-batches x 2 processes = the same global batch.
     fsdp = write_config(tmp_path / "fsdp", **{**EXACT, "data": {**HALF, "batch_size": 8}, "optim": {"accum_steps": 2},
                                               "dist": {"strategy": "fsdp"}})
     run("pretrain", str(fsdp), nproc=2)
-    ref, got = losses(tmp_path / "one" / "runs" / "cfg"), losses(tmp_path / "fsdp" / "runs" / "cfg")
-    assert len(ref) == len(got) == 6 and ref[-1] < ref[0]
-    assert got == pytest.approx(ref, rel=1e-4, abs=1e-4)
+    ref, got = losses(one_dir), losses(tmp_path / "fsdp" / "runs" / "cfg")
+    assert len(ref) == 8 and len(got) == 6 and ref[5] < ref[0]
+    assert got == pytest.approx(ref[:6], rel=1e-4, abs=1e-4)
 
     # The 2-process FSDP run as if killed after step 3, resumed in 1 plain process without accumulation: it
     # ends where the 1-process run does.
@@ -48,22 +54,34 @@ def test_fsdp_matches_one_process_and_resumes_on_another_count(tmp_path):
     assert set(ckpt["optimizer"]["state"]) == set(range(len(ckpt["optimizer"]["state"])))  # plain layout
     rest = write_config(tmp_path / "resumed", **EXACT)
     run("pretrain", str(rest), "--resume")
-    assert losses(run_dir)[3:] == pytest.approx(ref[3:], rel=1e-4, abs=1e-4)
-    a = torch.load(tmp_path / "one" / "runs" / "cfg" / "ckpt-00000006.pt", weights_only=True)["model"]
-    b = torch.load(run_dir / "ckpt-00000006.pt", weights_only=True)["model"]
+    assert losses(run_dir)[3:] == pytest.approx(ref[3:6], rel=1e-4, abs=1e-4)
+    a, b = _final_weights(one_dir, 6), _final_weights(run_dir, 6)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
-    # ...and a 1-process checkpoint resumes under 2-process FSDP; the FSDP run's checkpoint loads with beit.load.
-    more = write_config(tmp_path / "one", **{**EXACT, "train": {**EXACT["train"], "max_steps": 8},
-                                             "data": HALF, "dist": {"strategy": "fsdp"}})
+    # ...and the 1-process run as if killed after step 6, resumed under 2-process FSDP: its steps 7-8 and its
+    # final weights are the uninterrupted run's.
+    moved = tmp_path / "one_to_fsdp" / "runs" / "cfg"
+    shutil.copytree(one_dir, moved)
+    (moved / "ckpt-00000008.pt").unlink()
+    more = write_config(tmp_path / "one_to_fsdp", **{**EXACT, "train": {**EXACT["train"], "max_steps": 8},
+                                                     "data": HALF, "dist": {"strategy": "fsdp"}})
     run("pretrain", str(more), "--resume", nproc=2)
-    assert len(losses(tmp_path / "one" / "runs" / "cfg")) == 8
+    assert losses(moved) == pytest.approx(ref, rel=1e-4, abs=1e-4)
+    a, b = _final_weights(one_dir, 8), _final_weights(moved, 8)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+    # the FSDP run's checkpoint loads with beit.load into the model the 1-process run trained (same outputs)
     import beit
+    from beit.models import create_model
 
     model = beit.load(tmp_path / "fsdp" / "runs" / "cfg")
-    final = torch.load(tmp_path / "fsdp" / "runs" / "cfg" / "ckpt-00000006.pt", weights_only=True)["model"]
-    assert torch.equal(model.state_dict()["blocks.1.mlp.fc2.weight"], final["blocks.1.mlp.fc2.weight"])
+    hand = create_model(TINY["model"]["name"], **{k: v for k, v in TINY["model"].items() if k != "name"})
+    hand.load_state_dict(_final_weights(one_dir, 6))
+    x, mask = torch.randn(2, 1, 32, 32), torch.rand(2, 64) < 0.4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, mask), hand.eval()(x, mask), rtol=1e-3, atol=1e-4)
 
 
 def test_sharded_evaluation_equals_one_process(tmp_path):
