@@ -109,7 +109,8 @@ def test_patch16_neck_strides_and_layer_decay_groups():
     groups = param_groups(model, OptimConfig(layer_decay=0.65))
     by_name = {n: g for g in groups for n in g["param_names"]}
     assert by_name["backbone.cls_token"]["lr_scale"] == pytest.approx(0.65 ** 7)
-    assert by_name["backbone.cls_token"]["weight_decay"] == 0.0  # no_weight_decay() reaches the backbone
+    # decayed, as by the official segmentation constructor (its no-decay names lack the "backbone." prefix)
+    assert by_name["backbone.cls_token"]["weight_decay"] == 0.05
     assert by_name["backbone.blocks.2.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.65 ** 4)
     for name in ("neck.fpn1.0.weight", "decode_head.conv_seg.weight", "auxiliary_head.convs.0.conv.weight"):
         assert by_name[name]["lr_scale"] == 1.0, name

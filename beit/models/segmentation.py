@@ -164,7 +164,10 @@ class BeitSegmenter(nn.Module):
         return self.backbone.depth
 
     def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        # None: the official segmentation constructor (unilm mmcv_custom LayerDecayOptimizerConstructor) exempts
+        # names equal to 'pos_embed' / 'cls_token', but its names carry the "backbone." prefix, so both are
+        # decayed there; we match it. 1-D parameters and biases are exempt as everywhere (beit/train/optim.py).
+        return set()
 
     def layer_id(self, name: str) -> int:
         """Backbone params keep their layer ids (embeddings 0, block i -> i + 1); neck and heads sit on top."""
