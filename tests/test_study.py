@@ -93,6 +93,8 @@ def _study_files(tmp_path: Path) -> Path:
         "fractions": {0.5: ["train.epochs=2", "train.eval_every_epochs=2", "optim.warmup_epochs=0"],
                       1.0: ["train.epochs=1", "train.eval_every_epochs=1", "optim.warmup_epochs=0"]},
         "knn_ks": [1, 3], "overrides": [*common, *model],
+        "cnn": "cnn_fmnist_32", "cnn_overrides": ["model.depth=null", "model.drop_path_rate=null"],
+        "cnn_grid": {"optim.weight_decay": [0.0, 0.05]},
     }
     path = tmp_path / "study.yaml"
     path.write_text(json.dumps(study))  # JSON is YAML
@@ -106,7 +108,7 @@ def test_study_runs_end_to_end_on_an_image_folder_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     half, full = res["rows"]["50pct"], res["rows"]["100pct"]
-    for arm in ("pretrained", "scratch"):
+    for arm in ("pretrained", "scratch", "cnn"):
         assert [g["val_top1"] is not None for g in half["arms"][arm]["grid"]] == [True, True]
         best = half["arms"][arm]["selected"]
         assert best == max(half["arms"][arm]["grid"], key=lambda g: g["val_top1"])["point"]
@@ -117,12 +119,15 @@ def test_study_runs_end_to_end_on_an_image_folder_and_resumes(tmp_path):
             assert yaml_split(run) == "val"
             assert (run / "test.json").exists() == (g["point"] == best)
         assert full["arms"][arm].get("test") is None  # not run yet: reported as pending
-    assert half["gain"]["n"] == 2 and len(half["gain"]["ci95"]) == 2
+    assert set(half["gains"]) == {"scratch", "cnn", "pixel_knn"}
+    gain = half["gains"]["scratch"]
+    pre, scr = half["arms"]["pretrained"]["test"]["runs"], half["arms"]["scratch"]["test"]["runs"]
+    assert gain["n"] == 2 and gain["mean"] == pytest.approx((pre[0] - scr[0] + pre[1] - scr[1]) / 2)
     assert half["pixel_knn"]["k"] in (1, 3)
     assert half["pixel_knn"]["test"]["mean"] > 90  # separable bars: the pixel baseline must get them right
     assert (out / "study.png").stat().st_size > 10_000
     md = (out / "results.md").read_text()
-    assert "| 50% |" in md and "pending" in md
+    assert "| 50% |" in md and "pending" in md and "small CNN" in md
     # Rerun: finished runs are skipped (their metrics are not appended to), the other fraction runs.
     before = (out / half["arms"]["scratch"]["grid"][0]["run"] / "metrics.jsonl").read_text()
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -144,6 +149,8 @@ def test_bad_study_files_are_one_line_errors(tmp_path):
         load_study(path, ["optim.lrr=1"])
     with pytest.raises(ConfigError, match="seedz"):
         load_study(path, ["seedz=2"])
+    with pytest.raises(ConfigError, match="same number of trials"):
+        load_study(path, ["cnn_grid={optim.lr: [1, 2, 3]}"])
     r = subprocess.run([sys.executable, "-m", "beit", "study", str(tmp_path / "nope.yaml")], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "study file" in r.stderr and "Traceback" not in r.stderr

@@ -198,6 +198,9 @@ def load_pretrained(
         return load_segmenter(model, path_or_sd, strict_shapes)
     raw = path_or_sd if isinstance(path_or_sd, Mapping) else read_checkpoint(path_or_sd)
     sd = unwrap_state_dict(raw)
+    if not hasattr(model, "patch_embed"):  # not a ViT (the study's reference CNN): our own checkpoints, exactly
+        model.load_state_dict(sd)
+        return LoadReport(layout="ours")
     layout = detect_layout(sd)
     sd = to_official(sd, layout)
     report = LoadReport(layout=layout)

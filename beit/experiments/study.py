@@ -1,14 +1,15 @@
 """`beit study`: does pretraining on my unlabeled images help, and by how much? A protocol a reviewer accepts.
 
 For each label fraction:
-  1. every arm (BEiT-pretrained, the same ViT from scratch) trains once per point of its grid (e.g. lr x layer
-     decay) on the training split minus a held-out validation split, and is scored on validation only;
+  1. every arm (BEiT-pretrained, the same ViT from scratch, optionally a small CNN from scratch) trains once per
+     point of its grid (e.g. lr x layer decay; the same number of points for every arm) on the training split
+     minus a held-out validation split, and is scored on validation only;
   2. each arm keeps its best grid point (its own recipe) and trains it with `seeds` seeds; seed s draws the same
      labelled subset for every arm, so the arms' test scores pair up by seed;
   3. each final run is evaluated on the test split once, at its end;
   4. a raw-pixel k-NN (k chosen on validation) on the same labelled subsets places the numbers.
-The report gives each arm's validation grid, its recipe, test mean ± std over seeds, and the paired gain with its
-95% t-interval -> results.json, results.md, study.png.
+The report gives each arm's validation grid, its recipe, test mean ± std over seeds, and the pretrained arm's
+paired gain over every other arm and the pixel k-NN with its 95% t-interval -> results.json, results.md, study.png.
 
 Every run is an ordinary `beit finetune` run in its own directory under the output folder; rerunning the
 command skips finished runs and resumes a stopped one.
@@ -25,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -37,7 +37,7 @@ from beit.train.distributed import resolve_device
 from beit.train.evaluate import accuracy, run_over
 
 log = logging.getLogger("beit")
-ARMS = ("pretrained", "scratch")
+ARMS = ("pretrained", "scratch")  # + "cnn" when the study names a reference CNN
 
 
 class StudyConfig(BaseModel):
@@ -51,7 +51,11 @@ class StudyConfig(BaseModel):
     val_size: int = Field(5000, gt=0)  # training images held out for validation (stratified, fixed)
     fractions: dict[float, list[str]]  # label fraction -> overrides of its runs (epochs, warmup, cadence)
     seeds: int = Field(3, ge=1)
-    grid: dict[str, list[Any]]  # dotted key -> values; every arm trains every combination
+    grid: dict[str, list[Any]]  # dotted key -> values; both ViT arms train every combination
+    # Reference CNN from scratch (a CNN preset, e.g. cnn_fmnist_32) with its own grid of as many points.
+    cnn: str | None = None
+    cnn_overrides: list[str] = []  # e.g. model.drop_path_rate=null (keys a CNN does not take)
+    cnn_grid: dict[str, list[Any]] = {}
     knn_ks: list[int] = [1, 3, 5, 10, 20]  # pixel k-NN: k is chosen on validation among these
     overrides: list[str] = []  # applied to every run (data.root=..., train.compile=true, ...)
 
@@ -76,15 +80,24 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
         raise ConfigError(f"{path}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
     if study.pretrained is None and study.pretrain is None:
         raise ConfigError(f"{path}: set `pretrained` (a run, checkpoint or zoo name) or `pretrain` (a config to run)")
-    for point in grid_points(study):
-        for frac in study.fractions:
-            _config(study, "scratch", frac, point, 0, "val", Path("."))  # a bad key or value fails now
+    if study.cnn and len(grid_points(study, "cnn")) != len(grid_points(study, "scratch")):
+        raise ConfigError(f"{path}: cnn_grid has {len(grid_points(study, 'cnn'))} points and grid "
+                          f"{len(grid_points(study, 'scratch'))}: every arm gets the same number of trials")
+    for arm in arms(study):
+        for point in grid_points(study, arm):
+            for frac in study.fractions:
+                _config(study, arm, frac, point, 0, "val", Path("."))  # a bad key or value fails now
     return study
 
 
-def grid_points(study: StudyConfig) -> list[dict[str, Any]]:
-    keys = list(study.grid)
-    return [dict(zip(keys, vals)) for vals in itertools.product(*(study.grid[k] for k in keys))]
+def arms(study: StudyConfig) -> tuple[str, ...]:
+    return ARMS + (("cnn",) if study.cnn else ())
+
+
+def grid_points(study: StudyConfig, arm: str) -> list[dict[str, Any]]:
+    grid = study.cnn_grid if arm == "cnn" else study.grid
+    keys = list(grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
 
 
 def _tag(point: dict[str, Any]) -> str:
@@ -100,10 +113,11 @@ def run_name(arm: str, frac: float, point: dict[str, Any], seed: int) -> str:
 
 
 def _overrides(study: StudyConfig, arm: str, frac: float, point: dict, seed: int, split: str, out: Path) -> list[str]:
-    init = f"model.pretrained={study.pretrained or out / 'pretrain'}" if arm == "pretrained" else "model.pretrained=null"
+    init = [f"model.pretrained={study.pretrained or out / 'pretrain'}" if arm == "pretrained" else "model.pretrained=null"]
+    if arm == "cnn":
+        init += [f"model.name={study.cnn}", *study.cnn_overrides]
     grid = [f"{k}={'null' if v is None else v}" for k, v in point.items()]
-    return (study.overrides + study.fractions[frac] + grid + [
-        init, f"data.val_size={study.val_size}", f"data.label_fraction={frac}", f"train.seed={seed}",
+    return (study.overrides + study.fractions[frac] + init + grid + [ f"data.val_size={study.val_size}", f"data.label_fraction={frac}", f"train.seed={seed}",
         f"train.eval_split={split}", f"train.out_dir={out}", f"train.run_name={run_name(arm, frac, point, seed)}",
         "train.export=[]"])
 
@@ -168,7 +182,7 @@ def pixel_knn(study: StudyConfig, frac: float, out: Path) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     t0 = time.time()
-    point = grid_points(study)[0]
+    point = grid_points(study, "scratch")[0]  # only its data keys matter here
     cfgs = [_config(study, "scratch", frac, point, s, "val", out) for s in range(study.seeds)]
     val_x, val_y = _pixels(cfgs[0], "val")
     test_x, test_y = _pixels(cfgs[0], "test")
@@ -212,48 +226,53 @@ def select(study: StudyConfig, arm: str, frac: float, out: Path) -> tuple[list[d
     """The arm's validation grid (finished points) and its best point, once every point has finished."""
     grid = [{"point": p, "run": run_name(arm, frac, p, 0),
              "val_top1": val_score(out / run_name(arm, frac, p, 0)) if _run_dir_done(out, run_name(arm, frac, p, 0))
-             else None} for p in grid_points(study)]
+             else None} for p in grid_points(study, arm)]
     if any(g["val_top1"] is None for g in grid):
         return grid, None
     return grid, max(grid, key=lambda g: g["val_top1"])["point"]  # ties: the first in grid order
 
 
 def run_fraction(study: StudyConfig, frac: float, out: Path, wall: dict[str, float]):
-    """Grid (seed 0) for every arm, then the selected recipes' other seeds, then test once per final run."""
-    run_stages(out, [_stage(study, arm, frac, p, 0, out) for arm in ARMS for p in grid_points(study)], wall)
-    for arm in ARMS:
+    """Pixel k-NN, then every arm's grid (seed 0), then each selected recipe's other seeds and its test scores."""
+    pixel_knn(study, frac, out)
+    for arm in arms(study):
+        run_stages(out, [_stage(study, arm, frac, p, 0, out) for p in grid_points(study, arm)], wall)
         best = select(study, arm, frac, out)[1]
         run_stages(out, [_stage(study, arm, frac, best, s, out) for s in range(1, study.seeds)], wall)
         for s in range(study.seeds):
             test_score(_config(study, arm, frac, best, s, "test", out), out / run_name(arm, frac, best, s))
-    pixel_knn(study, frac, out)
 
 
 def collect(study: StudyConfig, out: Path) -> dict:
+    """results.json's content: per label fraction, each arm's grid, selection and test scores, and the paired
+    gains of the pretrained arm over every other arm and the pixel k-NN (same seeds, same labelled subsets)."""
     rows = {}
     for frac in sorted(study.fractions):
-        row: dict[str, Any] = {"label_fraction": frac, "arms": {}}
-        for arm in ARMS:
+        row: dict[str, Any] = {"label_fraction": frac, "arms": {}, "gains": {}}
+        tests: dict[str, list[float]] = {}
+        for arm in arms(study):
             grid, best = select(study, arm, frac, out)
-            arm_row: dict[str, Any] = {"grid": grid, "selected": best}
-            tests = [out / run_name(arm, frac, best, s) / "test.json" for s in range(study.seeds)] if best else []
-            if tests and all(t.exists() for t in tests):
-                arm_row["test"] = mean_std([json.loads(t.read_text())["top1"] for t in tests])
-            row["arms"][arm] = arm_row
-        if all("test" in row["arms"][a] for a in ARMS):
-            row["gain"] = paired_interval(row["arms"]["pretrained"]["test"]["runs"], row["arms"]["scratch"]["test"]["runs"])
+            row["arms"][arm] = {"grid": grid, "selected": best}
+            files = [out / run_name(arm, frac, best, s) / "test.json" for s in range(study.seeds)] if best else []
+            if files and all(f.exists() for f in files):
+                tests[arm] = [json.loads(f.read_text())["top1"] for f in files]
+                row["arms"][arm]["test"] = mean_std(tests[arm])
         knn = out / f"pixel_knn_{_pct(frac)}.json"
         if knn.exists():
             k = json.loads(knn.read_text())
             row["pixel_knn"] = {"k": k["k"], "val_top1_by_k": k["val_top1_by_k"], "test": mean_std(k["test_top1"])}
-            if "test" in row["arms"]["pretrained"]:
-                row["pretrained_minus_pixel_knn"] = paired_interval(row["arms"]["pretrained"]["test"]["runs"],
-                                                                    k["test_top1"])
+            tests["pixel_knn"] = k["test_top1"]
+        if "pretrained" in tests:
+            row["gains"] = {other: paired_interval(tests["pretrained"], tests[other]) for other in tests
+                            if other != "pretrained"}
         rows[_pct(frac)] = row
     return {"study": study.model_dump(mode="json"), "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------------ report
+NAMES = {"pretrained": "BEiT pretrained", "scratch": "ViT from scratch", "cnn": "small CNN", "pixel_knn": "pixel k-NN"}
+
+
 def _cell(r: dict | None) -> str:
     if not r:
         return "—"
@@ -272,61 +291,64 @@ def _val(v: float | None) -> str:
 
 
 def render_md(results: dict) -> str:
-    """results.md: per label fraction, the validation grid of both arms, the selected recipes, test over seeds,
-    the paired gain with its 95% interval, and the pixel k-NN reference."""
-    lines = ["# Study: BEiT-pretrained vs the same ViT from scratch, each arm tuned on validation", ""]
-    lines += ["| labels | pretrained (test) | scratch (test) | gain, 95% CI (pp) | pixel k-NN (test) | "
-              "pretrained − pixel k-NN, 95% CI |", "|---|---|---|---|---|---|"]
-    for pct, row in results["rows"].items():
-        knn = row.get("pixel_knn")
-        lines.append(f"| {row['label_fraction'] * 100:g}% | {_cell(row['arms']['pretrained'].get('test'))} | "
-                     f"{_cell(row['arms']['scratch'].get('test'))} | {_gain(row.get('gain'))} | "
-                     f"{_cell(knn['test']) + ' k=' + str(knn['k']) if knn else '—'} | "
-                     f"{_gain(row.get('pretrained_minus_pixel_knn'))} |")
-    for pct, row in results["rows"].items():
-        lines += ["", f"## {row['label_fraction'] * 100:g}% labels: validation grid (seed 0, top-1 %)", ""]
-        keys = list(results["study"]["grid"])
-        lines += ["| " + " | ".join(keys) + " | pretrained | scratch |", "|" + "---|" * (len(keys) + 2)]
-        pre, scr = row["arms"]["pretrained"], row["arms"]["scratch"]
-        for gp, gs in zip(pre["grid"], scr["grid"]):
-            mark = lambda arm, g: "**" if arm["selected"] == g["point"] else ""  # noqa: E731
-            lines.append("| " + " | ".join(str(gp["point"][k]) for k in keys) + f" | {mark(pre, gp)}{_val(gp['val_top1'])}"
-                         f"{mark(pre, gp)} | {mark(scr, gs)}{_val(gs['val_top1'])}{mark(scr, gs)} |")
-        lines.append("")
-        lines.append("Selected (bold): " + "; ".join(f"{a}: {row['arms'][a]['selected'] or 'pending'}" for a in ARMS))
+    """results.md: test over seeds for every arm and the pixel k-NN, the pretrained arm's paired gains with their
+    95% intervals, then per label fraction each arm's validation grid and selected recipe."""
+    cols = [a for a in NAMES if a != "pretrained" and any(a in r["arms"] or a in r for r in results["rows"].values())]
+    lines = ["# Study: BEiT pretrained vs from scratch, each arm tuned on validation", "",
+             "Test top-1 (%), mean ± std over seeds; gains are paired by seed (same labelled subset), with 95% "
+             "t-intervals.", "",
+             "| labels | " + " | ".join(NAMES[a] for a in ["pretrained", *cols]) + " | "
+             + " | ".join(f"pretrained − {NAMES[a]}" for a in cols) + " |",
+             "|---|" + "---|" * (1 + 2 * len(cols))]
+    for row in results["rows"].values():
+        get = lambda a: row.get("pixel_knn") if a == "pixel_knn" else row["arms"].get(a)  # noqa: E731
+        lines.append(f"| {row['label_fraction'] * 100:g}% | " + " | ".join(_cell((get(a) or {}).get("test"))
+                     for a in ["pretrained", *cols]) + " | " + " | ".join(_gain(row["gains"].get(a)) for a in cols) + " |")
+    for row in results["rows"].values():
+        lines += ["", f"## {row['label_fraction'] * 100:g}% labels: validation grids (seed 0, top-1 %)", ""]
+        for arm, r in row["arms"].items():
+            keys = list(r["grid"][0]["point"]) if r["grid"] else []
+            lines += [f"{NAMES[arm]}:", "", "| " + " | ".join(keys) + " | val top-1 |", "|" + "---|" * (len(keys) + 1)]
+            for g in r["grid"]:
+                b = "**" if g["point"] == r["selected"] else ""
+                lines.append("| " + " | ".join(str(g["point"][k]) for k in keys) + f" | {b}{_val(g['val_top1'])}{b} |")
+            lines.append("")
+        lines.append("Selected (bold) on validation: " + "; ".join(
+            f"{NAMES[a]} " + (", ".join(f"{k}={v}" for k, v in r["selected"].items()) if r["selected"] else "pending")
+            for a, r in row["arms"].items()))
         if row.get("pixel_knn"):
             by_k = row["pixel_knn"]["val_top1_by_k"]
-            lines.append("Pixel k-NN on validation by k: " + ", ".join(f"k={k}: {v:.2f}" for k, v in by_k.items()))
+            lines.append("Pixel k-NN on validation by k: " + ", ".join(f"k={k}: {v:.2f}" for k, v in by_k.items())
+                         + f"; k={row['pixel_knn']['k']} selected")
     return "\n".join(lines) + "\n"
 
 
 def plot_study(results: dict, path: Path):
-    """Left: test top-1 vs label fraction, mean ± std over seeds, every arm and the pixel k-NN. Right: each
-    arm's validation grid per label fraction."""
+    """Left: test top-1 vs label fraction, mean ± std over seeds, every arm and the pixel k-NN. Right: each arm's
+    validation grid points per label fraction."""
+    rows = list(results["rows"].values())
     with two_panel_figure(path) as (ax, ax2):
-        series = {"BEiT pretrained": lambda r: r["arms"]["pretrained"].get("test"),
-                  "from scratch": lambda r: r["arms"]["scratch"].get("test"),
-                  "pixel k-NN": lambda r: r.get("pixel_knn", {}).get("test")}
-        for label, get in series.items():
-            pts = [(r["label_fraction"] * 100, get(r)) for r in results["rows"].values() if get(r)]
+        for i, name in enumerate(NAMES):
+            get = lambda r: (r.get("pixel_knn") if name == "pixel_knn" else r["arms"].get(name)) or {}  # noqa: E731
+            pts = [(r["label_fraction"] * 100, get(r)["test"]) for r in rows if "test" in get(r)]
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
-                            marker="o", capsize=4, label=label)
+                            marker="os^D"[i], capsize=4, color=f"C{i}", label=NAMES[name])
+            for j, r in enumerate(rows):
+                vals = [g["val_top1"] for g in r["arms"].get(name, {}).get("grid", []) if g["val_top1"] is not None]
+                ax2.scatter([j + 0.12 * (i - 1.5)] * len(vals), vals, marker="os^D"[i], color=f"C{i}",
+                            label=NAMES[name] if j == 0 and vals else None)
         ax.set_xscale("log")
         ax.set_xlabel("labelled training images (%)")
         ax.set_ylabel("test top-1 (%), mean ± std over seeds")
         ax.set_title("test accuracy by label fraction")
         ax.legend(fontsize=8)
-        for i, (pct, row) in enumerate(results["rows"].items()):
-            for j, arm in enumerate(ARMS):
-                vals = [g["val_top1"] for g in row["arms"][arm]["grid"] if g["val_top1"] is not None]
-                ax2.scatter([i + 0.15 * (2 * j - 1)] * len(vals), vals, marker="o" if arm == "pretrained" else "s",
-                            color=f"C{j}", label=arm if i == 0 else None)
-        ax2.set_xticks(range(len(results["rows"])), [f"{r['label_fraction'] * 100:g}%" for r in results["rows"].values()])
+        ax2.set_xticks(range(len(rows)), [f"{r['label_fraction'] * 100:g}%" for r in rows])
         ax2.set_xlabel("labelled training images")
         ax2.set_ylabel("validation top-1 (%)")
-        ax2.set_title("each arm's grid points on validation (seed 0)")
-        ax2.legend(fontsize=8)
+        ax2.set_title("every grid point on validation (seed 0); the best of each arm is kept")
+        if ax2.get_legend_handles_labels()[0]:
+            ax2.legend(fontsize=8)
 
 
 def report(study: StudyConfig, out: Path) -> dict:

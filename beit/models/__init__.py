@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import difflib
 
-from beit.models.presets import PRESETS, SEG_PRESETS
+from beit.models.cnn import SmallCNN
+from beit.models.presets import CNN_PRESETS, PRESETS, SEG_PRESETS
 from beit.models.segmentation import BeitSegmenter, create_segmenter
 from beit.models.vit import Beit
 
 
-def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit:
+def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit | SmallCNN:
     """Build preset `name` with keyword overrides; `pretrained=PATH` loads a checkpoint of any supported
     layout (ours, official/timm, HF, OpenMMLab), adapting rel-pos tables and position embeddings, or names
     a shipped model (`pretrained="fmnist"` for `beit_fmnist_patch4_32`, see `beit.hub.PRETRAINED_TAGS`)."""
     if name in SEG_PRESETS:
         raise KeyError(f"'{name}' is a segmentation preset: build it with create_segmenter('{name}')")
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=3)
+    if name in CNN_PRESETS:
+        model = _create_cnn(name, overrides)
+    elif name not in PRESETS:
+        names = [*PRESETS, *CNN_PRESETS]
+        close = difflib.get_close_matches(name, names, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown model preset '{name}'.{hint} Available: {', '.join(PRESETS)}")
-    kwargs = {**PRESETS[name], **overrides}
-    if kwargs.get("vocab_size"):
-        kwargs.setdefault("use_mask_token", True)
-    model = Beit(**kwargs)
+        raise KeyError(f"unknown model preset '{name}'.{hint} Available: {', '.join(names)}")
+    else:
+        kwargs = {**PRESETS[name], **overrides}
+        if kwargs.get("vocab_size"):
+            kwargs.setdefault("use_mask_token", True)
+        model = Beit(**kwargs)
     if pretrained:
         from beit.convert import load_pretrained
         from beit.hub import PRETRAINED_TAGS, ZOO, resolve_path
@@ -36,4 +41,14 @@ def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit:
     return model
 
 
-__all__ = ["Beit", "BeitSegmenter", "PRESETS", "SEG_PRESETS", "create_model", "create_segmenter"]
+def _create_cnn(name: str, overrides: dict) -> SmallCNN:
+    allowed = {"img_size", "in_chans", "num_classes"}
+    extra = sorted(set(overrides) - allowed)
+    if extra:
+        raise ValueError(f"model {name} (a CNN) takes only {', '.join(f'model.{k}' for k in sorted(allowed))}; "
+                         f"set {', '.join(f'model.{k}=null' for k in extra)}")
+    return SmallCNN(**{**CNN_PRESETS[name], **overrides})
+
+
+__all__ = ["Beit", "BeitSegmenter", "CNN_PRESETS", "PRESETS", "SEG_PRESETS", "SmallCNN", "create_model",
+           "create_segmenter"]

@@ -60,3 +60,8 @@ SEG_PRESETS: dict[str, dict] = {
                                       "drop_path_rate": 0.1, "out_indices": (1, 2, 3, 5), "channels": 96,
                                       "aux_channels": 64, "neck_scales": (2, 1, 0.5, 0.25)},
 }
+
+# Reference CNNs (`beit.models.cnn.SmallCNN`), trained from scratch by `beit study` beside the ViT arms.
+CNN_PRESETS: dict[str, dict] = {
+    "cnn_fmnist_32": dict(img_size=32, in_chans=1, num_classes=10),
+}
