@@ -275,3 +275,12 @@ def test_large_config_counts_the_official_updates_and_scale():
     for name in ("beit_base_p16_ade20k_upernet", "beit_base_p16_ade20k_upernet_ift", "beit_large_p16_ade20k_upernet"):
         c = load_config(f"configs/segment/{name}.yaml")  # training-time evaluation: single scale, fp32
         assert c.seg.eval_scales is None and not c.seg.eval_flip and not c.seg.eval_amp and c.seg.sync_bn
+
+
+def test_random_rescale_truncates_the_scaled_target_as_mmseg():
+    from beit.data.segmentation import rescale_size
+
+    # mmseg Resize.random_sample_ratio: target (int(2048 r), int(512 r)); r = 1.2999 -> (2662, 665), then mmcv
+    # imrescale of 1000 x 1000: factor min(2662 / 1000, 665 / 1000) = 0.665 -> int(1000 * 0.665 + 0.5) = 665
+    # (with the untruncated 665.5488 it would be 666).
+    assert rescale_size(1000, 1000, (2048, 512), 1.2999) == (665, 665)

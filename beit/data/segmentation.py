@@ -51,9 +51,9 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 
 # ------------------------------------------------------------------------------------------------ transforms
 def rescale_size(h: int, w: int, scale: Sequence[int], ratio: float = 1.0) -> tuple[int, int]:
-    """mmcv `imrescale` with keep_ratio: the largest size whose long edge <= scale[0] * ratio and short edge
-    <= scale[1] * ratio."""
-    long_edge, short_edge = max(scale) * ratio, min(scale) * ratio
+    """mmcv `imrescale` with keep_ratio: the largest size whose long edge <= int(scale[0] * ratio) and short edge
+    <= int(scale[1] * ratio) (mmseg's `Resize.random_sample_ratio` truncates the scaled target to integers)."""
+    long_edge, short_edge = int(max(scale) * ratio), int(min(scale) * ratio)
     factor = min(long_edge / max(h, w), short_edge / min(h, w))
     return int(h * factor + 0.5), int(w * factor + 0.5)
 
