@@ -369,5 +369,9 @@ What happened ({time.time() - t0:.0f} s):
   2. fine-tuned with 10% of the labels (6,000 images), 2 epochs: test top-1 {top1['pretrained']['mean']:.2f}% vs {top1['scratch']['mean']:.2f}% for the
      same ViT from scratch with the same short budget; run directories {out}/finetune_*
   3. curves: {out / 'curves.png'}   table: {out / 'results.md'}   checkpoints: {out}/*/ckpt-*.pt
+This is one seed, one recipe shared by both arms, scored on the test split: a first look, not evidence.
+`beit study configs/study/fmnist.yaml` adds what a reviewer asks for: a validation split for every choice, a
+grid per arm (the scratch ViT tuned as much as the pretrained one), a small CNN and a raw-pixel k-NN as
+references, 3 seeds with paired 95% intervals, and the test split read once per final run.
 Next: `make reproduce-quick` (~13 min) or `make reproduce`, the full run (~2 h 11 min; docs/results/fashion_mnist.md).""")
     return 0
