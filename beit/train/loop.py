@@ -7,6 +7,9 @@ FSDP2, metrics, checkpoints and exact resume.
 
 The step never waits on the device: loss, metrics, the gradient norm and the non-finite check stay as
 device tensors until `train.log_every` (or a checkpoint save) reads them, so a GPU queue stays full.
+Throughput is measured as torchtitan does: `img_per_s` = images since the last log row / wall time since
+then, the device synchronised only at that log step; `data_wait_s` is the part of that time spent waiting
+for the data loader (`data_wait_frac` the same as a fraction).
 """
 
 from __future__ import annotations
@@ -135,10 +138,46 @@ class _Run:
     window: MetricWindow = field(default_factory=MetricWindow)
     bad_files: BadFileTracker = field(default_factory=BadFileTracker)
     last_eval: dict = field(default_factory=dict)
+    throughput: Throughput = field(default_factory=lambda: Throughput())
 
     @property
     def model(self) -> nn.Module:
         return self.task.model
+
+
+class Throughput:
+    """Images and data-loader wait between two log rows, on the host clock (torchtitan's definition).
+
+    The interval starts at the first step after a log row (evaluation and checkpoint saving excluded) and
+    ends at the next log row, after the device has finished the queued work: per-step host timings on a
+    GPU measure how fast work is queued, not how fast it runs."""
+
+    def __init__(self):
+        self.t0: float | None = None
+        self.images = 0
+        self.data_wait = 0.0
+
+    def start_step(self):
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+
+    def wait_for(self, it):
+        """`next(it)`, counting the time it blocks as data wait."""
+        t = time.perf_counter()
+        try:
+            return next(it)
+        finally:
+            self.data_wait += time.perf_counter() - t
+
+    def flush(self, device: torch.device) -> dict[str, float]:
+        """{img_per_s, data_wait_s, data_wait_frac} since the interval started; starts a new one."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
+        out = {"img_per_s": self.images / elapsed, "data_wait_s": self.data_wait,
+               "data_wait_frac": self.data_wait / elapsed} if elapsed > 0 else {}
+        self.t0, self.images, self.data_wait = None, 0, 0.0
+        return out
 
 
 def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: bool = False) -> dict:
@@ -301,14 +340,17 @@ def _train_one_step(run: _Run) -> float:
     cfg, info = run.cfg, run.info
     amp, accum = cfg.train.amp, cfg.optim.accum_steps
     if run.data_iter is None or run.step % run.steps_per_epoch == 0:
+        run.throughput.start_step()  # starting the loader's workers is data wait too
+        t = time.perf_counter()
         run.data_iter = _epoch_iterator(run)
+        run.throughput.data_wait += time.perf_counter() - t
     lr = lr_at(run.step, cfg.optim.lr, cfg.optim.min_lr, run.warmup, run.total_steps, cfg.optim.schedule,
                cfg.optim.poly_power)
     for g in run.optimizer.param_groups:
         g["lr"] = lr * g["lr_scale"]
-    t0 = time.time()
+    run.throughput.start_step()
     for micro in range(accum):
-        batch = next(run.data_iter)
+        batch = run.throughput.wait_for(run.data_iter)
         run.bad_files.update(batch)
         batch = _drop_bad(batch)
         if batch is None:  # every sample of this micro-batch failed to decode (logged by the dataset)
@@ -338,7 +380,7 @@ def _train_one_step(run: _Run) -> float:
     run.step += 1
     if run.task.after_step is not None:
         run.task.after_step(run.model, run.optimizer, run.step)
-    run.window.add(img_per_s=run.global_batch / (time.time() - t0))
+    run.throughput.images += run.global_batch
     return lr
 
 
@@ -364,7 +406,8 @@ def _log_and_evaluate(run: _Run, logger: MetricLogger, bar, lr: float):
     cfg, info, step = run.cfg, run.info, run.step
     if step % cfg.train.log_every == 0 or step == run.stop_step:
         _check_finite(run)
-        values = {**_mean_over_ranks(run.window.flush(), info, info.device), "lr": lr,
+        rates = run.throughput.flush(info.device)  # syncs the device: the interval ends when its work is done
+        values = {**_mean_over_ranks({**run.window.flush(), **rates}, info, info.device), "lr": lr,
                   "epoch": step / run.steps_per_epoch}
         if cfg.train.amp == "fp16":
             values.update(loss_scale=run.scaler.get_scale(), skipped_steps=run.skipped)
