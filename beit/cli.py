@@ -75,6 +75,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             FileExistsError, KeyError, ValueError)
 
 
+def _one_line(e: BaseException) -> str:
+    """A user error's message. One raised in a DataLoader worker arrives with the worker's traceback appended
+    ("Caught X in DataLoader worker process N.\nOriginal Traceback ..."): its last line is the error itself."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]  # "beit.data.datasets.BadFileError: cannot decode ..."
+        head, sep, rest = last.partition(": ")
+        text = rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
+    return text
+
+
+def _release_run_locks():
+    """The command is over: its run directories are free for the next one (also when main() is called again in
+    this process). Nothing to release if no run directory was opened (checkpoint handling never imported)."""
+    if "beit.train.checkpoint" in sys.modules:
+        sys.modules["beit.train.checkpoint"].release_run_locks()
+
+
 def _resume_line(argv: list[str]) -> str:
     args = [a for a in argv if a not in ("--resume", "--overwrite")]
     return "beit " + " ".join(args) + " --resume"
@@ -92,6 +110,7 @@ def main(argv: list[str] | None = None):
     try:
         result = args.func(args)
     except Exception as e:
+        _release_run_locks()
         if type(e).__name__ == "Preempted":  # beit.train.loop.Preempted (not imported here: --help stays light)
             argv = sys.argv[1:] if argv is None else argv
             again = _resume_line(argv) if hasattr(args, "resume") else "beit " + " ".join(argv)  # drivers resume
@@ -102,8 +121,9 @@ def main(argv: list[str] | None = None):
         if os.environ.get("BEIT_DEBUG"):
             raise
         # Bad input is reported as one clear line (BEIT_DEBUG=1 shows the traceback).
-        print(f"beit {args.command}: error: {e}", file=sys.stderr)
+        print(f"beit {args.command}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    _release_run_locks()
     if isinstance(result, int):
         sys.exit(result)
 

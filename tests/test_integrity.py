@@ -4,6 +4,11 @@ owns, one-line errors for bad input, messages that name the real cause."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +130,101 @@ def test_eval_of_a_digits_checkpoint_on_fashion_mnist_is_an_error(tmp_path, caps
         main(["eval", str(ckpt), f"train.out_dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "['T-shirt/top', 'Trouser'" in err and "['0', '1', '2'" in err
+
+
+# ------------------------------------------------------------------------------------------------ run lock
+PRETRAIN = str(REPO / "configs" / "pretrain" / "fmnist_quick.yaml")
+TINY_PT = ["data.train_subset=128", "data.batch_size=16", "data.num_workers=0", "train.epochs=2", "train.log_every=3",
+           "train.save_every_steps=4", "train.progress=false", "optim.warmup_steps=2", "train.export=[]"]
+needs_fmnist = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
+                                  reason="apt-get install dataset-fashion-mnist")
+
+
+def _pretrain_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "beit", "pretrain", PRETRAIN, *TINY_PT, f"train.out_dir={out}", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120):
+    deadline = time.time() + timeout
+    while not (path.exists() and path.stat().st_size) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1]
+
+
+@needs_fmnist
+def test_resume_and_overwrite_of_a_live_run_are_refused(tmp_path):
+    live = subprocess.Popen(_pretrain_cmd(tmp_path, "train.epochs=1"), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "fmnist_quick"
+    _wait_for(run / "ckpt-00000004.pt", live)  # a run --resume could continue, were it not live
+    os.kill(live.pid, signal.SIGSTOP)  # alive and holding its lock however slow the machine is
+    try:
+        others = [subprocess.Popen(_pretrain_cmd(tmp_path, "train.epochs=1", flag), env=_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for flag in ("--resume", "--overwrite")]
+        results = [(p.wait(timeout=120), p.stderr.read()) for p in others]
+        assert live.poll() is None
+    finally:
+        os.kill(live.pid, signal.SIGCONT)
+    for rc, err in results:
+        assert rc == 2 and f"is in use by process {live.pid}" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    _, err = live.communicate(timeout=120)
+    assert live.returncode == 0, err
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 8  # one writer, whole run
+    assert [p.name for p in sorted(run.glob("ckpt-*.pt"))] == ["ckpt-00000004.pt", "ckpt-00000008.pt"]
+    assert not (tmp_path / ".fmnist_quick.lock").exists()  # released (and removed) at the end
+
+
+@needs_fmnist
+def test_a_stale_lock_from_a_killed_run_does_not_block_resume(tmp_path):
+    proc = subprocess.Popen(_pretrain_cmd(tmp_path), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    run = tmp_path / "fmnist_quick"
+    _wait_for(run / "ckpt-00000004.pt", proc)
+    proc.kill()  # SIGKILL: no handler runs, the lock file stays behind with the dead pid
+    proc.communicate(timeout=60)
+    assert (tmp_path / ".fmnist_quick.lock").read_text().strip() == str(proc.pid)
+    res = subprocess.run(_pretrain_cmd(tmp_path, "--resume", "train.max_steps=8"), env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stderr and (run / "ckpt-00000008.pt").is_file()
+
+
+@needs_fmnist
+def test_a_second_start_while_another_process_holds_the_run_is_refused(tmp_path):
+    from beit.train import checkpoint as ckpt_io
+
+    ckpt_io.acquire_run_lock(tmp_path / "fmnist_quick")  # this process now owns the (not yet created) run
+    try:
+        res = subprocess.run(_pretrain_cmd(tmp_path, "train.epochs=1"), env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    finally:
+        ckpt_io.release_run_locks(tmp_path / "fmnist_quick")
+    assert res.returncode == 2 and f"in use by process {os.getpid()}" in res.stderr, res.stderr
+    assert not (tmp_path / "fmnist_quick").exists() and not (tmp_path / ".fmnist_quick.lock").exists()
+
+
+# ------------------------------------------------------------------------------------------------ one line, exit 2
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_run_failing_before_its_first_checkpoint_leaves_no_directory(tmp_path, capsys, workers):
+    """A bad file under data.on_bad_file=fail stops the run in its first epoch: one line naming the file (also
+    when a loader worker raised it), exit code 2, and no run directory in the way of the corrected rerun."""
+    _write_folder(tmp_path / "data", "train", list(LEVELS), 6)
+    _write_folder(tmp_path / "data", "test", list(LEVELS), 2, seed=1)
+    bad = tmp_path / "data" / "train" / "b_mid" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    args = _ft_args(tmp_path / "data", tmp_path / "runs", "data.on_bad_file=fail", f"data.num_workers={workers}")
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if "error:" in x]
+    assert e.value.code == 2 and "Traceback" not in err and len(line) == 1 and str(bad) in line[0], err
+    assert "removed" in err and not (tmp_path / "runs" / "three").exists()
+    bad.unlink()
+    main(args)  # the same command, rerun after the fix, just runs
+    assert (tmp_path / "runs" / "three" / "results.json").is_file()

@@ -40,13 +40,18 @@ class BadSample(NamedTuple):
     error: str
 
 
+class BadFileError(RuntimeError, ValueError):
+    """A file that cannot be read, under data.on_bad_file=fail: bad input (a ValueError, reported as one line by
+    the CLI), and a RuntimeError as it always was for callers that catch that."""
+
+
 def skip_or_fail(on_bad_file: str, name: str, problem: str, quiet: bool = False) -> BadSample:
     """A sample that cannot be used, under `data.on_bad_file`: "fail" raises one error naming it and what to do;
     "skip" logs it (unless `quiet`: already reported) and returns the placeholder that the collate functions
     drop and the loop counts."""
     if on_bad_file == "fail":
-        raise RuntimeError(f"{problem}: '{name}'. Fix or remove it, or set data.on_bad_file=skip to skip (and count) "
-                           f"such samples")
+        raise BadFileError(f"{problem}: '{name}'. Fix or remove it, or set data.on_bad_file=skip to skip (and "
+                           f"count) such samples")
     if not quiet:
         log.warning("skipping '%s': %s", name, problem)
     return BadSample(name, problem)

@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .datasets import BadSample, ImageFolderDataset, skip_or_fail
+from .datasets import BadFileError, BadSample, ImageFolderDataset, skip_or_fail
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class ShardDataset(IterableDataset):
         if got < want:
             why = error[0] if error else f"{got} of {want} samples present"
             if self.on_bad_file == "fail":
-                raise RuntimeError(f"cannot read shard '{path}': {why}. Rewrite it, or set data.on_bad_file=skip "
+                raise BadFileError(f"cannot read shard '{path}': {why}. Rewrite it, or set data.on_bad_file=skip "
                                    f"to skip (and count) its missing samples")
             log.warning("shard '%s': %d of %d samples missing (%s)", path, want - got, want, why)
             for j in range(want - got):

@@ -7,6 +7,8 @@ model's state dict (no `module.` / `_orig_mod.` prefixes) so any loader can read
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import logging
 import os
 import random
@@ -25,10 +27,96 @@ class RunDirError(RuntimeError):
     pass
 
 
+# ------------------------------------------------------------------------------------------------ run lock
+# A run directory belongs to one process at a time: an advisory flock on `<out_dir>/.<run_name>.lock` (beside
+# the directory, so --overwrite's delete cannot remove it), holding the owner's pid. The kernel drops the lock
+# when its process dies however it dies, so a lock file left by a killed run blocks nothing.
+_HELD: dict[str, int] = {}  # lock file -> descriptor this process holds it with
+
+
+def lock_path(run_dir: Path) -> Path:
+    return Path(run_dir).parent / f".{Path(run_dir).name}.lock"
+
+
+def _pid_in(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _in_use(run_dir: Path, pid: str) -> RunDirError:
+    return RunDirError(f"run directory '{run_dir}' is in use by process {pid} (lock {lock_path(run_dir)}); wait for "
+                       f"it to finish or stop it (kill {pid}), then rerun; --resume and --overwrite wait too")
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid of another live process that holds `run_dir`'s lock, else None. Takes nothing."""
+    path = lock_path(run_dir)
+    if str(path) in _HELD:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails only while a holder has it exclusively
+        return None
+    except BlockingIOError:
+        return _pid_in(path)
+    finally:
+        os.close(fd)  # also drops the probe's shared lock
+
+
+def acquire_run_lock(run_dir: Path) -> bool:
+    """Take `run_dir`'s lock for this process (held until `release_run_locks` or exit), or raise RunDirError
+    naming the holder's pid. Returns False if this process already held it."""
+    path = lock_path(run_dir)
+    if str(path) in _HELD:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use(run_dir, _pid_in(path)) from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its last holder removed the file while we waited: lock the current one
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[str(path)] = fd
+    return True
+
+
+def release_run_locks(only: Path | None = None):
+    """Drop this process's run-directory locks (all, or `only`'s), removing their files."""
+    for key in [k for k in _HELD if only is None or k == str(lock_path(only))]:
+        fd = _HELD.pop(key)
+        try:
+            if os.fstat(fd).st_ino == os.stat(key).st_ino:
+                os.unlink(key)  # while still locked: a waiting process then retries on a fresh file
+        except OSError:
+            pass
+        os.close(fd)
+
+
+atexit.register(release_run_locks)
+
+
 def check_run_dir(path: Path, resume: bool, overwrite: bool):
-    """Never clobber a run: an existing non-empty directory needs --resume or --overwrite. Touches nothing."""
+    """Never clobber a run: an existing non-empty directory needs --resume or --overwrite, and one another
+    live process holds (its lock) is refused whatever the flags. Touches nothing."""
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite are mutually exclusive")
+    holder = lock_holder(path)
+    if holder is not None:
+        raise _in_use(path, holder)
     exists = path.exists() and any(path.iterdir())
     if exists and not (resume or overwrite):
         raise RunDirError(
@@ -40,10 +128,18 @@ def check_run_dir(path: Path, resume: bool, overwrite: bool):
 
 
 def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> Path:
-    check_run_dir(path, resume, overwrite)
-    if overwrite and path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    """Lock the run directory for this process, check it (`check_run_dir`), then create or replace it. The
+    lock makes the check and the creation one step: of two processes starting the same run, one is refused."""
+    taken = acquire_run_lock(path)
+    try:
+        check_run_dir(path, resume, overwrite)
+        if overwrite and path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        if taken:
+            release_run_locks(path)
+        raise
     return path
 
 

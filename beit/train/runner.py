@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -47,6 +48,16 @@ def open_run_dir(cfg: Config, overwrite: bool) -> Path:
     return run_dir
 
 
+def remove_if_unstarted(run_dir: Path):
+    """A run that stops before its first checkpoint leaves nothing to resume: remove the directory it created,
+    so that the same command, rerun, starts afresh (instead of "already exists" / "no checkpoint")."""
+    if ckpt_io.list_checkpoints(run_dir) or (run_dir / "best.pt").exists():
+        return
+    setup_logging(None, True)  # close log.txt before its directory goes
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.warning(f"removed '{run_dir}': the run stopped before its first checkpoint; rerun the same command")
+
+
 def launch(cfg: Config, build_task: Callable[[Config, torch.device], Task], resume=False, overwrite=False) -> Path:
     """Set up processes and the run directory, build the task, train. Returns the run directory."""
     info = init_distributed(cfg.train.device, cfg.dist.backend)
@@ -66,12 +77,18 @@ def launch(cfg: Config, build_task: Callable[[Config, torch.device], Task], resu
         task = build_task(cfg, info.device)
         steps_per_epoch_of(cfg, task.dataset, info.world_size)  # a set smaller than one batch fails here, not in fit
         barrier()
+        created = info.is_main and not resume  # a new (or replaced) directory: nothing in it predates this run
         if info.is_main:
-            ckpt_io.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+            ckpt_io.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)  # rank 0 holds the run's lock
             (run_dir / "config.yaml").write_text(cfg.to_yaml())
         barrier()
         setup_logging(run_dir, info.is_main)
-        summary = fit(cfg, task, run_dir, info, resume=resume)
+        try:
+            summary = fit(cfg, task, run_dir, info, resume=resume)
+        except BaseException:
+            if created:
+                remove_if_unstarted(run_dir)
+            raise
         if info.is_main:
             log.info(f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f}s; run directory {run_dir}")
         return run_dir
