@@ -161,3 +161,19 @@ def test_shipped_fmnist_study_is_valid():
     study = load_study("configs/study/fmnist.yaml")
     assert study.val_size == 5000 and study.seeds >= 3
     assert any(v is None for v in study.grid["optim.layer_decay"])  # the grid includes no layer decay
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+def test_study_smoke_on_the_fashion_mnist_idx_files(tmp_path):
+    """The shipped study file, shrunk: the real IDX files, 1 seed, 1 grid point per arm, a few steps."""
+    out = tmp_path / "out"
+    small = ["seeds=1", "grid={optim.lr: [1.0e-3]}", "cnn_grid={optim.lr: [1.0e-3]}", "val_size=500",
+             "fractions={0.01: [train.epochs=1, train.eval_every_epochs=1, optim.warmup_epochs=0]}",
+             "knn_ks=[1]", "data.eval_subset=300", "train.compile=false", "data.batch_size=32"]
+    r = subprocess.run([sys.executable, "-m", "beit", "study", "configs/study/fmnist.yaml", *small, "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads((out / "results.json").read_text())["rows"]["1pct"]
+    assert {a: row["arms"][a]["test"]["n"] for a in row["arms"]} == {"pretrained": 1, "scratch": 1, "cnn": 1}
+    # 550 labelled images (1% of the 55,000 left after validation): a pixel 1-NN is far above chance
+    assert row["pixel_knn"]["test"]["mean"] > 50
