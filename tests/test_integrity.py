@@ -228,3 +228,18 @@ def test_a_run_failing_before_its_first_checkpoint_leaves_no_directory(tmp_path,
     bad.unlink()
     main(args)  # the same command, rerun after the fix, just runs
     assert (tmp_path / "runs" / "three" / "results.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ paths
+def test_a_missing_fashion_mnist_root_is_an_error_not_the_system_copy(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", PRETRAIN, f"data.root={missing}", f"train.out_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"data.root '{missing}' does not exist" in err and "data.root=null" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    (tmp_path / "empty").mkdir()  # a root that exists but holds no IDX files is refused too, naming it
+    with pytest.raises(SystemExit):
+        main(["pretrain", PRETRAIN, f"data.root={tmp_path / 'empty'}", f"train.out_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert f"found in {tmp_path / 'empty'}," in err and "/usr/share/datasets" not in err  # not searched

@@ -105,15 +105,18 @@ def load_idx_split(dirs: Sequence[Path], split: str, name: str, hint: str) -> tu
 def load_fashion_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28], labels int64 [N]) read once per process from the IDX files.
 
-    Looks in `root`, `root/FashionMNIST/raw` (torchvision layout), `root/raw`, then the Debian package path.
+    Looks in `root`, `root/FashionMNIST/raw` (torchvision layout) and `root/raw`; without a root, in the Debian
+    package path. A root given is used or refused, never replaced by another copy.
     """
-    dirs = []
-    if root:
-        r = Path(root).expanduser()
-        dirs += [r, r / "FashionMNIST" / "raw", r / "raw"]
-    dirs.append(Path(FASHION_MNIST_DEBIAN))
-    return load_idx_split(dirs, split, "Fashion-MNIST", "Install them with `apt-get install dataset-fashion-mnist` "
-                          "(as root) or set data.root to a directory holding the IDX files")
+    if not root:
+        return load_idx_split([Path(FASHION_MNIST_DEBIAN)], split, "Fashion-MNIST", "Install them with `apt-get "
+                              "install dataset-fashion-mnist` (as root) or set data.root to a directory holding them")
+    r = Path(root).expanduser()
+    if not r.is_dir():
+        raise FileNotFoundError(f"data.root '{root}' does not exist; point it at the folder holding the Fashion-MNIST "
+                                f"IDX files, or set data.root=null to read the system copy ({FASHION_MNIST_DEBIAN})")
+    return load_idx_split([r, r / "FashionMNIST" / "raw", r / "raw"], split, "Fashion-MNIST",
+                          "Set data.root to the folder holding them, or data.root=null for the system copy")
 
 
 class ArrayImageDataset(Dataset):
@@ -364,11 +367,11 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
     """
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    if split == "val" and not cfg.val_size:
-        raise ValueError("the 'val' split needs data.val_size > 0 (training images held out for validation)")
     if cfg.val_size and cfg.dataset == "webdataset":
         raise ValueError("data.val_size needs random access, which streamed shards do not have; write the "
-                         "validation images as their own shards and evaluate on them (data.eval_shards)")
+                         "validation images as their own shards and name them in data.val_shards")
+    if split == "val" and not cfg.val_size and cfg.dataset != "webdataset":
+        raise ValueError("the 'val' split needs data.val_size > 0 (training images held out for validation)")
     split, held_out = ("train", split) if cfg.val_size and split != "test" else (split, None)
     mode = pil_mode(cfg.in_chans)
     train = split == "train"
