@@ -41,3 +41,28 @@ def fake_stage_runner(tmp_path, monkeypatch):
         return calls
 
     return install
+
+
+# One rule for tests that read Fashion-MNIST: mark them `@pytest.mark.fmnist` (or `pytestmark = ...` for a whole
+# file); they skip, saying how to install it, when the Debian package's files are absent.
+FMNIST = "/usr/share/datasets/fashion-mnist"
+FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                "t10k-labels-idx1-ubyte.gz")
+
+
+def has_fmnist() -> bool:
+    return all(os.path.isfile(os.path.join(FMNIST, f)) for f in FMNIST_FILES)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fmnist: needs Fashion-MNIST in " + FMNIST + " (skipped when absent)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_fmnist():
+        return
+    skip = pytest.mark.skip(reason=f"Fashion-MNIST not found in {FMNIST}: `apt-get install dataset-fashion-mnist` "
+                                   "(or `make data` as root)")
+    for item in items:
+        if item.get_closest_marker("fmnist"):
+            item.add_marker(skip)

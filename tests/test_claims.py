@@ -3,7 +3,6 @@ generated 3-class colour ImageFolder, a few steps each): fine-tuning and linear-
 equal the uninterrupted runs bit for bit (mixing, EMA and data order included), `train.keep_last` prunes,
 the global-batch warning is loud, TensorBoard logs are written, and `train.knn_every_epochs` runs k-NN."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -145,8 +144,7 @@ def test_linprobe_resumes_bit_for_bit(folder, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ pretraining
-@pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
-                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.fmnist
 def test_knn_every_epochs_evaluates_during_pretraining(tmp_path):
     from test_pretrain import write_config
 

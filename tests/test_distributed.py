@@ -29,6 +29,7 @@ def _final_weights(run_dir: Path, step: int) -> dict:
     return torch.load(run_dir / f"ckpt-{step:08d}.pt", weights_only=True)["model"]
 
 
+@pytest.mark.fmnist
 def test_fsdp_matches_one_process_and_resumes_on_another_count(tmp_path):
     for d in ("one", "fsdp", "resumed", "one_to_fsdp"):
         (tmp_path / d).mkdir()
@@ -84,6 +85,7 @@ def test_fsdp_matches_one_process_and_resumes_on_another_count(tmp_path):
         torch.testing.assert_close(model(x, mask), hand.eval()(x, mask), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.fmnist
 def test_sharded_evaluation_equals_one_process(tmp_path):
     """Top-1/top-5/loss, k-NN, probe features and segmentation metrics over 2 ranks (uneven shards; FSDP
     too for classification) = 1 process."""

@@ -47,8 +47,7 @@ def test_compiled_blocks_give_the_eager_outputs_and_gradients_under_bf16():
     torch._dynamo.reset()
 
 
-@pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
-                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.fmnist
 def test_fused_adamw_takes_the_for_each_step(tmp_path):
     """The optimizer the training loop builds is the fused AdamW (read from its checkpoint after a real
     2-step run), and the fused step gives what the for-each step gives."""

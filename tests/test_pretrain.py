@@ -61,6 +61,7 @@ def test_schedule_is_a_function_of_the_step():
     assert lr_at(55, 1.0, 0.1, 10, 100) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 45 / 89)))
 
 
+@pytest.mark.fmnist
 def test_smoke_pretraining_learns(tmp_path):
     """Loss falls and masked-token accuracy beats chance (1/512) within a couple of minutes on CPU."""
     from beit.train.pretrain import run_pretrain
@@ -80,6 +81,7 @@ def test_smoke_pretraining_learns(tmp_path):
     assert ckpt["config"]["model"]["name"] == TINY["model"]["name"]
 
 
+@pytest.mark.fmnist
 def test_existing_run_is_never_overwritten(tmp_path):
     from beit.train.checkpoint import RunDirError
     from beit.train.pretrain import run_pretrain
@@ -96,6 +98,7 @@ def _final_weights(run_dir: Path) -> dict:
     return torch.load(sorted(run_dir.glob("ckpt-*.pt"))[-1], weights_only=True)["model"]
 
 
+@pytest.mark.fmnist
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     steps = 16 * 2  # 16 steps per epoch, 2 epochs; killed mid-epoch 1
     over = {"train": {"epochs": 2, "save_every_steps": 5, "keep_last": 2}}
@@ -128,6 +131,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     assert steps_logged == sorted(set(steps_logged))  # no duplicated rows after the resume
 
 
+@pytest.mark.fmnist
 def test_ddp_two_processes_match_one(tmp_path):
     """2-process gloo DDP at the same global batch gives the same loss curve as 1 process."""
     common = {"train": {"max_steps": 8, "log_every": 1, "amp": "none"},
@@ -159,6 +163,7 @@ def test_model_tokenizer_mismatch_fails_before_any_work(tmp_path):
     assert not (tmp_path / "runs" / "cfg").exists()  # nothing was written
 
 
+@pytest.mark.fmnist
 def test_nonfinite_loss_is_caught_at_the_next_log_step(tmp_path):
     """The finite check is read at log steps and before saves (the step never waits on the device): a NaN
     in the 6th step raises at the log step 8, or at a save after step 6, naming step 6 and the steps checked."""
