@@ -172,7 +172,9 @@ def test_train_transform_keeps_image_and_mask_aligned(seed):
     labelled = y != 255
     recomputed = np.abs(rgb[..., None, :] - COLOURS[None, None].astype(float)).sum(-1).argmin(-1)  # nearest colour
     agree = (torch.from_numpy(recomputed) == y)[labelled].float().mean()
-    assert agree > 0.97  # bilinear edges only; a flipped or shifted mask agrees on ~1/4 to 1/2
+    # misses at block edges only: bilinear edges, and masks resized by cv2's nearest rule (floor(x * scale)), up to
+    # half a source pixel off the image's half-pixel centres; a flipped or shifted mask agrees on ~1/4 to 1/2
+    assert agree > 0.96
     # Padding: image 0 (after normalisation) exactly where the mask is the ignore index.
     assert torch.equal((x == 0).all(0), ~labelled)
 

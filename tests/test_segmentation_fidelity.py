@@ -235,12 +235,21 @@ def test_sync_bn_on_two_processes_equals_one_process_over_the_global_batch(tmp_p
         assert r[name]["stats"].keys() == one["stats"].keys()
         for k, v in one["stats"].items():
             assert r[name]["stats"][k] == pytest.approx(v, rel=1e-4, abs=1e-5), (name, k)
-        for k, v in one["grads"].items():  # the backward is the global batch's too
-            assert r[name]["grads"][k] == pytest.approx(v, rel=1e-3, abs=1e-6), (name, k)
-    # seg.sync_bn=false: per-process statistics, measurably not the global batch's
+        # the backward is the global batch's too. Per tensor, relative to its largest entry: fp32 reduction
+        # order alone moves the patch-embedding gradient by ~5e-4 of its scale (one process, batch reordered).
+        assert max(_grad_error(r[name]["grads"], one["grads"]).values()) < 1e-2, name
+    # seg.sync_bn=false: per-process statistics and gradients, measurably not the global batch's
     off = r["ddp_no_sync"]
     assert off["bn_classes"] == ["BatchNorm2d"]
     assert max(abs(a - b) for k in one["stats"] for a, b in zip(off["stats"][k], one["stats"][k])) > 1e-3
+    assert max(_grad_error(off["grads"], one["grads"]).values()) > 0.1
+
+
+def _grad_error(got: dict, ref: dict) -> dict:
+    """Per parameter: max |got - ref| / max |ref| over the recorded entries. `neck.fpn1.0.bias` is left out: a
+    bias right before a BatchNorm has a zero gradient in exact arithmetic (its ~1e-6 here is rounding)."""
+    return {k: max(abs(a - b) for a, b in zip(got[k], v)) / max(map(abs, v)) for k, v in ref.items()
+            if k != "neck.fpn1.0.bias"}
 
 
 # ------------------------------------------------------------------------------------------------ configs
