@@ -89,6 +89,7 @@ class DataConfig(_Section):
     # webdataset: brace patterns, relative to root unless absolute.
     shards: str | None = None  # training split, e.g. "train-{000000..000999}.tar"
     eval_shards: str | None = None  # test split (fine-tuning evaluation, k-NN)
+    val_shards: str | None = None  # validation split (train.eval_split=val): shards cannot hold one out by data.val_size
     shuffle_buffer: int = Field(2000, ge=0)  # samples per loader worker shuffled together (encoded bytes)
     img_size: int = Field(224, gt=0)  # patch view
     in_chans: Literal[1, 3] = 3
@@ -258,9 +259,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.train.eval_split == "val" and self.data.val_size == 0:
+        if self.train.eval_split == "val" and self.data.val_size == 0 and not self.data.val_shards:
             raise ValueError("train.eval_split=val needs a validation split: set data.val_size (e.g. 5000 training "
-                             "images held out) or use train.eval_split=test")
+                             "images held out; data.val_shards for webdataset) or use train.eval_split=test")
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr {self.optim.min_lr:g} is above optim.lr {self.optim.lr:g}")
         if self.dist.strategy == "fsdp":

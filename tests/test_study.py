@@ -177,3 +177,15 @@ def test_study_smoke_on_the_fashion_mnist_idx_files(tmp_path):
     assert {a: row["arms"][a]["test"]["n"] for a in row["arms"]} == {"pretrained": 1, "scratch": 1, "cnn": 1}
     # 550 labelled images (1% of the 55,000 left after validation): a pixel 1-NN is far above chance
     assert row["pixel_knn"]["test"]["mean"] > 50
+
+
+def test_webdataset_validation_comes_from_its_own_shards(tmp_path):
+    from beit.data.shards import build_shard_dataset
+
+    with pytest.raises(ValueError, match="data.val_shards"):
+        build_dataset(load_config(None, ["data.dataset=webdataset", "data.val_size=10"]).data, "val")
+    with pytest.raises(ConfigError, match="data.val_shards for webdataset"):
+        load_config(None, ["data.dataset=webdataset", "train.eval_split=val"])
+    cfg = load_config(None, ["data.dataset=webdataset", f"data.root={tmp_path}"])
+    with pytest.raises(ValueError, match="needs data.val_shards for the 'val' split"):
+        build_shard_dataset(cfg.data, "val")

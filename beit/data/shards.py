@@ -321,12 +321,13 @@ class LabeledItem:
 
 
 def build_shard_dataset(cfg, split: str, transform: Callable | None = None, seed: int = 0) -> ShardDataset:
-    """`ShardDataset` of `data.shards` (train, shuffled) or `data.eval_shards` (test, in order)."""
+    """`ShardDataset` of `data.shards` (train, shuffled), `data.val_shards` (val) or `data.eval_shards` (test, in
+    order)."""
     from .transforms import pil_mode
 
-    pattern = cfg.shards if split == "train" else cfg.eval_shards
+    key = {"train": "data.shards", "val": "data.val_shards", "test": "data.eval_shards"}[split]
+    pattern = getattr(cfg, key.split(".")[1])
     if not pattern:
-        key = "data.shards" if split == "train" else "data.eval_shards"
         raise ValueError(f"data.dataset=webdataset needs {key} for the '{split}' split, e.g. "
                          f"{key}='{split}-{{000000..000009}}.tar' (written by `beit data shard SRC OUT --split {split}`)")
     if split == "train" and (cfg.label_fraction < 1 or cfg.train_subset is not None):

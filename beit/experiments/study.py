@@ -48,7 +48,7 @@ class StudyConfig(BaseModel):
     pretrained: str | None = None  # run directory, checkpoint or zoo name; null = run `pretrain` first
     pretrain: str | None = None  # pretraining config, run when `pretrained` is null (the training images, no labels)
     pretrain_overrides: list[str] = []
-    val_size: int = Field(5000, gt=0)  # training images held out for validation (stratified, fixed)
+    val_size: int = Field(5000, ge=0)  # training images held out for validation (stratified, fixed); 0 with data.val_shards
     fractions: dict[float, list[str]]  # label fraction -> overrides of its runs (epochs, warmup, cadence)
     seeds: int = Field(3, ge=1)
     grid: dict[str, list[Any]]  # dotted key -> values; both ViT arms train every combination
@@ -117,9 +117,10 @@ def _overrides(study: StudyConfig, arm: str, frac: float, point: dict, seed: int
     if arm == "cnn":
         init += [f"model.name={study.cnn}", *study.cnn_overrides]
     grid = [f"{k}={'null' if v is None else v}" for k, v in point.items()]
-    return (study.overrides + study.fractions[frac] + init + grid + [ f"data.val_size={study.val_size}", f"data.label_fraction={frac}", f"train.seed={seed}",
-        f"train.eval_split={split}", f"train.out_dir={out}", f"train.run_name={run_name(arm, frac, point, seed)}",
-        "train.export=[]"])
+    fixed = [f"data.val_size={study.val_size}", f"data.label_fraction={frac}", f"train.seed={seed}",
+             f"train.eval_split={split}", f"train.out_dir={out}", f"train.run_name={run_name(arm, frac, point, seed)}",
+             "train.export=[]"]
+    return study.overrides + study.fractions[frac] + init + grid + fixed
 
 
 def _config(study: StudyConfig, arm: str, frac: float, point: dict, seed: int, split: str, out: Path) -> Config:
