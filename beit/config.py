@@ -346,8 +346,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); quote it, "
+                              f"e.g. {key}='\"...\"'") from None
     return out
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what went wrong and where (1-based line and column), not PyYAML's report."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(e, "problem", None) or type(e).__name__)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -374,7 +385,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML at {_yaml_problem(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     raw = _merge(_merge(COMMAND_DEFAULTS.get(command, {}), raw), parse_overrides(overrides or []))

@@ -131,6 +131,9 @@ def export(source: str | Path, out: str | Path, to: str = "hf", overwrite: bool 
     if to not in FORMATS:
         raise ValueError(f"unknown export format '{to}'; choose one of {', '.join(FORMATS)}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export destination '{out}' is a file, not a folder; choose a folder path (it is "
+                              f"created), or remove the file")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"'{out}' exists and is not empty; pass --overwrite or choose another folder")

@@ -25,7 +25,12 @@ def _load_images(paths: list[str], tok, size: int | None = None):
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"image '{p}' does not exist")
-        img = Image.open(p).convert(mode)
+        try:
+            with Image.open(p) as f:
+                img = f.convert(mode)  # a full decode: a truncated file fails here, not later
+        except Exception as e:  # PIL: UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError, ...
+            raise ValueError(f"'{p}' is not an image PIL can read ({type(e).__name__}: {e}); pass image files "
+                             f"(.png, .jpg, ...)") from None
         if size is None:
             size = max(min(img.size) // tok.downsample * tok.downsample, tok.downsample)
         img = resize(img, [size, size], antialias=True)

@@ -243,3 +243,57 @@ def test_a_missing_fashion_mnist_root_is_an_error_not_the_system_copy(tmp_path, 
         main(["pretrain", PRETRAIN, f"data.root={tmp_path / 'empty'}", f"train.out_dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err
     assert f"found in {tmp_path / 'empty'}," in err and "/usr/share/datasets" not in err  # not searched
+
+
+def _one_line_exit_2(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_yaml_syntax_errors_name_the_file_and_line_or_the_override(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: beit_fmnist_patch4_32\ndata:\n  mean: [0.5, 0.5\n  root: x\n")
+    err = _one_line_exit_2(["pretrain", str(bad), f"train.out_dir={tmp_path / 'runs'}"], capsys)
+    assert f"{bad}: not valid YAML at line 5, column 7" in err
+    err = _one_line_exit_2(["pretrain", PRETRAIN, "data.mean=[0.1", f"train.out_dir={tmp_path / 'runs'}"], capsys)
+    assert "override 'data.mean=[0.1': the value is not valid YAML (line 1" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tokenizer_encode_of_a_file_that_is_not_an_image(tmp_path, capsys):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    err = _one_line_exit_2(["tokenizer", "encode", "--tokenizer", "fmnist_dvae", str(text)], capsys)
+    assert f"'{text}' is not an image PIL can read (UnidentifiedImageError" in err
+
+
+def test_export_to_a_path_that_is_a_file(tmp_path, capsys):
+    ckpt = _classifier_ckpt(tmp_path / "c.pt", ["a_dark", "b_mid", "c_light"])
+    (tmp_path / "out").write_text("x")
+    err = _one_line_exit_2(["export", str(ckpt), str(tmp_path / "out"), "--to", "hf"], capsys)
+    assert f"export destination '{tmp_path / 'out'}' is a file" in err and (tmp_path / "out").read_text() == "x"
+
+
+def test_a_truncated_shard_under_on_bad_file_fail_is_one_line_and_leaves_no_directory(tmp_path, capsys):
+    _write_folder(tmp_path / "data", "train", list(LEVELS), 6)
+    _write_folder(tmp_path / "data", "test", list(LEVELS), 2, seed=1)
+    for split in ("train", "test"):
+        with pytest.raises(SystemExit):  # exit code 0
+            main(["data", "shard", str(tmp_path / "data"), str(tmp_path / "shards"), "--split", split,
+                  "--images-per-shard", "6"])
+    capsys.readouterr()
+    shard = tmp_path / "shards" / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])  # cut inside its second sample
+    args = _ft_args(tmp_path / "data", tmp_path / "runs", "data.dataset=webdataset", f"data.root={tmp_path / 'shards'}",
+                    "data.shards=train-{000000..000002}.tar", "data.eval_shards=test-000000.tar",
+                    "data.on_bad_file=fail", "data.num_workers=1")
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if "error:" in x]
+    assert e.value.code == 2 and "Traceback" not in err and len(line) == 1, err
+    assert f"cannot read shard '{shard}'" in line[0] and "data.on_bad_file=skip" in line[0]
+    assert not (tmp_path / "runs" / "three").exists()  # a rerun is not told "already exists"
