@@ -189,3 +189,21 @@ def test_webdataset_validation_comes_from_its_own_shards(tmp_path):
     cfg = load_config(None, ["data.dataset=webdataset", f"data.root={tmp_path}"])
     with pytest.raises(ValueError, match="needs data.val_shards for the 'val' split"):
         build_shard_dataset(cfg.data, "val")
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+def test_scene_validation_draws_only_held_out_training_garments():
+    from beit.data.segmentation import FashionScenes, build_seg_dataset
+
+    held = stratified_holdout(FashionScenes(None, "train", 1).labels, 5000)
+    val = FashionScenes(None, "val", 20, val_size=5000)
+    train = FashionScenes(None, "train", 20, val_size=5000)
+    full = FashionScenes(None, "train", 1)
+    assert len(val.images) == 5000 and len(train.images) == 55000
+    assert np.array_equal(val.images, full.images[held])  # val garments are exactly the held-out ones
+    assert not np.array_equal(np.asarray(val.load_pair(0)[0]), np.asarray(train.load_pair(0)[0]))
+    cfg = load_config("configs/segment/fmnist_scenes.yaml", ["data.val_size=5000", "train.eval_split=val",
+                                                              "seg.scenes=[8,4]"], command="segment")
+    assert len(build_seg_dataset(cfg, "val")) == 4 and len(build_seg_dataset(cfg, "test")) == 4
+    with pytest.raises(ConfigError, match="data.val_size"):
+        build_seg_dataset(load_config("configs/segment/fmnist_scenes.yaml", command="segment"), "val")

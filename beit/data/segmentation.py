@@ -38,7 +38,7 @@ from torchvision.transforms import InterpolationMode
 
 from beit.config import SEG_DATASETS, Config, ConfigError
 
-from .datasets import IMG_EXTENSIONS, BadSample, load_fashion_mnist, skip_or_fail
+from .datasets import IMG_EXTENSIONS, BadSample, load_fashion_mnist, skip_or_fail, stratified_holdout
 from .transforms import _check_stats, pil_mode
 
 log = logging.getLogger(__name__)
@@ -270,16 +270,21 @@ class FashionScenes(_SegDataset):
     """Deterministic 64x64 scenes of 1-4 Fashion-MNIST garments (scale 18-40 px, random position, later ones on
     top). A pixel's label is its garment's class + 1 where that garment's own pixel is > `threshold`, else it is
     left to what lies below (background 0). Train scenes use only the 60k training images, test scenes only
-    the 10k test images; scene i is a function of (seed, split, i)."""
+    the 10k test images; with `val_size`, validation scenes use only that many held-out training images and
+    train scenes the rest. Scene i is a function of (seed, split, i)."""
 
     classes = ["background", *FASHION_MNIST_CLASSES]
     canvas, threshold, sizes, max_items = 64, 40, (18, 40), 4
 
     def __init__(self, root: str | None, split: str, num: int, transform=None, on_bad_file: str = "skip",
-                 ignore_index: int = 255, seed: int = 0, scene_seed: int = 0):
+                 ignore_index: int = 255, seed: int = 0, scene_seed: int = 0, val_size: int = 0):
         super().__init__(transform, on_bad_file, ignore_index, seed)
-        self.images, self.labels = load_fashion_mnist(root, split)
-        self.num, self.split_id, self.scene_seed = int(num), 0 if split == "train" else 1, int(scene_seed)
+        self.images, self.labels = load_fashion_mnist(root, "test" if split == "test" else "train")
+        if val_size:  # validation scenes from held-out training garments, training scenes from the rest
+            held = stratified_holdout(self.labels, val_size)
+            keep = held if split == "val" else np.setdiff1d(np.arange(len(self.labels)), held)
+            self.images, self.labels = self.images[keep], self.labels[keep]
+        self.num, self.split_id, self.scene_seed = int(num), ("train", "test", "val").index(split), int(scene_seed)
 
     def __len__(self) -> int:
         return self.num
@@ -320,55 +325,63 @@ def build_seg_transform(cfg: Config, train: bool) -> SegTransform:
 
 
 def build_seg_dataset(cfg: Config, split: str, train_transform: bool | None = None) -> _SegDataset:
-    """The segmentation dataset of `cfg.data.dataset` for split "train" | "test", with the train pipeline on
-    "train" and the eval pipeline on "test" (or as `train_transform` says; False/True, None = by split)."""
+    """The segmentation dataset of `cfg.data.dataset` for split "train" | "val" | "test", with the train pipeline
+    on "train" and the eval pipeline otherwise (or as `train_transform` says; False/True, None = by split).
+    "val" (data.val_size > 0): scenes of held-out training garments, or held-out training images of a folder."""
     d, s = cfg.data, cfg.seg
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if split == "val" and not d.val_size:
+        raise ConfigError("the 'val' split needs data.val_size > 0 (training images held out for validation)")
     train = split == "train" if train_transform is None else train_transform
     tf = build_seg_transform(cfg, train)
     common = dict(transform=tf, on_bad_file=d.on_bad_file, ignore_index=s.ignore_index, seed=cfg.train.seed)
     if d.dataset == "fmnist_scenes":
-        ds = FashionScenes(d.root, split, s.scenes[0 if split == "train" else 1], scene_seed=s.scene_seed, **common)
+        ds = FashionScenes(d.root, split, s.scenes[0 if split == "train" else 1], scene_seed=s.scene_seed,
+                           val_size=d.val_size, **common)
     elif d.dataset in ("ade20k", "seg_folder"):
         if not d.root:
             raise ConfigError(f"data.root must be set for dataset '{d.dataset}'")
         root = Path(d.root).expanduser()
         mode = pil_mode(d.in_chans)
         if d.dataset == "ade20k":  # ADEChallengeData2016/{images,annotations}/{training,validation}
-            sub = "training" if split == "train" else "validation"
+            sub = "validation" if split == "test" else "training"
             reduce = True if s.reduce_zero_label is None else s.reduce_zero_label
             ds = SegFolderDataset(root / "images" / sub, root / "annotations" / sub, ADE20K_CLASSES, mode,
                                   reduce_zero_label=reduce, **common)
         else:  # root/<split>/{images,masks}, class names from seg.class_names or root/classes.txt
-            sub = _split_dir(root, ["train"] if split == "train" else ["test", "val", "validation"])
+            sub = _split_dir(root, ["test", "val", "validation"] if split == "test" else ["train"])
             names = read_class_names(Path(s.class_names) if s.class_names else root / "classes.txt")
             ds = SegFolderDataset(root / sub / "images", root / sub / "masks", names, mode,
                                   reduce_zero_label=bool(s.reduce_zero_label), **common)
     else:
         raise ConfigError(f"data.dataset '{d.dataset}' is not a segmentation dataset; use one of {SEG_DATASETS}")
+    if d.val_size and d.dataset != "fmnist_scenes":  # a folder's images: a fixed random draw is held out
+        held = stratified_holdout(np.zeros(len(ds), np.int64), d.val_size)
+        ds = _Subset(ds, held if split == "val" else np.setdiff1d(np.arange(len(ds)), held))
     n = d.train_subset if split == "train" else d.eval_subset
     if n is not None and n < len(ds):
-        ds = _Head(ds, n)
+        ds = _Subset(ds, np.arange(n))
     return ds
 
 
-class _Head(Dataset):
-    """The first `n` samples of a segmentation dataset (smoke runs), keeping `classes`, `set_epoch`, `load_image`."""
+class _Subset(Dataset):
+    """A segmentation dataset restricted to `indices` (held-out validation, smoke-run heads), keeping `classes`,
+    `set_epoch` and `load_image`."""
 
-    def __init__(self, base: _SegDataset, n: int):
-        self.base, self.n, self.classes = base, int(n), base.classes
+    def __init__(self, base: _SegDataset, indices):
+        self.base, self.indices, self.classes = base, np.asarray(indices, dtype=np.int64), base.classes
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.indices)
 
     def set_epoch(self, epoch: int) -> None:
         self.base.set_epoch(epoch)
 
     def __getitem__(self, i: int):
-        if not 0 <= i < self.n:
+        if not 0 <= i < len(self.indices):
             raise IndexError(i)
-        return self.base[i]
+        return self.base[int(self.indices[i])]
 
     def load_image(self, i: int):
-        return self.base.load_image(i)
+        return self.base.load_image(int(self.indices[i]))

@@ -228,7 +228,7 @@ def load_segmenter_weights(model: nn.Module, path: str) -> None:
 
 
 def build_eval_loader(cfg: Config, dataset=None) -> DataLoader:
-    dataset = dataset if dataset is not None else build_seg_dataset(cfg, "test")
+    dataset = dataset if dataset is not None else build_seg_dataset(cfg, cfg.train.eval_split)
     return DataLoader(dataset, batch_size=cfg.seg.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers,
                       collate_fn=collate_skip_bad)
 
@@ -276,7 +276,7 @@ def make_seg_step(ignore_index: int, avg_non_ignore: bool = False) -> Callable[[
 def build_segment_task(cfg: Config, device: torch.device):
     # Data and config errors first: they are cheap to find, a large checkpoint is not cheap to load.
     train = build_seg_dataset(cfg, "train")
-    test = build_seg_dataset(cfg, "test")
+    test = build_seg_dataset(cfg, cfg.train.eval_split)  # periodic evaluation: "val" while choosing a recipe
     names = list(train.classes)
     model = build_segmenter(cfg, len(names))
     if cfg.seg.sync_bn:  # under torchrun: BatchNorm over the global batch (official SyncBN); before DDP / FSDP
