@@ -42,6 +42,18 @@ class ModelConfig(_Section):
     use_shared_rel_pos_bias: bool | None = None  # one table for all layers (pretraining)
     use_mean_pooling: bool | None = None
     init_trunc: Literal["sigma", "abs"] | None = None
+    # What presets fix and foreign checkpoints may not share (an HF BEiT folder of any size rebuilds from these).
+    patch_size: int | None = Field(None, gt=0)
+    mlp_ratio: float | None = Field(None, gt=0)
+    layer_norm_eps: float | None = Field(None, gt=0)
+    # Segmentation presets only (BeitSegmenter): 0-based blocks the neck reads, UperNet / auxiliary head sizes.
+    out_indices: list[int] | None = None
+    channels: int | None = Field(None, gt=0)
+    pool_scales: list[int] | None = None
+    use_aux_head: bool | None = None
+    aux_channels: int | None = Field(None, gt=0)
+    aux_num_convs: int | None = Field(None, ge=1)
+    neck_scales: list[float] | None = None  # the neck's 4 resize factors (default: strides 4..32)
     grad_checkpointing: bool = False
 
     def overrides(self) -> dict[str, Any]:

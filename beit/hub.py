@@ -10,8 +10,10 @@ The model comes back in eval mode with three attributes: `model.beit_config` (th
 inferred from the tensors), `model.class_names` (list[str], empty when unknown) and, for a masked-image-
 modeling model, `model.tokenizer_name` (the tokenizer it was pretrained against).
 
-What a checkpoint is (classifier, MIM model, backbone) is read from its tensors; `KINDS` maps each kind to
-the function that builds it — a segmenter (`decode_head.*` keys) gets its entry there.
+What a checkpoint is (classifier, MIM model, backbone, segmenter) is read from its tensors; `KINDS` maps each
+kind to the function that builds it. A checkpoint without our config is rebuilt from what it says about itself:
+an HF folder from its config.json (any patch size, depth or width; a `BeitForSemanticSegmentation` with its
+`out_indices` and head sizes), any other layout from its tensors.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def read_source(source: str | Path) -> Source:
 
     path = resolve_path(source)
     raw = read_checkpoint(path)
-    stored, names = None, []
+    stored, names, meta = None, [], {}
     if isinstance(raw.get("config"), dict):  # our training checkpoints (ckpt-*.pt, best.pt)
         stored = config_from_dict(raw["config"], f"{path} (stored config)")
         names = list(raw.get("class_names") or [])  # the run's class index (older checkpoints: none stored)
@@ -113,7 +115,8 @@ def read_source(source: str | Path) -> Source:
             stored = config_from_dict(meta["beit_config"], f"{path / 'config.json'} (beit_config)")
         names = _label_names(meta)
     if stored is None:
-        return Source(path, raw, infer_config(raw, path), names, inferred=True)
+        hf = meta if meta.get("model_type") == "beit" else None  # an HF BEiT folder's own config.json
+        return Source(path, raw, infer_config(raw, path, hf), names, inferred=True)
     return Source(path, raw, stored, names or dataset_class_names(stored))
 
 
@@ -135,35 +138,19 @@ def model_kind(sd: dict) -> str:
     return "classifier" if "head.weight" in sd else "backbone"
 
 
-def infer_config(raw: dict, path: Path) -> Config:
-    """A `Config` whose model section rebuilds the checkpoint: every size from the tensors, on a preset with
-    the same patch size and kind (MIM or not). Data defaults follow the model (image size, channels)."""
-    from beit.convert import hf_config_from_state_dict, to_official, unwrap_state_dict
-    from beit.models.presets import PRESETS
+def infer_config(raw: dict, path: Path, hf: dict | None = None) -> Config:
+    """A `Config` whose model section rebuilds the checkpoint: every size from the tensors (and from `hf`, an HF
+    folder's config.json: layer-norm eps; a segmenter's out_indices and heads), on the preset of the same kind
+    nearest in patch size and width; what differs from the preset is set explicitly. Data defaults follow the
+    model (image size, channels; statistics from an HF folder's preprocessor_config.json)."""
+    from beit.convert import to_official, unwrap_state_dict
 
-    sd = to_official(unwrap_state_dict(raw))
-    hf = hf_config_from_state_dict(sd)
-    kind = model_kind(sd)
-    mim = kind == "mim"
-    # Every size is set explicitly below; the preset supplies the rest (patch size, mlp ratio, init).
-    names = [n for n, p in PRESETS.items() if bool(p.get("vocab_size")) == mim
-             and p.get("patch_size", 16) == hf["patch_size"]]
-    names.sort(key=lambda n: PRESETS[n]["embed_dim"] != hf["hidden_size"])  # same width first
-    if not names:
-        raise ValueError(f"{path}: no preset has patch size {hf['patch_size']}; build the model with "
-                         f"beit.create_model(...) and load it with pretrained=PATH")
-    size = hf["image_size"]
-    model = dict(
-        name=names[0], img_size=size if isinstance(size, int) else size[0], in_chans=hf["num_channels"],
-        embed_dim=hf["hidden_size"], depth=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        num_classes=sd["head.weight"].shape[0] if kind == "classifier" else 0,
-        vocab_size=hf.get("vocab_size", 0), use_abs_pos_emb=hf["use_absolute_position_embeddings"],
-        use_rel_pos_bias=hf["use_relative_position_bias"],
-        use_shared_rel_pos_bias=hf["use_shared_relative_position_bias"],
-        use_mean_pooling=hf["use_mean_pooling"] if kind != "mim" else False,
-        init_values=hf["layer_scale_init_value"],
-    )
+    sd = unwrap_state_dict(raw)
+    kind = model_kind(to_official(sd))
+    model = _segmenter_section(path, hf) if kind == "segmenter" else _vit_section(to_official(sd), kind, hf)
     data: dict[str, Any] = dict(img_size=model["img_size"], in_chans=model["in_chans"])
+    if kind == "segmenter":
+        data["dataset"] = "seg_folder"  # `beit eval|predict` read it as segmentation data (data.root=...)
     pre = path / "preprocessor_config.json" if path.is_dir() else None
     if pre is not None and pre.is_file():  # an HF folder: the statistics it was trained with
         p = json.loads(pre.read_text())
@@ -171,6 +158,55 @@ def infer_config(raw: dict, path: Path) -> Config:
     elif model["in_chans"] != 3:
         data.update(mean=[0.5] * model["in_chans"], std=[0.5] * model["in_chans"])
     return config_from_dict({"model": model, "data": data}, f"{path} (inferred from its tensors)")
+
+
+def _nearest_preset(presets: dict[str, dict], patch: int, width: int) -> str:
+    """The preset with the same patch size and width if there is one, else the same patch size, else any."""
+    return min(presets, key=lambda n: (presets[n].get("patch_size", 16) != patch, presets[n]["embed_dim"] != width))
+
+
+def _vit_section(sd: dict, kind: str, hf: dict | None) -> dict[str, Any]:
+    """Model section of a classifier, MIM model or backbone (official-layout tensors)."""
+    from beit.convert import hf_config_from_state_dict
+    from beit.models.presets import PRESETS
+
+    c = hf_config_from_state_dict(sd)
+    mim = kind == "mim"
+    presets = {n: p for n, p in PRESETS.items() if bool(p.get("vocab_size")) == mim}
+    name = _nearest_preset(presets, c["patch_size"], c["hidden_size"])
+    size = c["image_size"]
+    model = dict(
+        name=name, img_size=size if isinstance(size, int) else size[0], in_chans=c["num_channels"],
+        embed_dim=c["hidden_size"], depth=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+        num_classes=sd["head.weight"].shape[0] if kind == "classifier" else 0,
+        vocab_size=c.get("vocab_size", 0), use_abs_pos_emb=c["use_absolute_position_embeddings"],
+        use_rel_pos_bias=c["use_relative_position_bias"],
+        use_shared_rel_pos_bias=c["use_shared_relative_position_bias"],
+        use_mean_pooling=c["use_mean_pooling"] if kind != "mim" else False,
+        init_values=c["layer_scale_init_value"],
+    )
+    # What presets fix: set only where the checkpoint differs (an HF folder's own eps: transformers' is 1e-12).
+    eps = hf.get("layer_norm_eps", 1e-12) if hf else c["layer_norm_eps"]
+    exact = dict(patch_size=c["patch_size"], mlp_ratio=c["intermediate_size"] / c["hidden_size"], layer_norm_eps=eps)
+    base = {"patch_size": 16, "mlp_ratio": 4.0, "layer_norm_eps": 1e-6, **presets[name]}
+    model.update({k: v for k, v in exact.items() if v != base[k]})
+    return model
+
+
+def _segmenter_section(path: Path, hf: dict | None) -> dict[str, Any]:
+    """Model section of a segmenter: an HF `BeitForSemanticSegmentation` config.json says what tensors cannot
+    (which blocks the neck reads)."""
+    from beit.convert.segmentation import segmenter_kwargs_from_hf_config
+    from beit.models.presets import SEG_PRESETS
+
+    if hf is None:
+        raise ValueError(f"{path}: a segmenter checkpoint without its config: which blocks the neck reads "
+                         f"(out_indices) is not in its tensors; build it with beit.models.create_segmenter(NAME, "
+                         f"out_indices=[...], pretrained=PATH)")
+    kwargs = segmenter_kwargs_from_hf_config(hf)
+    fields = set(ModelConfig.model_fields) - {"name", "pretrained", "grad_checkpointing"}
+    model = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items() if k in fields}
+    return {"name": _nearest_preset(SEG_PRESETS, kwargs["patch_size"], kwargs["embed_dim"]), **model}
 
 
 def dataset_class_names(cfg: Config) -> list[str]:
@@ -215,11 +251,16 @@ def check_model_overrides(stored: ModelConfig, requested: dict[str, Any], source
         if key == "name":
             if value != stored.name and effective_model_kwargs(stored.model_copy(update={"name": value})) != have:
                 wrong.append(f"model.name={value} (checkpoint: {stored.name})")
-        elif have.get(key) != value and not (key == "init_values" and not have.get(key) and not value):
+        elif _plain(have.get(key)) != _plain(value) and not (key == "init_values" and not have.get(key) and not value):
             wrong.append(f"model.{key}={value} (checkpoint: {have.get(key)})")
     if wrong:
         raise ConfigError(f"{source}: the checkpoint fixes the architecture and these overrides contradict it: "
                           f"{'; '.join(wrong)}. Drop them (the checkpoint's stored config is used)")
+
+
+def _plain(value):
+    """Tuples (presets) and lists (configs) compare equal."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _build_vit(src: Source) -> nn.Module:
@@ -232,10 +273,17 @@ def _build_vit(src: Source) -> nn.Module:
 
 
 def _build_segmenter(src: Source) -> nn.Module:
-    raise NotImplementedError(f"{src.path}: segmentation checkpoints are not supported by beit.load yet")
+    """BEiT + UperNet from the model section; every weight must come from the checkpoint (any layout)."""
+    from beit.convert.segmentation import load_whole_segmenter
+    from beit.models.segmentation import create_segmenter
+
+    model = create_segmenter(src.config.model.name, **src.config.model.overrides())
+    # an HF folder by path: its config.json's out_indices are checked against the model's
+    load_whole_segmenter(model, src.path if src.path.is_dir() else src.raw, str(src.path))
+    return model
 
 
-# kind -> builder(Source) -> nn.Module. A segmenter replaces `_build_segmenter` with its own builder.
+# kind -> builder(Source) -> nn.Module.
 KINDS: dict[str, Callable[[Source], nn.Module]] = {
     "classifier": _build_vit,
     "mim": _build_vit,
@@ -264,13 +312,27 @@ def load(source: str | Path, **model_overrides) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ commands
+def _beside(source: str) -> Path:
+    """Where a command's output on a checkpoint goes: beside the checkpoint's run directory (runs/x/ckpt-*.pt
+    and runs/x -> runs/), in the folder of a loose checkpoint file, in runs/ for a shipped model."""
+    if str(source) in ZOO:
+        return Path("runs")
+    path = Path(source).expanduser()
+    if path.is_file():
+        path = path.parent
+        if not (path / "config.yaml").is_file():
+            return path  # a loose checkpoint file: its own folder
+    return path.parent
+
+
 def command_config(source: str, overrides: list[str], command: str) -> Config:
     """Config of `beit eval|knn|linprobe|predict SOURCE [key=value ...]`.
 
     SOURCE may be a YAML config (as before; a model section that contradicts `model.pretrained`'s stored
     config is an error) or any checkpoint `load` reads: then its stored config is the base (for linprobe
     with the probe recipe of configs/linprobe/fmnist.yaml: optim, train, batch size), the run is named
-    `<run>_<command>`, and only data/train/optim/... overrides may change anything.
+    `<run>_<command>` beside the checkpoint's run (`_beside`), and only data/train/optim/... overrides may change
+    anything.
     """
     from beit.config import _merge, parse_overrides
 
@@ -297,5 +359,6 @@ def command_config(source: str, overrides: list[str], command: str) -> Config:
         base["train"] = {**recipe["train"], "out_dir": base["train"]["out_dir"], "device": base["train"]["device"]}
         base["data"]["batch_size"] = recipe["data"]["batch_size"]
     base["train"]["run_name"] = f"{stem}_{command}"
+    base["train"]["out_dir"] = str(_beside(source))  # not the training machine's out_dir stored in the config
     extra.pop("model", None)
     return config_from_dict(_merge(base, extra), f"{source} + overrides")

@@ -188,6 +188,7 @@ def segmenter_kwargs_from_hf_config(cfg: Mapping) -> dict:
         drop_path_rate=cfg.get("drop_path_rate", 0.1),
         num_classes=len(cfg["id2label"]) if cfg.get("id2label") else cfg.get("num_labels", 2),
         out_indices=blocks, channels=cfg.get("hidden_size", 768),
+        neck_scales=(4, 2, 1, 0.5),  # HF's fpn1..fpn4 at any patch size (ours defaults to strides 4..32)
         pool_scales=tuple(cfg.get("pool_scales", (1, 2, 3, 6))),
         use_aux_head=cfg.get("use_auxiliary_head", True), aux_channels=cfg.get("auxiliary_channels", 256),
         aux_num_convs=cfg.get("auxiliary_num_convs", 1), aux_weight=cfg.get("auxiliary_loss_weight", 0.4),
@@ -203,9 +204,9 @@ def hf_seg_config(sd: Mapping[str, torch.Tensor], arch: Mapping) -> dict:
     dim = backbone["cls_token"].shape[-1]
     patch = backbone["patch_embed.proj.weight"].shape[-1]
     channels = sd["decode_head.conv_seg.weight"].shape[1]
-    scales = tuple(arch.get("neck_scales") or (4, 2, 1, 0.5))
-    if patch != 16 or channels != dim or scales != (4, 2, 1, 0.5):
-        raise ValueError(f"HF BeitForSemanticSegmentation has a fixed head (patch 16 neck x4, x2, x1, /2, UperNet "
+    scales = tuple(arch.get("neck_scales") or (patch / 4 / 2**i for i in range(4)))  # FeaturePyramid's default
+    if channels != dim or scales != (4, 2, 1, 0.5):  # HF's neck resizes the patch grid x4, x2, x1, /2 at any patch size
+        raise ValueError(f"HF BeitForSemanticSegmentation has a fixed head (neck x4, x2, x1, /2, UperNet "
                          f"channels = hidden_size); this segmenter has patch {patch}, neck {scales}, channels "
                          f"{channels}, hidden {dim}: not representable in HF — convert to mmseg instead")
     hf_idx, pad = hf_out_indices(arch["out_indices"], _num_blocks(backbone))
@@ -317,6 +318,22 @@ def load_segmenter(model, path_or_sd, strict_shapes: bool = True):
     return report
 
 
+def load_whole_segmenter(model, path_or_sd, source: str | None = None):
+    """A whole segmenter checkpoint (any layout) into `model`, every weight accounted for: a backbone-only
+    checkpoint, a weight the checkpoint lacks or a classifier of another class count is a ValueError naming
+    `source`. Returns the `LoadReport`."""
+    source = source or (str(path_or_sd) if not isinstance(path_or_sd, Mapping) else "the checkpoint")
+    report = load_segmenter(model, path_or_sd)
+    if report.layout not in SEG_LAYOUTS:
+        raise ValueError(f"{source} holds a backbone ({report.layout} layout), not a whole segmenter: train one "
+                         f"with `beit segment` (model.pretrained={source}) first")
+    unfilled = report.missing + report.mismatched + [k for k in report.dropped if ".conv_seg." in k]
+    if unfilled:
+        raise ValueError(f"{source} is not a checkpoint of this segmenter: {len(unfilled)} weights not filled, e.g. "
+                         f"{unfilled[0]} (another model size, class count or head setting)")
+    return report
+
+
 def segmenter_from_hf(path: str | os.PathLike):
     """Build a BeitSegmenter from an HF `BeitForSemanticSegmentation` folder, with HF's exact logits."""
     from beit.models.segmentation import BeitSegmenter
@@ -342,7 +359,8 @@ def seg_arch_from_checkpoint(raw: Mapping, hf_cfg: Mapping | None = None) -> dic
     name = model_cfg.get("name")
     if name not in SEG_PRESETS:
         return None
-    return {**SEG_PRESETS[name], **{k: v for k, v in model_cfg.items() if v is not None and k in SEG_PRESETS[name]}}
+    skip = ("name", "pretrained", "grad_checkpointing")  # everything else a model section sets is architecture
+    return {**SEG_PRESETS[name], **{k: v for k, v in model_cfg.items() if v is not None and k not in skip}}
 
 
 def convert_segmenter(src: str | os.PathLike, dst: str | os.PathLike, to: str,

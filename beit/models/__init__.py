@@ -9,6 +9,10 @@ from beit.models.presets import CNN_PRESETS, PRESETS, SEG_PRESETS
 from beit.models.segmentation import BeitSegmenter, create_segmenter
 from beit.models.vit import Beit
 
+# ModelConfig fields that only a BeitSegmenter takes.
+SEG_HEAD_FIELDS = ("out_indices", "channels", "pool_scales", "use_aux_head", "aux_channels", "aux_num_convs",
+                   "neck_scales")
+
 
 def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit | SmallCNN:
     """Build preset `name` with keyword overrides; `pretrained=PATH` loads a checkpoint of any supported
@@ -24,6 +28,10 @@ def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit 
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown model preset '{name}'.{hint} Available: {', '.join(names)}")
     else:
+        seg_only = [k for k in SEG_HEAD_FIELDS if k in overrides]
+        if seg_only:
+            raise ValueError(f"model.{seg_only[0]} sets a segmentation head; '{name}' is not a segmentation preset "
+                             f"({', '.join(SEG_PRESETS)}): remove it")
         kwargs = {**PRESETS[name], **overrides}
         if kwargs.get("vocab_size"):
             kwargs.setdefault("use_mask_token", True)
