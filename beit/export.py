@@ -8,6 +8,10 @@ hf    config.json (BeitConfig, id2label/label2id from the dataset's class names,
       Grayscale models are exported with 3 input channels (patch kernel / 3 per channel, statistics
       repeated): HF's pipeline converts every image to RGB, and on a gray image R = G = B, so the
       outputs equal the 1-channel model's up to float rounding.
+      A segmenter (`beit segment` run) is written as `BeitForSemanticSegmentation` (HF's own head layout:
+      the neck resizes the patch grid x4, x2, x1, /2 and UperNet has hidden_size channels; other heads
+      are refused) with its class names as id2label; `AutoModelForSemanticSegmentation` loads it and
+      `AutoImageProcessor` resizes to the training crop.
 timm  config.json in timm's hub format (architecture, num_classes, model_args, pretrained_cfg: input size,
       mean/std, interpolation, crop) + model.safetensors (official keys = timm keys):
       `timm.create_model("local-dir:DIR", pretrained=True)`. num_classes is stored, so timm never
@@ -27,6 +31,7 @@ log = logging.getLogger("beit")
 
 FORMATS = ("hf", "timm")
 _PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as HF image processors store it
+_PIL_BILINEAR = 2
 
 
 def _crop_pct(cfg: Config) -> float:
@@ -35,10 +40,11 @@ def _crop_pct(cfg: Config) -> float:
     return eval_crop_pct(cfg.data.img_size, cfg.data.crop_pct)
 
 
-def _as_rgb(sd: dict, cfg: Config) -> tuple[dict, Config]:
+def _as_rgb(sd: dict, cfg: Config, prefix: str = "") -> tuple[dict, Config]:
     """A 1-channel model as a 3-channel one that gives the same outputs on gray RGB images."""
     sd = dict(sd)
-    sd["patch_embed.proj.weight"] = sd["patch_embed.proj.weight"].repeat(1, 3, 1, 1) / 3  # [D, 3, p, p]
+    key = f"{prefix}patch_embed.proj.weight"
+    sd[key] = sd[key].repeat(1, 3, 1, 1) / 3  # [D, 3, p, p]
     d = cfg.data
     cfg = cfg.model_copy(deep=True)
     cfg.model.in_chans = 3
@@ -68,13 +74,49 @@ def export_hf(sd: dict, cfg: Config, names: list[str], out: Path) -> Path:
     save_checkpoint_as(sd, out, "hf", model_config=effective_model_kwargs(cfg.model))
     config = json.loads((out / "config.json").read_text())
     if "head.weight" in sd:
-        n = sd["head.weight"].shape[0]
-        labels = names if len(names) == n else [f"LABEL_{i}" for i in range(n)]
-        config["id2label"] = {str(i): name for i, name in enumerate(labels)}
-        config["label2id"] = {name: i for i, name in enumerate(labels)}
+        config.update(_labels(names, sd["head.weight"].shape[0]))
     config["beit_config"] = cfg.to_dict()
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "preprocessor_config.json").write_text(json.dumps(_hf_preprocessor(cfg), indent=2))
+    return out
+
+
+def _labels(names: list[str], n: int) -> dict:
+    labels = names if len(names) == n else [f"LABEL_{i}" for i in range(n)]
+    return {"id2label": {str(i): name for i, name in enumerate(labels)},
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def _hf_seg_preprocessor(cfg: Config) -> dict:
+    """Resize to the training crop (bilinear, as mmseg's test-time Resize), rescale, normalise; masks
+    reduced as the run's data was (seg.reduce_zero_label, on for ADE20K)."""
+    size = cfg.data.img_size
+    reduce = cfg.seg.reduce_zero_label if cfg.seg.reduce_zero_label is not None else cfg.data.dataset == "ade20k"
+    return {
+        "image_processor_type": "BeitImageProcessor",
+        "do_resize": True, "size": {"height": size, "width": size}, "resample": _PIL_BILINEAR,
+        "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(cfg.data.mean), "image_std": list(cfg.data.std),
+        "do_reduce_labels": bool(reduce),
+    }
+
+
+def export_hf_segmenter(sd: dict, cfg: Config, names: list[str], out: Path) -> Path:
+    """A BeitSegmenter state dict -> an HF `BeitForSemanticSegmentation` folder (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    from beit.convert.segmentation import to_hf_segmentation
+    from beit.hub import effective_model_kwargs
+
+    if cfg.model.in_chans == 1:
+        sd, cfg = _as_rgb(sd, cfg, prefix="backbone.")
+    hf_sd, config = to_hf_segmentation(sd, effective_model_kwargs(cfg.model))  # refuses heads HF cannot hold
+    config.update(_labels(names, sd["decode_head.conv_seg.weight"].shape[0]), beit_config=cfg.to_dict())
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in hf_sd.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "preprocessor_config.json").write_text(json.dumps(_hf_seg_preprocessor(cfg), indent=2))
     return out
 
 
@@ -137,14 +179,28 @@ def export(source: str | Path, out: str | Path, to: str = "hf", overwrite: bool 
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"'{out}' exists and is not empty; pass --overwrite or choose another folder")
-        shutil.rmtree(out)
     model = load(source)
+    segmenter = hasattr(model, "decode_head")
+    if segmenter and to == "timm":
+        raise ValueError(f"'{source}' is a segmenter and timm has no segmentation models: export it with --to hf, "
+                         f"or `beit convert {source} FILE.pth --to official` for mmsegmentation")
     if model.beit_config.model.in_chans is None:  # make the channel count explicit for the writers
-        model.beit_config.model.in_chans = model.patch_embed.in_chans
+        model.beit_config.model.in_chans = model.in_chans if segmenter else model.patch_embed.in_chans
     with torch.no_grad():
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    writer = export_hf if to == "hf" else export_timm
-    return writer(sd, model.beit_config, model.class_names, out)
+    writer = export_hf_segmenter if segmenter else export_hf if to == "hf" else export_timm
+    if not (out.exists() and any(out.iterdir())):
+        return writer(sd, model.beit_config, model.class_names, out)
+    # --overwrite: the old folder is replaced only once the new one is complete
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        writer(sd, model.beit_config, model.class_names, partial)
+        shutil.rmtree(out)
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out
 
 
 def export_run(cfg: Config, run_dir: Path) -> list[Path]:

@@ -214,6 +214,8 @@ def dataset_class_names(cfg: Config) -> list[str]:
     from beit.train.evaluate import FASHION_MNIST_CLASSES
 
     d = cfg.data
+    if d.dataset in SEG_DATASETS:  # older segmentation checkpoints store no class names
+        return _seg_class_names(cfg)
     if d.dataset == "fashion_mnist":
         return list(FASHION_MNIST_CLASSES)
     if d.dataset == "mnist":
@@ -228,6 +230,18 @@ def dataset_class_names(cfg: Config) -> list[str]:
         if folder.is_dir():
             return sorted(p.name for p in folder.iterdir() if p.is_dir())
     return []
+
+
+def _seg_class_names(cfg: Config) -> list[str]:
+    from beit.data.segmentation import ADE20K_CLASSES, FASHION_MNIST_CLASSES, read_class_names
+
+    if cfg.data.dataset == "fmnist_scenes":
+        return ["background", *FASHION_MNIST_CLASSES]
+    if cfg.data.dataset == "ade20k":
+        return list(ADE20K_CLASSES)
+    s, root = cfg.seg, cfg.data.root
+    listed = Path(s.class_names) if s.class_names else Path(root).expanduser() / "classes.txt" if root else None
+    return read_class_names(listed) if listed is not None and listed.is_file() else []
 
 
 # ------------------------------------------------------------------------------------------------ building

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from beit.builders import resolve_pretrained
 from beit.config import Config, ConfigError
-from beit.convert import read_checkpoint
+from beit.convert.segmentation import load_whole_segmenter
 from beit.data import collate_skip_bad
 from beit.data.segmentation import build_seg_dataset
 from beit.models.segmentation import create_segmenter, load_pretrained_backbone, upsample_logits
@@ -217,14 +217,12 @@ def check_seg_config(cfg: Config, model: nn.Module, num_classes: int) -> None:
 
 
 def load_segmenter_weights(model: nn.Module, path: str) -> None:
-    state = read_checkpoint(path)
-    state = state.get("model", state) if isinstance(state, dict) else state
-    want = model.state_dict()
-    missing = [k for k in want if k not in state]
-    if missing:
-        raise ConfigError(f"'{path}' is not a checkpoint of this segmenter ({type(model).__name__}): {len(missing)} "
-                          f"weights missing, e.g. {missing[0]}; `beit eval` needs a `beit segment` run")
-    model.load_state_dict({k: state[k] for k in want})
+    """Every weight of a whole segmenter, any layout: a `beit segment` checkpoint, an HF export of one, an HF
+    `BeitForSemanticSegmentation` folder, an official mmseg file."""
+    try:
+        load_whole_segmenter(model, path)
+    except ValueError as e:
+        raise ConfigError(f"{e}; `beit eval` needs a `beit segment` run or another whole segmenter") from None
 
 
 def build_eval_loader(cfg: Config, dataset=None) -> DataLoader:
@@ -290,7 +288,7 @@ def build_segment_task(cfg: Config, device: torch.device):
 
     step = make_seg_step(cfg.seg.ignore_index, cfg.seg.loss_avg_non_ignore)
     return Task(model=model, step=step, dataset=train, collate_fn=collate_skip_bad, evaluate=evaluate,
-                best_metric="mIoU")
+                best_metric="mIoU", class_names=names)
 
 
 def run_segment(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
