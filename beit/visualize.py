@@ -41,12 +41,15 @@ def prediction_grid(cfg: Config, out: Path, num: int = 8, seed: int = 0) -> dict
 
     from beit.builders import build_mim_dataset, build_model, build_tokenizer  # lazy: `beit --help` stays light
 
+    model = build_model(cfg, need_pretrained=True).eval()  # first: what the checkpoint is decides the message
+    if getattr(model, "lm_head", None) is None:
+        raise ConfigError(f"{cfg.model.pretrained} is a {'classifier' if model.num_classes else 'backbone'} "
+                          f"({cfg.model.name}), not a pretraining checkpoint: masked-token predictions need one "
+                          f"(a `beit pretrain` run); for this model use `beit predict ... --attention` (where it "
+                          f"looks) or `beit eval` (its accuracy)")
     tokenizer = build_tokenizer(cfg)
     if getattr(tokenizer, "decoder", None) is None:
         raise ConfigError(f"tokenizer '{cfg.tokenizer.name}' has no decoder, so predictions cannot be drawn")
-    model = build_model(cfg, need_pretrained=True).eval()
-    if model.lm_head is None:
-        raise ConfigError(f"model {cfg.model.name} has no lm_head: use the pretraining preset and checkpoint")
     data = build_mim_dataset(cfg, model.grid, split="test", seed=seed)
     items = [data[i] for i in np.random.default_rng(seed).choice(len(data), num, replace=False)]
     image = torch.stack([it["image"] for it in items])  # [n, C, H, W] normalised

@@ -297,3 +297,90 @@ def test_a_truncated_shard_under_on_bad_file_fail_is_one_line_and_leaves_no_dire
     assert e.value.code == 2 and "Traceback" not in err and len(line) == 1, err
     assert f"cannot read shard '{shard}'" in line[0] and "data.on_bad_file=skip" in line[0]
     assert not (tmp_path / "runs" / "three").exists()  # a rerun is not told "already exists"
+
+
+# ------------------------------------------------------------------------------------------------ messages
+def test_predict_on_a_classifier_says_it_is_a_classifier_not_that_a_tokenizer_needs_weights(tmp_path, capsys):
+    ckpt = _classifier_ckpt(tmp_path / "c.pt", ["a_dark", "b_mid", "c_light"])
+    err = _one_line_exit_2(["predict", str(ckpt), "--out", str(tmp_path / "p.png")], capsys)
+    assert "is a classifier" in err and "--attention" in err and "weights" not in err and "dall" not in err.lower()
+
+
+def test_a_channel_mismatch_says_channels_not_img_size():
+    from beit.models import create_model
+
+    model = create_model("beit_fmnist_patch4_32", depth=1, embed_dim=32, num_heads=2)
+    with pytest.raises(ValueError) as e:
+        model(torch.zeros(1, 3, 32, 32))
+    assert "expected images with 1 channel(s), got 3" in str(e.value) and "img_size" not in str(e.value)
+
+
+@pytest.mark.parametrize("error,says", [
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4416 vs 4304"), "disk full"),
+    (OSError(28, "No space left on device"), "disk full"),
+    (OSError(27, "File too large"), "file too large"),
+])
+def test_a_failed_first_checkpoint_write_says_why_and_that_there_is_none_before_it(tmp_path, monkeypatch, error, says):
+    from beit.train import checkpoint as ckpt_io
+
+    def fail(*a, **k):
+        raise error
+
+    monkeypatch.setattr(ckpt_io.torch, "save", fail)
+    with pytest.raises(ckpt_io.CheckpointWriteError) as e:
+        ckpt_io.save_training_checkpoint(tmp_path, {"model": {}}, 4, keep_last=2)
+    msg = str(e.value)
+    assert f"could not write '{tmp_path / 'ckpt-00000004.pt'}': {says}" in msg
+    assert "no checkpoint of this run was written before it" in msg and "--resume" not in msg
+    assert "enforce fail" not in msg and not list(tmp_path.iterdir())  # no temp file left either
+    if says == "disk full":
+        assert f"no space left on the device holding '{tmp_path}'" in msg
+    monkeypatch.undo()
+    ckpt_io.save_training_checkpoint(tmp_path, {"model": {}}, 4, keep_last=2)
+    monkeypatch.setattr(ckpt_io.torch, "save", fail)
+    with pytest.raises(ckpt_io.CheckpointWriteError, match=r"earlier checkpoints .* intact \(newest "
+                                                          r"ckpt-00000004.pt\).* --resume"):
+        ckpt_io.save_training_checkpoint(tmp_path, {"model": {}}, 8, keep_last=2)
+
+
+def test_eval_output_goes_beside_the_run_and_a_rerun_needs_no_flag(tmp_path, capsys, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # where the stored train.out_dir ("runs") points
+    run = tmp_path / "runs" / "three"
+    run.mkdir(parents=True)
+    ckpt = _classifier_ckpt(run / "best.pt", ["a_dark", "b_mid", "c_light"], root=str(tmp_path / "data"))
+    (run / "config.yaml").write_text("{}\n")  # a run directory
+    _write_folder(tmp_path / "data", "test", ["a_dark", "c_light"], 2)
+    main(["eval", str(run)])  # the stored out_dir (elsewhere) is not where the results go
+    main(["eval", str(ckpt)])  # again, no --overwrite: a new directory
+    assert (tmp_path / "runs" / "fmnist_scratch_eval" / "results.json").is_file()
+    assert (tmp_path / "runs" / "fmnist_scratch_eval-2" / "results.json").is_file()
+    assert "already exists" not in capsys.readouterr().err and not (tmp_path / "cwd" / "runs").exists()
+
+
+def test_eval_of_a_shipped_model_writes_under_runs(monkeypatch, tmp_path):
+    from beit.hub import ZOO, command_config
+
+    if not ZOO["fmnist-classifier"].is_file():
+        pytest.skip("zoo weights not shipped in this checkout")
+    monkeypatch.chdir(tmp_path)
+    cfg = command_config("fmnist-classifier", [], "eval")
+    assert cfg.train.out_dir == "runs" and cfg.train.run_name.endswith("_eval")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_file_is_counted_and_warned_once_per_run(tmp_path, capsys, workers):
+    from beit.data import datasets as ds_mod
+
+    _write_folder(tmp_path / "data", "train", list(LEVELS), 6)
+    _write_folder(tmp_path / "data", "test", list(LEVELS), 2, seed=1)
+    bad = tmp_path / "data" / "train" / "b_mid" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    ds_mod._WARNED.discard(str(bad))
+    # one batch of all 19 files per epoch, 3 epochs: the bad file is drawn 3 times
+    main(_ft_args(tmp_path / "data", tmp_path / "runs", f"data.num_workers={workers}", "data.batch_size=19"))
+    summary = json.loads((tmp_path / "runs" / "three" / "summary.json").read_text())
+    assert summary["num_bad_skipped"] == 1 and summary["bad_files"] == [str(bad)]
+    err = capsys.readouterr().err
+    assert err.count(f"skipping '{bad}'") == 1, err
+    assert "1 undecodable files were skipped" in err

@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from .masking import MaskingGenerator
 from .transforms import TwoViewTransform, pil_mode, to_mode
@@ -52,9 +52,20 @@ def skip_or_fail(on_bad_file: str, name: str, problem: str, quiet: bool = False)
     if on_bad_file == "fail":
         raise BadFileError(f"{problem}: '{name}'. Fix or remove it, or set data.on_bad_file=skip to skip (and "
                            f"count) such samples")
-    if not quiet:
-        log.warning("skipping '%s': %s", name, problem)
+    if not quiet and get_worker_info() is None:  # a worker's warning would repeat every epoch:
+        warn_bad_files([name], problem)  # the main process warns for those, once per file (`BadFileTracker`)
     return BadSample(name, problem)
+
+
+_WARNED: set[str] = set()  # bad files this process has warned about
+
+
+def warn_bad_files(paths, problem: str = "undecodable") -> None:
+    """Warn about each bad file once per process (a run sees a bad file every epoch)."""
+    for path in paths:
+        if path not in _WARNED:
+            _WARNED.add(path)
+            log.warning("skipping '%s': %s (warned once; counted in the run summary)", path, problem)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,7 +555,9 @@ class BadFileTracker:
             n, paths = getattr(batch, "num_bad", 0), getattr(batch, "bad_paths", [])
         self.num_skipped += int(n)
         self.paths.update(paths)
+        warn_bad_files(paths)
         return int(n)
 
     def summary(self) -> dict:
-        return {"num_bad_skipped": self.num_skipped, "bad_files": sorted(self.paths)}
+        """Distinct files: one drawn in every epoch counts once."""
+        return {"num_bad_skipped": len(self.paths), "bad_files": sorted(self.paths)}

@@ -66,7 +66,12 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        if (C, H, W) != (self.in_chans, self.img_size, self.img_size):
+        if C != self.in_chans:  # a channel mismatch is not fixed by resizing: say so, not img_size
+            raise ValueError(
+                f"expected images with {self.in_chans} channel(s), got {C} (shape {list(x.shape)}); give the model "
+                f"{self.in_chans}-channel images (data.in_chans={self.in_chans}: grey images are converted to "
+                f"{'RGB' if self.in_chans == 3 else 'grey'} on load), or use a model built with in_chans={C}")
+        if (H, W) != (self.img_size, self.img_size):
             raise ValueError(
                 f"expected images of shape [B, {self.in_chans}, {self.img_size}, {self.img_size}], got "
                 f"{list(x.shape)}; the position tables are sized for {self.img_size} px — build the model "

@@ -8,6 +8,7 @@ model's state dict (no `module.` / `_orig_mod.` prefixes) so any loader can read
 from __future__ import annotations
 
 import atexit
+import errno
 import fcntl
 import logging
 import os
@@ -191,9 +192,32 @@ def atomic_save(obj: dict, path: Path):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(f"could not write '{path}' ({e}); earlier checkpoints in '{path.parent}' are "
-                                   f"intact. Free disk space or fix permissions, then rerun with --resume") from None
+        raise _write_failed(path, e) from None
     _fsync_dir(path.parent)  # the rename itself is durable only once the directory entry is
+
+
+def write_failure_reason(e: BaseException, path: Path) -> str:
+    """Why a write failed, in words: a full disk is said as such (torch.save reports it as RuntimeError
+    "[enforce fail at inline_container.cc:...] unexpected pos ..."; plain writes as ENOSPC)."""
+    text = str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in text or "No space left" in text:
+        return f"disk full: no space left on the device holding '{path.parent}'"
+    if getattr(e, "errno", None) == errno.EFBIG or "File too large" in text:
+        return "file too large: it exceeds the file-size limit (ulimit -f) or the filesystem's"
+    if getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"no permission to write in '{path.parent}' ({e.strerror})"
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def _write_failed(path: Path, e: BaseException) -> CheckpointWriteError:
+    earlier = [p for p in list_checkpoints(path.parent) if p != path]
+    fix = "Free disk space or fix permissions"
+    if earlier:
+        then = (f"earlier checkpoints in '{path.parent}' are intact (newest {earlier[-1].name}). {fix}, then rerun "
+                f"with --resume")
+    else:
+        then = f"no checkpoint of this run was written before it. {fix}, then rerun the same command"
+    return CheckpointWriteError(f"could not write '{path}': {write_failure_reason(e, path)}; {then}")
 
 
 def _fsync_dir(path: Path):

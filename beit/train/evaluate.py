@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from beit.builders import build_eval_loader, build_labeled_dataset, build_model, resolve_pretrained  # noqa: F401
 from beit.config import SEG_DATASETS, Config, ConfigError
+from beit.data.datasets import warn_bad_files
 from beit.train.checkpoint import unwrap
 from beit.train.distributed import all_gather_cat, all_reduce_max, rank_and_world, resolve_device
 from beit.train.loop import autocast
@@ -65,8 +66,9 @@ def forward_share(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor]
         loader, max_batches = shard_loader(loader, *rank_and_world())
     done, x = 0, None
     show = progress and is_main_process()
-    for images, labels in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-                               disable=None if show else True):
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None if show else True):
+        warn_bad_files(getattr(batch, "bad_paths", []))  # skipped in a loader worker: said here, once per file
+        images, labels = batch
         if images is None:
             continue
         done += 1

@@ -455,8 +455,10 @@ def _finish(run: _Run, logger: MetricLogger, wall: float) -> dict:
     summary = {"steps": run.step, "total_steps": run.total_steps, "epochs": run.step / run.steps_per_epoch,
                "global_batch": run.global_batch, "wall_time_s": wall, **run.bad_files.summary(),
                "skipped_steps": run.skipped, "eval": run.last_eval, "best": run.best}
-    if run.bad_files.num_skipped and run.info.is_main:
-        log.warning(f"{run.bad_files.num_skipped} undecodable files were skipped: {sorted(run.bad_files.paths)[:10]}")
+    if run.bad_files.paths and run.info.is_main:
+        paths = sorted(run.bad_files.paths)
+        log.warning(f"{len(paths)} undecodable files were skipped (each in every epoch; listed in summary.json): "
+                    f"{paths[:10]}")
     if run.info.is_main and run.run_dir is not None:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()

@@ -39,9 +39,14 @@ def run_dir_of(cfg: Config) -> Path:
 
 
 def open_run_dir(cfg: Config, overwrite: bool) -> Path:
-    """The run directory of a command that trains nothing (`eval`, `knn`): created (replaced with --overwrite),
-    logged to, with the config beside the results."""
-    run_dir = run_dir_of(cfg)
+    """The run directory of a command that trains nothing (`eval`, `knn`): created, logged to, with the config
+    beside the results. Its results are cheap to remake, so a rerun never needs a flag: it writes to the next
+    free `<run_name>-N` (--overwrite replaces `<run_name>` instead)."""
+    base, run_dir, n = cfg.train.run_name or "run", run_dir_of(cfg), 1
+    while not overwrite and run_dir.exists() and any(run_dir.iterdir()):
+        n += 1
+        cfg.train.run_name = f"{base}-{n}"
+        run_dir = run_dir_of(cfg)
     ckpt_io.prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
     setup_logging(run_dir, True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
