@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 
 from beit.config import SEG_DATASETS, Config, ConfigError, ModelConfig, config_from_dict, load_config

@@ -61,7 +61,8 @@ def seg_folder(root):
         (root / split / "images").mkdir(parents=True)
         (root / split / "masks").mkdir(parents=True)
         for i in range(2):
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / split / "images" / f"{i}.png")
+            image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / split / "images" / f"{i}.png")
             Image.fromarray(rng.integers(0, 4, (64, 64), dtype=np.uint8), "L").save(root / split / "masks" / f"{i}.png")
     (root / "classes.txt").write_text("\n".join(NAMES) + "\n")
     return root
