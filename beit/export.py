@@ -183,7 +183,7 @@ def export(source: str | Path, out: str | Path, to: str = "hf", overwrite: bool 
     segmenter = hasattr(model, "decode_head")
     if segmenter and to == "timm":
         raise ValueError(f"'{source}' is a segmenter and timm has no segmentation models: export it with --to hf, "
-                         f"or convert its checkpoint with `beit convert CKPT FILE.pth --to official` for mmsegmentation")
+                         f"or convert its checkpoint for mmsegmentation: `beit convert CKPT FILE.pth --to official`")
     if model.beit_config.model.in_chans is None:  # make the channel count explicit for the writers
         model.beit_config.model.in_chans = model.in_chans if segmenter else model.patch_embed.in_chans
     with torch.no_grad():
