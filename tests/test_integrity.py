@@ -301,7 +301,10 @@ def test_a_truncated_shard_under_on_bad_file_fail_is_one_line_and_leaves_no_dire
 
 # ------------------------------------------------------------------------------------------------ messages
 def test_predict_on_a_classifier_says_it_is_a_classifier_not_that_a_tokenizer_needs_weights(tmp_path, capsys):
+    from beit.train.runner import setup_logging
+
     ckpt = _classifier_ckpt(tmp_path / "c.pt", ["a_dark", "b_mid", "c_light"])
+    setup_logging(None, False)  # warnings only, to this test's stderr (an earlier test's handler may be closed)
     err = _one_line_exit_2(["predict", str(ckpt), "--out", str(tmp_path / "p.png")], capsys)
     assert "is a classifier" in err and "--attention" in err and "weights" not in err and "dall" not in err.lower()
 
