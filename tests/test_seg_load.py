@@ -227,3 +227,8 @@ def test_load_an_hf_beit_folder_whose_patch_size_and_depth_no_preset_has(tmp_pat
             close(model(x, mask), hf(pixel_values=x, bool_masked_pos=mask).logits[mask])
         else:
             close(model(x), hf(pixel_values=x).logits)
+
+
+def test_segmentation_head_fields_on_a_classifier_preset_are_refused():
+    with pytest.raises(ValueError, match=r"model.out_indices sets a segmentation head; 'beit_tiny_patch16_224' is not"):
+        beit.create_model("beit_tiny_patch16_224", out_indices=[0, 1, 2, 3])
