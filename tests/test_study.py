@@ -87,7 +87,7 @@ def _study_files(tmp_path: Path) -> Path:
               "train.progress=false", "train.compile=false"]
     pre = [*common, *model, "train.epochs=1", "train.max_steps=3", "optim.warmup_epochs=0"]
     study = {
-        "finetune": "configs/finetune/fmnist.yaml", "pretrain": "configs/pretrain/fmnist.yaml",
+        "config": "configs/finetune/fmnist.yaml", "pretrain": "configs/pretrain/fmnist.yaml",
         "pretrain_overrides": pre, "val_size": 30, "seeds": 2,
         "grid": {"optim.lr": [1e-3, 3e-3]},
         "fractions": {0.5: ["train.epochs=2", "train.eval_every_epochs=2", "optim.warmup_epochs=0"],
@@ -109,9 +109,9 @@ def test_study_runs_end_to_end_on_an_image_folder_and_resumes(tmp_path):
     res = json.loads((out / "results.json").read_text())
     half, full = res["rows"]["50pct"], res["rows"]["100pct"]
     for arm in ("pretrained", "scratch", "cnn"):
-        assert [g["val_top1"] is not None for g in half["arms"][arm]["grid"]] == [True, True]
+        assert [g["val"] is not None for g in half["arms"][arm]["grid"]] == [True, True]
         best = half["arms"][arm]["selected"]
-        assert best == max(half["arms"][arm]["grid"], key=lambda g: g["val_top1"])["point"]
+        assert best == max(half["arms"][arm]["grid"], key=lambda g: g["val"])["point"]
         assert half["arms"][arm]["test"]["n"] == 2
         # the grid never read the test split; the selected runs read it once, into test.json
         for g in half["arms"][arm]["grid"]:
@@ -207,3 +207,33 @@ def test_scene_validation_draws_only_held_out_training_garments():
     assert len(build_seg_dataset(cfg, "val")) == 4 and len(build_seg_dataset(cfg, "test")) == 4
     with pytest.raises(ConfigError, match="data.val_size"):
         build_seg_dataset(load_config("configs/segment/fmnist_scenes.yaml", command="segment"), "val")
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+def test_segmentation_study_selects_on_validation_miou_and_tests_once(tmp_path):
+    """The scenes protocol: both arms' grids on validation scenes (held-out garments), test mIoU once per final run."""
+    tiny = ["seg.scenes=[32,8]", "data.batch_size=8", "data.num_workers=0", "seg.eval_batch_size=8", "train.steps=2",
+            "optim.warmup_steps=0", "train.progress=false", "train.compile=false", "train.save_every_steps=2"]
+    study = {"config": "configs/segment/fmnist_scenes.yaml", "task": "segment",
+             "pretrained": "beit/assets/fmnist_backbone.safetensors",
+             "val_size": 500, "seeds": 2, "grid": {"optim.lr": [1e-4, 1e-3]}, "fractions": {1.0: []},
+             "overrides": tiny}
+    path = tmp_path / "seg.yaml"
+    path.write_text(json.dumps(study))
+    r = subprocess.run([sys.executable, "-m", "beit", "study", str(path), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    row = res["rows"]["100pct"]
+    assert res["metric"] == "mIoU" and set(row["arms"]) == {"pretrained", "scratch"} and "pixel_knn" not in row
+    for arm in ("pretrained", "scratch"):
+        grid = row["arms"][arm]["grid"]
+        assert all(yaml_split(tmp_path / "out" / g["run"]) == "val" for g in grid)
+        val = json.loads((tmp_path / "out" / grid[0]["run"] / "results.json").read_text())
+        assert grid[0]["val"] == val["mIoU"]
+        assert row["arms"][arm]["test"]["n"] == 2
+    assert row["gains"]["scratch"]["n"] == 2
+    bad = dict(study, fractions={0.1: []})
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="task segment"):
+        load_study(path)

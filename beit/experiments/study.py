@@ -11,7 +11,9 @@ For each label fraction:
 The report gives each arm's validation grid, its recipe, test mean ± std over seeds, and the pretrained arm's
 paired gain over every other arm and the pixel k-NN with its 95% t-interval -> results.json, results.md, study.png.
 
-Every run is an ordinary `beit finetune` run in its own directory under the output folder; rerunning the
+Segmentation (`task: segment`) runs the same protocol on mIoU, without label fractions, CNN or pixel k-NN.
+
+Every run is an ordinary `beit finetune` (or `beit segment`) run in its own directory under the output folder; rerunning the
 command skips finished runs and resumes a stopped one.
 """
 
@@ -24,7 +26,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -34,7 +36,10 @@ from beit.builders import build_eval_loader, build_model
 from beit.config import Config, ConfigError, load_config, parse_overrides
 from beit.experiments.fashion_mnist import Stage, run_stages, two_panel_figure
 from beit.train.distributed import resolve_device
+from beit.data.segmentation import build_seg_dataset
 from beit.train.evaluate import accuracy, run_over
+from beit.train.segment import build_eval_loader as seg_loader
+from beit.train.segment import build_segmenter, evaluate_segmenter
 
 log = logging.getLogger("beit")
 ARMS = ("pretrained", "scratch")  # + "cnn" when the study names a reference CNN
@@ -44,7 +49,8 @@ class StudyConfig(BaseModel):
     """A study file (configs/study/*.yaml). Paths are relative to the working directory."""
 
     model_config = ConfigDict(extra="forbid")
-    finetune: str  # fine-tuning config of the pretrained arm; the scratch arm is it with model.pretrained=null
+    config: str  # the pretrained arm's fine-tuning (or segmentation) config; scratch is it with model.pretrained=null
+    task: Literal["finetune", "segment"] = "finetune"
     pretrained: str | None = None  # run directory, checkpoint or zoo name; null = run `pretrain` first
     pretrain: str | None = None  # pretraining config, run when `pretrained` is null (the training images, no labels)
     pretrain_overrides: list[str] = []
@@ -80,6 +86,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
         raise ConfigError(f"{path}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
     if study.pretrained is None and study.pretrain is None:
         raise ConfigError(f"{path}: set `pretrained` (a run, checkpoint or zoo name) or `pretrain` (a config to run)")
+    if study.task == "segment" and (set(study.fractions) != {1.0} or study.cnn):
+        raise ConfigError(f"{path}: task segment trains on every labelled image (fractions: {{1.0: [...]}}) and has "
+                          f"no CNN arm")
     if study.cnn and len(grid_points(study, "cnn")) != len(grid_points(study, "scratch")):
         raise ConfigError(f"{path}: cnn_grid has {len(grid_points(study, 'cnn'))} points and grid "
                           f"{len(grid_points(study, 'scratch'))}: every arm gets the same number of trials")
@@ -124,34 +133,45 @@ def _overrides(study: StudyConfig, arm: str, frac: float, point: dict, seed: int
 
 
 def _config(study: StudyConfig, arm: str, frac: float, point: dict, seed: int, split: str, out: Path) -> Config:
-    return load_config(study.finetune, _overrides(study, arm, frac, point, seed, split, out), command="finetune")
+    return load_config(study.config, _overrides(study, arm, frac, point, seed, split, out), command=study.task)
 
 
 def _stage(study: StudyConfig, arm: str, frac: float, point: dict, seed: int, out: Path) -> Stage:
     # Every training run scores validation (at its end: set train.eval_every_epochs to the run's length);
     # the test split is read once per final run, by `test_score`.
-    return Stage(run_name(arm, frac, point, seed), "finetune", Path(study.finetune),
+    return Stage(run_name(arm, frac, point, seed), study.task, Path(study.config),
                  _overrides(study, arm, frac, point, seed, "val", out), init=arm, label_fraction=frac)
 
 
 # ------------------------------------------------------------------------------------------------ scores
-def val_score(run_dir: Path) -> float:
-    return json.loads((run_dir / "results.json").read_text())["top1"]
+def metric(study: StudyConfig) -> str:
+    return "mIoU" if study.task == "segment" else "top1"
+
+
+def val_score(run_dir: Path, key: str) -> float:
+    return json.loads((run_dir / "results.json").read_text())[key]
 
 
 @torch.no_grad()
-def test_score(cfg: Config, run_dir: Path) -> float:
-    """Top-1 (%) of the run's final weights on the test split, computed once and kept in test.json."""
+def test_score(cfg: Config, run_dir: Path, key: str) -> float:
+    """The run's final weights scored on the test split (top-1 % or mIoU), computed once and kept in test.json."""
     path = run_dir / "test.json"
     if path.exists():
-        return json.loads(path.read_text())["top1"]
+        return json.loads(path.read_text())[key]
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": str(run_dir)})})
     device = resolve_device(cfg.train.device)
-    model = build_model(cfg).to(device).eval()
-    logits, labels = run_over(build_eval_loader(cfg, "test"), model, device, cfg.train.amp, "test", cfg.train.progress)
-    top1 = accuracy(logits, labels)["top1"]
-    path.write_text(json.dumps({"split": "test", "num_samples": len(labels), "top1": top1}, indent=2))
-    return top1
+    if key == "mIoU":
+        test = build_seg_dataset(cfg, "test")
+        model = build_segmenter(cfg, len(test.classes), load="all").to(device)
+        score = evaluate_segmenter(model, seg_loader(cfg, test), cfg, device, list(test.classes))[0]["mIoU"]
+        n = len(test)
+    else:
+        model = build_model(cfg).to(device).eval()
+        logits, labels = run_over(build_eval_loader(cfg, "test"), model, device, cfg.train.amp, "test",
+                                  cfg.train.progress)
+        score, n = accuracy(logits, labels)["top1"], len(labels)
+    path.write_text(json.dumps({"split": "test", "num_samples": n, key: score}, indent=2))
+    return score
 
 
 def _pixels(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,22 +246,23 @@ def _run_dir_done(out: Path, name: str) -> bool:
 def select(study: StudyConfig, arm: str, frac: float, out: Path) -> tuple[list[dict], dict | None]:
     """The arm's validation grid (finished points) and its best point, once every point has finished."""
     grid = [{"point": p, "run": run_name(arm, frac, p, 0),
-             "val_top1": val_score(out / run_name(arm, frac, p, 0)) if _run_dir_done(out, run_name(arm, frac, p, 0))
+             "val": val_score(out / run_name(arm, frac, p, 0), metric(study)) if _run_dir_done(out, run_name(arm, frac, p, 0))
              else None} for p in grid_points(study, arm)]
-    if any(g["val_top1"] is None for g in grid):
+    if any(g["val"] is None for g in grid):
         return grid, None
-    return grid, max(grid, key=lambda g: g["val_top1"])["point"]  # ties: the first in grid order
+    return grid, max(grid, key=lambda g: g["val"])["point"]  # ties: the first in grid order
 
 
 def run_fraction(study: StudyConfig, frac: float, out: Path, wall: dict[str, float]):
     """Pixel k-NN, then every arm's grid (seed 0), then each selected recipe's other seeds and its test scores."""
-    pixel_knn(study, frac, out)
+    if study.task == "finetune":
+        pixel_knn(study, frac, out)
     for arm in arms(study):
         run_stages(out, [_stage(study, arm, frac, p, 0, out) for p in grid_points(study, arm)], wall)
         best = select(study, arm, frac, out)[1]
         run_stages(out, [_stage(study, arm, frac, best, s, out) for s in range(1, study.seeds)], wall)
         for s in range(study.seeds):
-            test_score(_config(study, arm, frac, best, s, "test", out), out / run_name(arm, frac, best, s))
+            test_score(_config(study, arm, frac, best, s, "test", out), out / run_name(arm, frac, best, s), metric(study))
 
 
 def collect(study: StudyConfig, out: Path) -> dict:
@@ -256,7 +277,7 @@ def collect(study: StudyConfig, out: Path) -> dict:
             row["arms"][arm] = {"grid": grid, "selected": best}
             files = [out / run_name(arm, frac, best, s) / "test.json" for s in range(study.seeds)] if best else []
             if files and all(f.exists() for f in files):
-                tests[arm] = [json.loads(f.read_text())["top1"] for f in files]
+                tests[arm] = [json.loads(f.read_text())[metric(study)] for f in files]
                 row["arms"][arm]["test"] = mean_std(tests[arm])
         knn = out / f"pixel_knn_{_pct(frac)}.json"
         if knn.exists():
@@ -267,7 +288,7 @@ def collect(study: StudyConfig, out: Path) -> dict:
             row["gains"] = {other: paired_interval(tests["pretrained"], tests[other]) for other in tests
                             if other != "pretrained"}
         rows[_pct(frac)] = row
-    return {"study": study.model_dump(mode="json"), "rows": rows}
+    return {"study": study.model_dump(mode="json"), "metric": metric(study), "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -287,6 +308,10 @@ def _gain(g: dict | None) -> str:
     return f"{g['mean']:+.2f}{ci}"
 
 
+def _label(results: dict) -> str:
+    return {"top1": "top-1 (%)", "mIoU": "mIoU (%)"}[results["metric"]]
+
+
 def _val(v: float | None) -> str:
     return "pending" if v is None else f"{v:.2f}"
 
@@ -296,7 +321,7 @@ def render_md(results: dict) -> str:
     95% intervals, then per label fraction each arm's validation grid and selected recipe."""
     cols = [a for a in NAMES if a != "pretrained" and any(a in r["arms"] or a in r for r in results["rows"].values())]
     lines = ["# Study: BEiT pretrained vs from scratch, each arm tuned on validation", "",
-             "Test top-1 (%), mean ± std over seeds; gains are paired by seed (same labelled subset), with 95% "
+             f"Test {_label(results)}, mean ± std over seeds; gains are paired by seed (same labelled subset), with 95% "
              "t-intervals.", "",
              "| labels | " + " | ".join(NAMES[a] for a in ["pretrained", *cols]) + " | "
              + " | ".join(f"pretrained − {NAMES[a]}" for a in cols) + " |",
@@ -306,13 +331,13 @@ def render_md(results: dict) -> str:
         lines.append(f"| {row['label_fraction'] * 100:g}% | " + " | ".join(_cell((get(a) or {}).get("test"))
                      for a in ["pretrained", *cols]) + " | " + " | ".join(_gain(row["gains"].get(a)) for a in cols) + " |")
     for row in results["rows"].values():
-        lines += ["", f"## {row['label_fraction'] * 100:g}% labels: validation grids (seed 0, top-1 %)", ""]
+        lines += ["", f"## {row['label_fraction'] * 100:g}% labels: validation grids (seed 0, {_label(results)})", ""]
         for arm, r in row["arms"].items():
             keys = list(r["grid"][0]["point"]) if r["grid"] else []
-            lines += [f"{NAMES[arm]}:", "", "| " + " | ".join(keys) + " | val top-1 |", "|" + "---|" * (len(keys) + 1)]
+            lines += [f"{NAMES[arm]}:", "", "| " + " | ".join(keys) + f" | validation {results['metric']} |", "|" + "---|" * (len(keys) + 1)]
             for g in r["grid"]:
                 b = "**" if g["point"] == r["selected"] else ""
-                lines.append("| " + " | ".join(str(g["point"][k]) for k in keys) + f" | {b}{_val(g['val_top1'])}{b} |")
+                lines.append("| " + " | ".join(str(g["point"][k]) for k in keys) + f" | {b}{_val(g['val'])}{b} |")
             lines.append("")
         lines.append("Selected (bold) on validation: " + "; ".join(
             f"{NAMES[a]} " + (", ".join(f"{k}={v}" for k, v in r["selected"].items()) if r["selected"] else "pending")
@@ -325,7 +350,7 @@ def render_md(results: dict) -> str:
 
 
 def plot_study(results: dict, path: Path):
-    """Left: test top-1 vs label fraction, mean ± std over seeds, every arm and the pixel k-NN. Right: each arm's
+    """Left: the test metric vs label fraction, mean ± std over seeds, every arm and the pixel k-NN. Right: each arm's
     validation grid points per label fraction."""
     rows = list(results["rows"].values())
     with two_panel_figure(path) as (ax, ax2):
@@ -336,17 +361,17 @@ def plot_study(results: dict, path: Path):
                 ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
                             marker="os^D"[i], capsize=4, color=f"C{i}", label=NAMES[name])
             for j, r in enumerate(rows):
-                vals = [g["val_top1"] for g in r["arms"].get(name, {}).get("grid", []) if g["val_top1"] is not None]
+                vals = [g["val"] for g in r["arms"].get(name, {}).get("grid", []) if g["val"] is not None]
                 ax2.scatter([j + 0.12 * (i - 1.5)] * len(vals), vals, marker="os^D"[i], color=f"C{i}",
                             label=NAMES[name] if j == 0 and vals else None)
         ax.set_xscale("log")
         ax.set_xlabel("labelled training images (%)")
-        ax.set_ylabel("test top-1 (%), mean ± std over seeds")
+        ax.set_ylabel(f"test {_label(results)}, mean ± std over seeds")
         ax.set_title("test accuracy by label fraction")
         ax.legend(fontsize=8)
         ax2.set_xticks(range(len(rows)), [f"{r['label_fraction'] * 100:g}%" for r in rows])
         ax2.set_xlabel("labelled training images")
-        ax2.set_ylabel("validation top-1 (%)")
+        ax2.set_ylabel(f"validation {_label(results)}")
         ax2.set_title("every grid point on validation (seed 0); the best of each arm is kept")
         if ax2.get_legend_handles_labels()[0]:
             ax2.legend(fontsize=8)
