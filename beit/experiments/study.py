@@ -34,9 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from beit.builders import build_eval_loader, build_model
 from beit.config import Config, ConfigError, load_config, parse_overrides
+from beit.data.segmentation import build_seg_dataset
 from beit.experiments.fashion_mnist import Stage, run_stages, two_panel_figure
 from beit.train.distributed import resolve_device
-from beit.data.segmentation import build_seg_dataset
 from beit.train.evaluate import accuracy, run_over
 from beit.train.segment import build_eval_loader as seg_loader
 from beit.train.segment import build_segmenter, evaluate_segmenter
