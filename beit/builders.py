@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from beit.config import SEG_DATASETS, Config, ConfigError
 from beit.data import (MIMDataset, MIMItem, ShardDataset, build_dataset, build_finetune_transform,
-                       build_mask_generator, build_two_view_transform, collate_skip_bad)
+                       build_mask_generator, build_two_view_transform, collate_skip_bad, keyed_items)
 from beit.data.segmentation import build_seg_dataset
 from beit.models import create_model
 from beit.tokenizers import FrozenTokenizer, create_tokenizer
@@ -80,10 +80,12 @@ def build_labeled_dataset(cfg: Config, split: str, train_transform: bool = False
     """`build_dataset` with the fine-tuning (train) or eval transform; bad label fractions become ConfigErrors.
     `classes` numbers an ImageFolder split by a checkpoint's class index (default: the training split's)."""
     try:
-        return build_dataset(cfg.data, split, build_finetune_transform(cfg.data, train=train_transform),
-                             label_seed=cfg.train.seed, classes=classes)
+        ds = build_dataset(cfg.data, split, build_finetune_transform(cfg.data, train=train_transform),
+                           label_seed=cfg.train.seed, classes=classes)
     except ValueError as e:  # e.g. a label fraction that leaves a class empty
         raise ConfigError(str(e)) from None
+    # timm's random transforms draw from the global RNGs: key them by (seed, epoch, index) for exact resumes
+    return keyed_items(ds, cfg.train.seed) if train_transform else ds
 
 
 def build_eval_loader(cfg: Config, split: str = "test", dataset=None) -> DataLoader:

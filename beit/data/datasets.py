@@ -13,16 +13,18 @@ feed every batch to a `BadFileTracker` for the run summary.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, default_collate, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from .masking import MaskingGenerator
 from .transforms import TwoViewTransform, pil_mode, to_mode
@@ -412,7 +414,7 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
     elif cfg.dataset == "webdataset":  # streamed: no random access, so no subsets (the reader says so)
         from .shards import build_shard_dataset
 
-        return build_shard_dataset(cfg, split, transform, seed=label_seed)
+        return build_shard_dataset(cfg, split, transform, seed=label_seed, classes=classes)
     elif cfg.dataset in ("cifar10", "cifar100"):
         ds = _TorchvisionDataset(_cifar(cfg.dataset, cfg.root, train), mode, transform)
     elif cfg.dataset == "mnist" or cfg.dataset == "hf" or cfg.dataset.startswith("torchvision:"):
@@ -493,6 +495,66 @@ class MIMItem:
         image, tok_image = self.two_view(img, rng)
         mask = torch.from_numpy(self.mask_gen(rng))
         return {"image": image, "tok_image": tok_image, "mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keyed augmentation for transforms that draw from the global RNGs (timm's and torchvision's)
+
+
+@contextlib.contextmanager
+def keyed_global_rng(seed: int, epoch: int, index: int):
+    """torch's, Python's and numpy's global RNGs seeded by (seed, epoch, index) for the block.
+
+    timm and torchvision transforms draw from these global streams, whose position would otherwise depend on
+    how many samples this process (or loader worker) drew before: a run resumed inside an epoch, or with
+    another `data.num_workers`, would see other crops. In the main process (`num_workers=0`) the states are
+    put back afterwards, since they also drive training (drop path, mixing) and the caller's own draws; a
+    loader worker's streams serve nothing else.
+    """
+    restore = get_worker_info() is None
+    saved = (torch.get_rng_state(), random.getstate(), np.random.get_state()) if restore else None
+    torch_seed, np_seed = np.random.SeedSequence([int(seed), int(epoch), int(index), 0xA06]).generate_state(2)
+    torch.default_generator.manual_seed(int(torch_seed))  # CPU only: transforms run on CPU tensors
+    random.seed(int(torch_seed))
+    np.random.seed(int(np_seed))
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+class KeyedItems(Dataset):
+    """`base[i]` drawn in epoch e under `keyed_global_rng(seed, e, i)`: a fine-tuning or probing sample's
+    augmentation depends only on (seed, epoch, index), as pretraining's does (`MIMItem`). The loader calls
+    `set_epoch` (also inside persistent workers, see beit/data/loader.py); other attributes (`targets`,
+    `classes`, `load_image`, ...) are the base dataset's."""
+
+    def __init__(self, base, seed: int):
+        self.base, self.seed, self.epoch = base, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        with keyed_global_rng(self.seed, self.epoch, i):
+            return self.base[i]
+
+    def __getattr__(self, name: str):
+        if name == "base" or name.startswith("__"):  # unpickling (spawned workers) before `base` is set
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+def keyed_items(ds, seed: int):
+    """A training set whose transform draws from the global RNGs, keyed by (seed, epoch, index). Streamed
+    shards key their items themselves (`shards.LabeledItem`) and are returned as they are."""
+    return ds if isinstance(ds, IterableDataset) else KeyedItems(ds, seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------

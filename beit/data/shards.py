@@ -42,10 +42,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .datasets import BadFileError, BadSample, ImageFolderDataset, skip_or_fail
+from .datasets import (BadFileError, BadSample, ImageFolderDataset, UnknownClassError, keyed_global_rng,
+                       skip_or_fail)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,10 @@ def read_index(paths: list[Path]) -> tuple[list[int], list[str]]:
             raise ValueError(f"'{index_path}' has no entry for shard '{p.name}'; rewrite the shards with "
                              f"`beit data shard` or fix data.shards")
         counts.append(int(entry))
-    classes = next((ix.get("classes") for ix in indexes.values() if ix.get("classes")), [])
+    # each split's own class list (`classes` alone: indexes written before splits kept their own)
+    split = paths[0].name.split("-")[0]
+    listed = [ix.get("split_classes", {}).get(split) or ix.get("classes") for ix in indexes.values()]
+    classes = next((c for c in listed if c), [])
     return counts, list(classes)
 
 
@@ -142,7 +147,9 @@ def write_shards(ds, out: Path, split: str, per_shard: int, classes: list[str], 
     index_path = out / INDEX_NAME
     index = json.loads(index_path.read_text()) if index_path.is_file() else {"shards": {}}
     index["shards"] = {k: v for k, v in index["shards"].items() if not k.startswith(f"{split}-")} | written
-    index["classes"] = classes
+    index["split_classes"] = index.get("split_classes", {}) | {split: classes}  # a test split may list others
+    if split == "train" or "classes" not in index:
+        index["classes"] = classes
     tmp = out / (INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
     tmp.replace(index_path)
@@ -193,6 +200,10 @@ class ShardDataset(IterableDataset):
         self.mode, self.make_item, self.shuffle, self.seed = mode, make_item, shuffle, int(seed)
         self.shuffle_buffer, self.on_bad_file = shuffle_buffer, on_bad_file
         self.rank, self.world_size, self.epoch, self.batch_size, self.start_batch = 0, 1, 0, 1, 0
+        # [shards] whether a shard's missing samples were warned about: shared memory, so that loader workers
+        # (forked anew each epoch) and the main process warn once per shard per run, not once per epoch
+        self.warned = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
+        self.label_map: np.ndarray | None = None  # [shard classes] -> the run's index (`shard_label_map`)
 
     def with_items(self, make_item: Callable[[Image.Image, int, int, int], Any], seed: int) -> "ShardDataset":
         """Make `make_item(img, label, index, epoch)` items (e.g. `MIMItem` for pretraining) with order seed `seed`."""
@@ -265,7 +276,10 @@ class ShardDataset(IterableDataset):
             if self.on_bad_file == "fail":
                 raise BadFileError(f"cannot read shard '{path}': {why}. Rewrite it, or set data.on_bad_file=skip "
                                    f"to skip (and count) its missing samples")
-            log.warning("shard '%s': %d of %d samples missing (%s)", path, want - got, want, why)
+            if not self.warned[i]:
+                self.warned[i] = True
+                log.warning("shard '%s': %d of %d samples missing (%s; warned once, counted in the run summary)",
+                            path, want - got, want, why)
             for j in range(want - got):
                 yield {"__key__": f"missing-{j}", "__url__": path, "__bad__": why}
 
@@ -278,7 +292,7 @@ class ShardDataset(IterableDataset):
             if ext is None or "cls" not in raw:
                 raise KeyError(f"sample has no image ({'/'.join(IMAGE_EXTS)}) or no 'cls' (files: "
                                f"{sorted(k for k in raw if not k.startswith('__'))})")
-            label = int(raw["cls"])
+            label = int(raw["cls"]) if self.label_map is None else int(self.label_map[int(raw["cls"])])
             with Image.open(io.BytesIO(raw[ext])) as f:
                 img = f.convert(self.mode)  # convert() forces a full decode: truncated images fail here
         except Exception as e:
@@ -311,18 +325,47 @@ class ShardDataset(IterableDataset):
 
 
 class LabeledItem:
-    """`make_item` of labelled shards: (transform(img), label)."""
+    """`make_item` of labelled shards: (transform(img), label). With `seed` (the training split), the transform
+    draws under `keyed_global_rng(seed, epoch, index)`, as map-style training sets do (`KeyedItems`)."""
 
-    def __init__(self, transform: Callable | None):
-        self.transform = transform
+    def __init__(self, transform: Callable | None, seed: int | None = None):
+        self.transform, self.seed = transform, seed
 
     def __call__(self, img: Image.Image, label: int, index: int, epoch: int):
-        return (self.transform(img) if self.transform else img), label
+        if self.transform is None:
+            return img, label
+        if self.seed is None:
+            return self.transform(img), label
+        with keyed_global_rng(self.seed, epoch, index):
+            return self.transform(img), label
 
 
-def build_shard_dataset(cfg, split: str, transform: Callable | None = None, seed: int = 0) -> ShardDataset:
+def training_shard_classes(cfg, split: str) -> list[str] | None:
+    """The class names of the training shards (`data.shards`), the index every other split is read with."""
+    if split == "train" or not cfg.shards:
+        return None
+    return read_index(expand_shards(cfg.shards, cfg.root))[1] or None
+
+
+def shard_label_map(key: str, found: list[str], classes: list[str] | None) -> np.ndarray | None:
+    """[len(found)] labels of shards whose index lists `found` renumbered by the run's `classes` (None when
+    they agree or either is unknown); a class the run does not know is an error before any work."""
+    if not classes or not found or found == list(classes):
+        return None
+    unknown = [name for name in found if name not in classes]
+    if unknown:
+        raise UnknownClassError(f"{key} hold classes the training split does not: {unknown} (the run's classes, "
+                                f"fixed by the training split: {list(classes)}); write those shards without them "
+                                f"(data.on_unknown_class=skip applies to image folders only)")
+    index = {name: i for i, name in enumerate(classes)}
+    return np.array([index[name] for name in found], dtype=np.int64)
+
+
+def build_shard_dataset(cfg, split: str, transform: Callable | None = None, seed: int = 0,
+                        classes: list[str] | None = None) -> ShardDataset:
     """`ShardDataset` of `data.shards` (train, shuffled), `data.val_shards` (val) or `data.eval_shards` (test, in
-    order)."""
+    order). An evaluation split is numbered by `classes` (default: the training shards' class names), never by
+    the class list its own shards were written with."""
     from .transforms import pil_mode
 
     key = {"train": "data.shards", "val": "data.val_shards", "test": "data.eval_shards"}[split]
@@ -334,7 +377,12 @@ def build_shard_dataset(cfg, split: str, transform: Callable | None = None, seed
         raise ValueError("data.label_fraction / data.train_subset need random access; with data.dataset=webdataset "
                          "write the subset as its own shards instead")
     paths = expand_shards(pattern, cfg.root)
-    counts, classes = read_index(paths)
-    return ShardDataset(paths, counts, classes, pil_mode(cfg.in_chans), LabeledItem(transform),
-                        shuffle=split == "train", seed=seed, shuffle_buffer=cfg.shuffle_buffer,
-                        on_bad_file=cfg.on_bad_file)
+    counts, found = read_index(paths)
+    run_classes = list(classes) if classes is not None else training_shard_classes(cfg, split)
+    label_map = shard_label_map(f"{key} '{pattern}'", found, run_classes)
+    item = LabeledItem(transform, seed if split == "train" else None)  # training augmentation keyed by (seed, e, i)
+    ds = ShardDataset(paths, counts, run_classes or found, pil_mode(cfg.in_chans), item,
+                      shuffle=split == "train", seed=seed, shuffle_buffer=cfg.shuffle_buffer,
+                      on_bad_file=cfg.on_bad_file)
+    ds.label_map = label_map
+    return ds

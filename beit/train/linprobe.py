@@ -28,7 +28,7 @@ from torchvision import transforms as T
 
 from beit.builders import build_eval_loader, build_labeled_dataset, build_model
 from beit.config import Config, ConfigError
-from beit.data import build_dataset, collate_skip_bad, num_labels
+from beit.data import build_dataset, collate_skip_bad, keyed_items, num_labels
 from beit.data.transforms import pil_mode, to_mode
 from beit.train.evaluate import accuracy, is_main_process, read_summary, run_over, write_results
 from beit.train.loop import Task
@@ -124,7 +124,8 @@ def build_linprobe_task(cfg: Config, device: torch.device):
         train = build_labeled_dataset(cfg, "train")
     else:
         try:
-            train = build_dataset(cfg.data, "train", _augment_transform(cfg), label_seed=cfg.train.seed)
+            train = keyed_items(build_dataset(cfg.data, "train", _augment_transform(cfg), label_seed=cfg.train.seed),
+                                cfg.train.seed)  # crop and flip keyed by (seed, epoch, index): exact resumes
         except ValueError as e:
             raise ConfigError(str(e)) from None
     num_classes = max(num_labels(train), num_labels(test))

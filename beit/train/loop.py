@@ -485,12 +485,18 @@ def _drop_bad(batch):
 
 def _evaluate(task: Task, model, ema, info: DistInfo, logger: MetricLogger, step: int) -> dict:
     """Every rank evaluates its share of the eval set (`evaluate.run_over` shards and gathers), so all
-    ranks return the same results; the main process logs them."""
+    ranks return the same results; the main process logs them.
+
+    The training RNG streams are put back afterwards: evaluation draws from them (a DataLoader without a
+    generator draws its seed from torch's), and a run stopped by `train.max_steps` evaluates at a step
+    where the uninterrupted run does not, so its checkpoint would hold other RNG states."""
     model.eval()
+    rng = ckpt_io.rng_state()
     with torch.no_grad():
         results = task.evaluate(model)
         if ema is not None:
             results.update({f"ema_{k}": v for k, v in task.evaluate(ema.module).items()})
+    ckpt_io.set_rng_state(rng)
     if info.is_main:
         logger.log(step, "eval", results)
         log.info(f"step {step} eval: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()
