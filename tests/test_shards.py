@@ -222,6 +222,34 @@ def test_shard_mim_items_equal_map_style_items(tmp_path):
     assert len(seen) == 20
 
 
+def test_shard_training_augmentation_equals_map_style_items_in_any_worker(tmp_path):
+    """Fine-tuning from shards draws a sample's crop and flip under RNGs keyed by (seed, epoch, index): the
+    tensors of the map-style training set (`KeyedItems`) in that epoch, whichever of 2 workers reads it."""
+    from torchvision import transforms as T
+
+    from beit.data import KeyedItems
+    from beit.data.shards import LabeledItem
+
+    tf = T.Compose([T.RandomCrop(8, padding=3), T.RandomHorizontalFlip(), T.PILToTensor()])
+    src = array_dataset(30)
+    write_shards(src, tmp_path, "train", 7, [f"c{i}" for i in range(5)])
+    paths = sorted(tmp_path.glob("train-*.tar"))
+    counts, classes = read_index(paths)
+    ds = ShardDataset(paths, counts, classes, "L", LabeledItem(tf, seed=3), shuffle=True, shuffle_buffer=5)
+    ref = KeyedItems(ArrayImageDataset(src.images, src.targets, "L", tf), seed=3)
+
+    def items(pairs):  # the multiset of (pixels, label): the shard order differs from the source order
+        return sorted((x.numpy().tobytes(), int(y)) for x, y in pairs)
+
+    per_epoch = []
+    for epoch in (1, 2):
+        got = [(x[0], y[0]) for x, y in make_loader(ds, 1, 2, 0, 0, 1, epoch, 0, None, False)]  # 2 workers
+        ref.set_epoch(epoch)
+        per_epoch.append(items(ref[i] for i in range(len(src))))
+        assert len(got) == 30 and items(got) == per_epoch[-1], epoch
+    assert per_epoch[0] != per_epoch[1]  # another epoch, other crops
+
+
 @pytest.fixture(scope="module")
 def fmnist_shards(tmp_path_factory):
     """The first 512 Fashion-MNIST training images and 256 test images as shards, via the CLI."""
