@@ -311,3 +311,74 @@ def test_finetuning_from_shards(tmp_path, fmnist_shards):
     assert results["steps"] == 8 and 0 <= results["top1"] <= 100
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["num_bad_skipped"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ class index
+LEVEL = {"a": 20, "b": 128, "c": 235, "d": 80}  # a sample's class is readable from its grey level
+
+
+def _class_shards(out: Path, split: str, classes: list[str], n: int = 2):
+    """`n` 32 px images per class, each filled with its class's grey level, written as `split` shards."""
+    images = np.stack([np.full((32, 32), LEVEL[c], np.uint8) for c in classes for _ in range(n)])
+    labels = np.repeat(np.arange(len(classes)), n)
+    write_shards(ArrayImageDataset(images, labels, "L"), out, split, 3, classes)
+
+
+def test_eval_shards_are_read_with_the_training_shards_class_index(tmp_path):
+    """test shards written from a split lacking 'b' (their own index: a=0, c=1), into the same folder as the
+    training shards: read with the training index, 'c' keeps label 2; the training shards keep their names."""
+    _class_shards(tmp_path, "train", ["a", "b", "c"])
+    _class_shards(tmp_path, "test", ["a", "c"])
+    cfg = DataConfig(dataset="webdataset", root=str(tmp_path), in_chans=1, shards="train-{000000..000001}.tar",
+                     eval_shards="test-{000000..000001}.tar")
+    test = build_dataset(cfg, "test")
+    assert test.classes == ["a", "b", "c"] and test.num_classes == 3
+    got = sorted((int(np.asarray(img)[0, 0]), label) for img, label in test)
+    assert got == [(20, 0), (20, 0), (235, 2), (235, 2)]
+    train = build_dataset(cfg, "train")
+    assert train.classes == ["a", "b", "c"]
+    assert sorted({(int(np.asarray(img)[0, 0]), label) for img, label in train}) == [(20, 0), (128, 1), (235, 2)]
+    # a checkpoint's class index (`beit eval`) numbers them the same way
+    assert build_dataset(cfg, "test", classes=["c", "a"]).classes == ["c", "a"]
+    assert sorted(label for _, label in build_dataset(cfg, "test", classes=["c", "a"])) == [0, 0, 1, 1]
+
+
+def test_eval_shards_with_a_class_training_lacks_are_one_line_before_training(tmp_path, capsys):
+    from beit.cli import main
+
+    _class_shards(tmp_path / "shards", "train", ["a", "b"], n=8)
+    _class_shards(tmp_path / "shards", "test", ["a", "b", "d"])
+    args = ["finetune", str(Path(__file__).resolve().parent.parent / "configs" / "finetune" / "fmnist_scratch.yaml"),
+            "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "data.batch_size=8", "data.num_workers=0",
+            "train.progress=false", "data.dataset=webdataset", f"data.root={tmp_path / 'shards'}",
+            "data.shards=train-{000000..000005}.tar", "data.eval_shards=test-{000000..000001}.tar",
+            "model.num_classes=2", f"train.out_dir={tmp_path / 'runs'}", "train.run_name=two"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "['d']" in err and "['a', 'b']" in err and "test-{000000..000001}.tar" in err
+    assert not (tmp_path / "runs").exists()  # nothing was trained or created
+
+
+def test_a_truncated_shard_is_warned_once_per_run_not_every_epoch(tmp_path, capfd):
+    """3 epochs over a shard that lost samples: one warning, in the main process and with loader workers
+    (forked anew every epoch)."""
+    import logging
+
+    from beit.data.shards import log as shard_log
+
+    handler = logging.StreamHandler()  # to stderr, which loader workers share (capfd reads the descriptor)
+    shard_log.addHandler(handler)
+    try:
+        for workers in (0, 2):
+            ds, _ = shards_of(tmp_path / str(workers), 12, per_shard=6, shuffle=False)
+            shard = tmp_path / str(workers) / "train-000001.tar"
+            shard.write_bytes(shard.read_bytes()[: 5 * 1024 + 100])  # cut inside the third sample
+            for epoch in range(3):
+                loader = make_loader(ds, 2, workers, 0, 0, 1, epoch, 0, collate_skip_bad, False)
+                assert sum(batch.num_bad for batch in loader) >= 4  # every epoch draws the missing samples
+            err = capfd.readouterr().err
+            assert err.count("train-000001.tar': ") == 1 and "samples missing" in err, (workers, err)
+    finally:
+        shard_log.removeHandler(handler)

@@ -221,7 +221,7 @@ def eval_dataset(cfg: Config, checkpoint_names: list[str], allow_other_classes: 
     hint = "pass --allow-other-classes if they are meant to differ (labels are then compared by index)"
     if allow_other_classes or not checkpoint_names:
         return build_labeled_dataset(cfg, "test")
-    if cfg.data.dataset == "image_folder":  # folders are matched by name: a subset of the classes is fine
+    if cfg.data.dataset in ("image_folder", "webdataset"):  # matched by name: a subset of the classes is fine
         try:
             return build_labeled_dataset(cfg, "test", classes=checkpoint_names)
         except ConfigError as e:
