@@ -7,7 +7,8 @@ so one can see whether the model fills the masked blocks with plausible content.
 decoder (the shipped `fmnist_dvae` has one; DALL-E needs `decoder_weights`).
 
 Segmentation runs (`data.dataset` ade20k / seg_folder / fmnist_scenes, model.pretrained = a `beit segment` run):
-    input | ground truth | prediction, labels drawn with a fixed palette (0 black, ignored pixels white).
+    input | ground truth | prediction, labels drawn with a fixed palette (0 black, ignored pixels white) and a
+    legend naming the class of each colour shown.
 """
 
 from __future__ import annotations
@@ -72,14 +73,17 @@ def prediction_grid(cfg: Config, out: Path, num: int = 8, seed: int = 0) -> dict
     return {"masked_token_acc": acc, "png": str(out)}
 
 
-def _save_grid(columns: list[torch.Tensor], out: Path, titles: list[str]):
+def grid_figure(columns: list, titles: list[str]):
+    """A Figure with one column of images per entry of `columns` (each a batch tensor or a list of [C, H, W]
+    tensors in [0, 1], sizes may differ) and one row per sample; `titles` head the columns."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(columns[0])  # a batch tensor or a list of [C, H, W] tensors (sizes may differ)
-    fig, axes = plt.subplots(n, len(columns), figsize=(2.2 * len(columns), 2.2 * n), squeeze=False)
+    n = len(columns[0])
+    fig, axes = plt.subplots(n, len(columns), figsize=(2.2 * len(columns), 2.2 * n), squeeze=False,
+                             layout="constrained")
     for r in range(n):
         for c, col in enumerate(columns):
             img = col[r].clamp(0, 1).permute(1, 2, 0).numpy()
@@ -87,10 +91,21 @@ def _save_grid(columns: list[torch.Tensor], out: Path, titles: list[str]):
             axes[r, c].axis("off")
             if r == 0:
                 axes[r, c].set_title(titles[c], fontsize=8)
-    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, out: Path):
+    """Write `fig` as a PNG and free it (the Figure object stays readable, e.g. by tests)."""
+    import matplotlib.pyplot as plt
+
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return fig
+
+
+def _save_grid(columns: list, out: Path, titles: list[str]):
+    return save_figure(grid_figure(columns, titles), out)
 
 
 def palette(num: int = 256) -> np.ndarray:
@@ -114,9 +129,10 @@ def colourize(labels: torch.Tensor) -> torch.Tensor:
 
 
 @_no_grad
-def segmentation_columns(cfg: Config, num: int = 8, label: str = "") -> dict[str, list[torch.Tensor]]:
-    """{"input", "ground truth", "<label> prediction"} columns for the first `num` test images of a segmentation
-    run (`model.pretrained`: a `beit segment` run directory or checkpoint)."""
+def segmentation_columns(cfg: Config, num: int = 8, label: str = "") -> tuple[dict[str, list], list[str]]:
+    """({"input": [C, H, W] images, "ground truth": [H, W] label maps, "<label> prediction": [H, W] label maps},
+    the class names) for the first `num` test images of a segmentation run (`model.pretrained`: a
+    `beit segment` run directory or checkpoint)."""
     import torch
     from torch.utils.data import Subset
 
@@ -129,12 +145,34 @@ def segmentation_columns(cfg: Config, num: int = 8, label: str = "") -> dict[str
     metrics, kept = evaluate_segmenter(model, loader, cfg, torch.device("cpu"), list(test.classes), keep=num)
     mean, std = torch.tensor(cfg.data.mean)[:, None, None], torch.tensor(cfg.data.std)[:, None, None]
     images = [torch.nn.functional.interpolate((x * std + mean)[None], y.shape, mode="bilinear")[0] for x, y, _ in kept]
-    return {"input": images, "ground truth": [colourize(y) for _, y, _ in kept],
-            f"{label} prediction (mIoU {metrics['mIoU']:.1f})".strip(): [colourize(p) for _, _, p in kept]}
+    columns = {"input": images, "ground truth": [y for _, y, _ in kept],
+               f"{label} prediction (mIoU {metrics['mIoU']:.1f})".strip(): [p for _, _, p in kept]}
+    return columns, list(test.classes)
 
 
-def save_segmentation_grid(columns: dict[str, list[torch.Tensor]], out: Path):
-    _save_grid(list(columns.values()), out, list(columns))
+def class_legend_handles(label_maps: list, classes: list[str]) -> list:
+    """Legend entries (a patch of `palette` colour each) for the labels that occur in `label_maps`, in label
+    order; the ignore index 255 as "ignored"."""
+    import torch
+    from matplotlib.patches import Patch
+
+    present = torch.unique(torch.cat([m.flatten().long() for m in label_maps])).tolist()
+    colours = palette()
+    return [Patch(facecolor=colours[i], edgecolor="0.5", linewidth=0.5,
+                  label="ignored" if i == 255 else classes[i] if i < len(classes) else f"class {i}")
+            for i in present]
+
+
+def save_segmentation_grid(columns: dict[str, list], out: Path, classes: list[str]):
+    """input | ground truth | prediction(s) as a PNG, the label maps in `palette` colours with a legend naming
+    the class of every colour shown. Returns the Figure."""
+    label_maps = [m for col in columns.values() for m in col if m.ndim == 2]  # [H, W] each
+    fig = grid_figure([[colourize(m) if m.ndim == 2 else m for m in col] for col in columns.values()],
+                      list(columns))
+    handles = class_legend_handles(label_maps, classes)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize=7,
+               title="classes (colour of the label maps)", title_fontsize=7)
+    return save_figure(fig, out)
 
 
 def register(subparsers):
@@ -154,8 +192,9 @@ def register(subparsers):
 
         cfg = command_config(a.config, a.overrides, "predict")
         if cfg.data.dataset in SEG_DATASETS:
-            save_segmentation_grid(segmentation_columns(cfg, a.num), Path(a.out))
-            print(f"wrote {a.out} (input | ground truth | prediction)")
+            columns, classes = segmentation_columns(cfg, a.num)
+            save_segmentation_grid(columns, Path(a.out), classes)
+            print(f"wrote {a.out} (input | ground truth | prediction, with a legend of the classes shown)")
             return 0
         if a.attention:
             from beit.attention import attention_grid

@@ -100,19 +100,21 @@ def _plot_scene_curves(out: Path):
 
 
 def _draw_predictions(out: Path, stages: list[Stage], num: int = 6):
-    """predictions.png: input | ground truth | pretrained | scratch on the first `num` test scenes."""
+    """predictions.png: input | ground truth | pretrained | scratch on the first `num` test scenes, with a legend
+    of the classes."""
     from beit.config import load_config
     from beit.visualize import save_segmentation_grid, segmentation_columns
 
     seg = {s.init: s for s in stages if s.command == "segment"}
     if not all((out / seg[i].name / seg[i].done_file).exists() for i in INITS):
         return
-    cols = {}
+    cols, classes = {}, []
     for init in INITS:
         s = seg[init]
         cfg = load_config(s.config, s.overrides + [f"model.pretrained={out / s.name}"])
-        cols.update(segmentation_columns(cfg, num, label=init))
-    save_segmentation_grid(cols, out / "predictions.png")
+        columns, classes = segmentation_columns(cfg, num, label=init)
+        cols.update(columns)
+    save_segmentation_grid(cols, out / "predictions.png", classes)
 
 
 def reproduce_scenes(out: Path, variant: str = "full", pretrained: str | None = None,
