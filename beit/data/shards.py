@@ -4,8 +4,9 @@ for training with exact sample counts, rank/worker splitting, buffer shuffling a
 Format. `beit data shard SRC OUT` writes `OUT/<split>-000000.tar, ...`; sample `<key>` of a shard is the
 files `<key>.<ext>` (the encoded image: the original bytes of an ImageFolder file, PNG for in-memory
 datasets such as Fashion-MNIST) and `<key>.cls` (the class index as text). The key is the sample's index in
-the source dataset, zero-padded (`00001234`). `OUT/shards.json` lists every shard's sample count (and the
-class names): the reader needs those counts to know an epoch's length before reading anything.
+the source dataset, zero-padded (`00001234`). `OUT/shards.json` lists every shard's sample count (and each
+split's class names): the reader needs those counts to know an epoch's length before reading anything.
+Evaluation shards are read with the training shards' class index, by name (`shard_label_map`).
 
 Order of an epoch e (training split). The shard list is permuted by (seed, e); rank r of W takes shards
 r, r+W, r+2W, ... of that permutation; loader worker w of N takes every N-th of the rank's shards. Each
