@@ -93,11 +93,13 @@ def test_dataset_smaller_than_a_batch_fails_before_the_run_directory(tmp_path, c
 
 @needs_fmnist
 @pytest.mark.parametrize("override,says", [("model.vocab_size=256", "model vocab_size 256 != tokenizer vocab_size 512"),
-                                           ("data.img_size=28", "data.img_size 28 != model img_size 32")])
+                                           ("data.img_size=28", "data.img_size 28 != model img_size 32"),
+                                           ("tokenizer.image_size=64", "grid (8, 8) != tokenizer grid 16x16")])
 def test_model_data_tokenizer_mismatch_fails_before_the_run_directory(tmp_path, capsys, override, says):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         main(["pretrain", CONFIG, override, f"train.out_dir={tmp_path}"])
-    assert says in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())
 
 
