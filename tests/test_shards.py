@@ -392,3 +392,19 @@ def test_a_truncated_shard_is_warned_once_per_run_not_every_epoch(tmp_path, capf
             assert err.count("train-000001.tar': ") == 1 and "samples missing" in err, (workers, err)
     finally:
         shard_log.removeHandler(handler)
+
+
+def test_beit_eval_reads_shards_with_the_checkpoints_class_index(tmp_path):
+    from beit.config import ConfigError
+    from beit.train.evaluate import eval_dataset
+
+    _class_shards(tmp_path, "test", ["a", "c"])
+    cfg = load_config(str(Path(__file__).resolve().parent.parent / "configs" / "finetune" / "fmnist_scratch.yaml"),
+                      ["data.dataset=webdataset", f"data.root={tmp_path}",
+                       "data.eval_shards=test-{000000..000001}.tar"])
+    ds = eval_dataset(cfg, ["c", "b", "a"])
+    assert ds.classes == ["c", "b", "a"]
+    by_brightness = [label for _, label in sorted((float(x.mean()), int(y)) for x, y in ds)]  # eval transform
+    assert by_brightness == [2, 2, 0, 0]  # the dark 'a' images are the checkpoint's class 2, the light 'c' 0
+    with pytest.raises(ConfigError, match=r"differ from the checkpoint's.*\['c'\].*\['a', 'b'\]"):
+        eval_dataset(cfg, ["a", "b"])
