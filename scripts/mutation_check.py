@@ -40,6 +40,7 @@ class Break:
     new: str
     tests: tuple[str, ...]  # pytest node ids; at least one must fail
     why: str
+    more: tuple[tuple[str, str], ...] = ()  # further (old, new) edits of the same file, for a consistent break
 
 
 BREAKS: list[Break] = [
@@ -117,6 +118,17 @@ BREAKS: list[Break] = [
           "rates = cm.float() / cm.sum(0, keepdim=True).clamp(min=1)",
           ("tests/test_finetune.py::test_eval_writes_per_class_and_confusion",),
           "confusion.png coloured by precision (columns) while it says recall per true class"),
+    Break("mmpretrain-ln1-ln2-swapped", "beit/convert/layouts.py",
+          r'(r"blocks\.(\d+)\.norm1\.(weight|bias)", r"backbone.layers.\1.ln1.\2"),',
+          r'(r"blocks\.(\d+)\.norm1\.(weight|bias)", r"backbone.layers.\1.ln2.\2"),',
+          ("tests/test_convert.py::test_mmpretrain_layout_gives_the_openmmlab_model_s_logits",),
+          "OpenMMLab block norms swapped in both key tables (round trips still pass)",
+          more=((r'(r"blocks\.(\d+)\.norm2\.(weight|bias)", r"backbone.layers.\1.ln2.\2"),',
+                 r'(r"blocks\.(\d+)\.norm2\.(weight|bias)", r"backbone.layers.\1.ln1.\2"),'),
+                (r'(r"backbone\.layers\.(\d+)\.ln1\.(weight|bias)", r"blocks.\1.norm1.\2"),',
+                 r'(r"backbone\.layers\.(\d+)\.ln1\.(weight|bias)", r"blocks.\1.norm2.\2"),'),
+                (r'(r"backbone\.layers\.(\d+)\.ln2\.(weight|bias)", r"blocks.\1.norm2.\2"),',
+                 r'(r"backbone\.layers\.(\d+)\.ln2\.(weight|bias)", r"blocks.\1.norm1.\2"),'))),
     Break("resume-restarts-epoch", "beit/data/loader.py",
           "        sampler.position(epoch, start_batch * batch_size)", "        sampler.position(epoch, 0)",
           ("tests/test_claims.py::test_linprobe_resumes_bit_for_bit",),
@@ -186,10 +198,12 @@ def check_import(copy: Path) -> None:
 def apply(copy: Path, b: Break) -> str | None:
     """Edit the copy's file; returns the original text, or None when the break no longer applies."""
     path = copy / b.file
-    text = path.read_text()
-    if text.count(b.old) != 1:
-        return None
-    path.write_text(text.replace(b.old, b.new))
+    text = broken = path.read_text()
+    for old, new in ((b.old, b.new), *b.more):
+        if broken.count(old) != 1:
+            return None
+        broken = broken.replace(old, new)
+    path.write_text(broken)
     return text
 
 

@@ -195,6 +195,68 @@ def test_round_trips_are_bit_identical(name):
     assert not any(k.endswith("key.bias") for k in hf)  # BEiT has no key bias
 
 
+def _mm_rel_pos_index(gh: int, gw: int) -> torch.Tensor:
+    """[N+1, N+1] rows of the relative-position table, as mmpretrain's BEiTAttention builds them: patch pairs by
+    their (dy, dx) offset, then the three [CLS] entries at the table's end (cls->patch, patch->cls, cls->cls)."""
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    y, x = ys.flatten(), xs.flatten()  # [N]
+    n_rel = (2 * gh - 1) * (2 * gw - 1)
+    index = torch.empty(gh * gw + 1, gh * gw + 1, dtype=torch.long)
+    index[1:, 1:] = (y[:, None] - y[None, :] + gh - 1) * (2 * gw - 1) + (x[:, None] - x[None, :] + gw - 1)
+    index[0, 1:], index[1:, 0], index[0, 0] = n_rel, n_rel + 1, n_rel + 2
+    return index
+
+
+def _mmpretrain_classifier(sd: dict, x: torch.Tensor, heads: int, patch: int) -> torch.Tensor:
+    """Logits of an OpenMMLab `ImageClassifier` (BEiTViT, per-layer rel-pos bias, out_type='avg_featmap',
+    final_norm=False, LinearClsHead) from its state dict, written from mmpretrain's beit.py: each layer is
+    x + gamma_1 * attn(ln1(x)), then x + gamma_2 * ffn(ln2(x)); the FFN is `layers.0.0` (fc, GELU) then
+    `layers.1`; the mean of the patch tokens goes through `ln2`, then `head.fc`."""
+    F = torch.nn.functional
+    ln = lambda t, pre: F.layer_norm(t, t.shape[-1:], sd[pre + ".weight"], sd[pre + ".bias"], eps=1e-6)  # noqa: E731
+    t = F.conv2d(x, sd["backbone.patch_embed.projection.weight"], sd["backbone.patch_embed.projection.bias"],
+                 stride=patch)  # [B, D, gh, gw]
+    gh, gw = t.shape[-2:]
+    t = torch.cat([sd["backbone.cls_token"].expand(len(x), -1, -1), t.flatten(2).transpose(1, 2)], 1)  # [B, N+1, D]
+    if "backbone.pos_embed" in sd:
+        t = t + sd["backbone.pos_embed"]
+    index = _mm_rel_pos_index(gh, gw)
+    B, L, D = t.shape
+    i = 0
+    while f"backbone.layers.{i}.ln1.weight" in sd:
+        pre = f"backbone.layers.{i}."
+        h = ln(t, pre + "ln1")
+        bias = torch.cat([sd[pre + "attn.q_bias"], torch.zeros_like(sd[pre + "attn.v_bias"]), sd[pre + "attn.v_bias"]])
+        q, k, v = F.linear(h, sd[pre + "attn.qkv.weight"], bias).reshape(B, L, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        rel = sd[pre + "attn.relative_position_bias_table"][index].permute(2, 0, 1)  # [heads, L, L]
+        attn = ((q * (D // heads) ** -0.5) @ k.transpose(-2, -1) + rel).softmax(-1)
+        a = (attn @ v).transpose(1, 2).reshape(B, L, D)
+        t = t + sd[pre + "gamma_1"] * F.linear(a, sd[pre + "attn.proj.weight"], sd[pre + "attn.proj.bias"])
+        h = F.gelu(F.linear(ln(t, pre + "ln2"), sd[pre + "ffn.layers.0.0.weight"], sd[pre + "ffn.layers.0.0.bias"]))
+        t = t + sd[pre + "gamma_2"] * F.linear(h, sd[pre + "ffn.layers.1.weight"], sd[pre + "ffn.layers.1.bias"])
+        i += 1
+    pooled = ln(t[:, 1:].mean(1), "backbone.ln2")  # [B, D]
+    return F.linear(pooled, sd["head.fc.weight"], sd["head.fc.bias"])
+
+
+def test_mmpretrain_layout_gives_the_openmmlab_model_s_logits():
+    """Our classifier, written in the OpenMMLab layout, run by a forward written from mmpretrain's source (not
+    through our key tables): the same logits. A swap consistent in both tables (e.g. `ln1` / `ln2`), which
+    the round trips cannot see, changes them."""
+    ours = randomize_(create_model("beit_tiny_patch16_224", depth=2, embed_dim=48, num_heads=3, img_size=64))
+    mm = from_official(ours.state_dict(), "mmpretrain")
+    assert {k for k in mm if k.startswith("backbone.layers.0.")} == {
+        f"backbone.layers.0.{k}" for k in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "gamma_1", "gamma_2",
+                                           "attn.qkv.weight", "attn.q_bias", "attn.v_bias", "attn.proj.weight",
+                                           "attn.proj.bias", "attn.relative_position_bias_table",
+                                           "ffn.layers.0.0.weight", "ffn.layers.0.0.bias", "ffn.layers.1.weight",
+                                           "ffn.layers.1.bias")}
+    assert mm["backbone.layers.0.attn.relative_position_bias_table"].shape == ((2 * 4 - 1) ** 2 + 3, 3)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close_logits(ours(x), _mmpretrain_classifier(mm, x, heads=3, patch=16))
+
+
 def test_unwrap_prefixes_and_detection():
     sd = {"cls_token": torch.zeros(1, 1, 4), "blocks.0.attn.qkv.weight": torch.zeros(12, 4)}
     wrapped = {"state_dict": {"module._orig_mod." + k: v for k, v in sd.items()}, "meta": {"epoch": 3}}
