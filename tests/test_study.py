@@ -125,6 +125,9 @@ def test_study_runs_end_to_end_on_an_image_folder_and_resumes(tmp_path):
     assert gain["n"] == 2 and gain["mean"] == pytest.approx((pre[0] - scr[0] + pre[1] - scr[1]) / 2)
     assert half["pixel_knn"]["k"] in (1, 3)
     assert half["pixel_knn"]["test"]["mean"] > 90  # separable bars: the pixel baseline must get them right
+    same = half["same_recipe_val"]
+    assert same["pretrained"] == max(g["val"] for g in half["arms"]["pretrained"]["grid"])
+    assert same["scratch"] == next(g["val"] for g in half["arms"]["scratch"]["grid"] if g["point"] == same["recipe"])
     assert (out / "study.png").stat().st_size > 10_000
     md = (out / "results.md").read_text()
     assert "| 50% |" in md and "pending" in md and "small CNN" in md

@@ -287,6 +287,12 @@ def collect(study: StudyConfig, out: Path) -> dict:
         if "pretrained" in tests:
             row["gains"] = {other: paired_interval(tests["pretrained"], tests[other]) for other in tests
                             if other != "pretrained"}
+        pre, scr = row["arms"]["pretrained"], row["arms"]["scratch"]
+        if pre["selected"] and scr["selected"]:  # the paper's comparison: both arms at the pretrained arm's recipe
+            same = next(g["val"] for g in scr["grid"] if g["point"] == pre["selected"])
+            best = next(g["val"] for g in pre["grid"] if g["point"] == pre["selected"])
+            row["same_recipe_val"] = {"recipe": pre["selected"], "pretrained": best, "scratch": same,
+                                      "gain": best - same}
         rows[_pct(frac)] = row
     return {"study": study.model_dump(mode="json"), "metric": metric(study), "rows": rows}
 
@@ -339,6 +345,10 @@ def render_md(results: dict) -> str:
                 b = "**" if g["point"] == r["selected"] else ""
                 lines.append("| " + " | ".join(str(g["point"][k]) for k in keys) + f" | {b}{_val(g['val'])}{b} |")
             lines.append("")
+        if row.get("same_recipe_val"):
+            sr = row["same_recipe_val"]
+            lines.append(f"The paper's same-recipe comparison (validation, seed 0, both arms at the pretrained arm's "
+                         f"recipe): {sr['pretrained']:.2f} vs {sr['scratch']:.2f}, {sr['gain']:+.2f}.")
         lines.append("Selected (bold) on validation: " + "; ".join(
             f"{NAMES[a]} " + (", ".join(f"{k}={v}" for k, v in r["selected"].items()) if r["selected"] else "pending")
             for a, r in row["arms"].items()))
