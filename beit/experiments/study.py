@@ -337,10 +337,10 @@ def render_md(results: dict) -> str:
         lines.append(f"| {row['label_fraction'] * 100:g}% | " + " | ".join(_cell((get(a) or {}).get("test"))
                      for a in ["pretrained", *cols]) + " | " + " | ".join(_gain(row["gains"].get(a)) for a in cols) + " |")
     for row in results["rows"].values():
-        lines += ["", f"## {row['label_fraction'] * 100:g}% labels: validation grids (seed 0, {_label(results)})", ""]
+        lines += ["", f"## {row['label_fraction'] * 100:g}% labels: validation grids (seed 0)", ""]
         for arm, r in row["arms"].items():
             keys = list(r["grid"][0]["point"]) if r["grid"] else []
-            lines += [f"{NAMES[arm]}:", "", "| " + " | ".join(keys) + f" | validation {results['metric']} |", "|" + "---|" * (len(keys) + 1)]
+            lines += [f"{NAMES[arm]}:", "", "| " + " | ".join(keys) + f" | validation {_label(results)} |", "|" + "---|" * (len(keys) + 1)]
             for g in r["grid"]:
                 b = "**" if g["point"] == r["selected"] else ""
                 lines.append("| " + " | ".join(str(g["point"][k]) for k in keys) + f" | {b}{_val(g['val'])}{b} |")
