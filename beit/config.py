@@ -441,7 +441,7 @@ def check_resume_config(stored: dict, cfg: Config, source: str, same_global_batc
         raise ConfigError(
             f"--resume: the config differs from the run's ({source}) in " + ", ".join(
                 f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in diff)
-            + f". Resume with the run's values, or start a new run. Keys that may change on resume: "
+            + ". Resume with the run's values, or start a new run. Keys that may change on resume: "
             + ", ".join(RESUME_MAY_CHANGE) + "; and " + ", ".join(RESUME_MAY_CHANGE_AT_SAME_GLOBAL_BATCH)
             + " if the global batch (per device x accumulation x processes) stays the same")
 

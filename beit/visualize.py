@@ -16,8 +16,13 @@ from __future__ import annotations
 import argparse
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from beit.config import SEG_DATASETS, Config, ConfigError
+
+if TYPE_CHECKING:  # annotations only
+    import numpy as np
+    import torch
 
 # numpy/torch are imported inside the functions: `register` runs for every `beit` command, `--help` included.
 

@@ -24,7 +24,7 @@ from beit.convert import (
     unwrap_state_dict,
 )
 from beit.cli import main as cli_main
-from beit.convert.resize import expand_shared_rel_pos, resize_pos_embed, resize_rel_pos_table
+from beit.convert.resize import resize_pos_embed, resize_rel_pos_table
 from beit.models import create_model
 
 timm = pytest.importorskip("timm")
@@ -288,7 +288,7 @@ def _official_positions(src, dst):
 
 def _scipy_resize(table, src_hw, dst_hw):
     """Reference: interp2d(kind='cubic')'s gridded fit, via its SciPy ≥ 1.14 replacement."""
-    (qy, ys, ty), (qx, xs, tx) = _official_positions(src_hw[0], dst_hw[0]), _official_positions(src_hw[1], dst_hw[1])
+    (qy, ys, ty), (_, xs, tx) = _official_positions(src_hw[0], dst_hw[0]), _official_positions(src_hw[1], dst_hw[1])
     if src_hw[1] == dst_hw[1]:
         xs = tx  # unchanged axis: the identity positions
     out = []

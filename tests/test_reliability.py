@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from beit.cli import main
-from beit.config import Config, ConfigError, check_resume_config, load_config
+from beit.config import ConfigError, check_resume_config, load_config
 from beit.data import datasets as ds_mod
 from beit.models import create_model
 from beit.train import checkpoint as ckpt_io

@@ -1,7 +1,6 @@
 """Tar shards (data.dataset=webdataset): writing, reading, rank/worker splitting, bad samples, exact resume,
 and pretraining / fine-tuning from shards written from Fashion-MNIST."""
 
-import io
 import json
 import tarfile
 from pathlib import Path

@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .datasets import (BadFileError, BadSample, ImageFolderDataset, UnknownClassError, keyed_global_rng,
+from .datasets import (BadFileError, ImageFolderDataset, UnknownClassError, keyed_global_rng,
                        skip_or_fail)
 
 log = logging.getLogger(__name__)

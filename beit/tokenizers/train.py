@@ -18,7 +18,6 @@ recon.png, and the loop's config.yaml, metrics.jsonl, summary.json and ckpt-*.pt
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from contextlib import nullcontext
