@@ -27,6 +27,7 @@ data:
 	fi
 
 test: $(VENV)/.installed data
+	$(BIN)/ruff check beit tests scripts
 	$(BIN)/python -m pytest -q
 
 demo: $(VENV)/.installed data
