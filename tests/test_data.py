@@ -151,9 +151,12 @@ def test_fashion_mnist_torchvision_layout_and_missing(tmp_path, monkeypatch):
     ds = build_dataset(cfg, "test")
     assert len(ds) == 5 and ds[2][1] == 4
     assert np.array_equal(np.asarray(ds[1][0]), images[1])
+    # a given root is used or refused, never replaced: the train files are missing there
+    with pytest.raises(FileNotFoundError, match="Set data.root to the folder holding them"):
+        build_dataset(DataConfig(dataset="fashion_mnist", root=str(tmp_path)), "train")
     monkeypatch.setattr(ds_mod, "FASHION_MNIST_DEBIAN", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        build_dataset(DataConfig(dataset="fashion_mnist", root=str(tmp_path)), "train")
+        build_dataset(DataConfig(dataset="fashion_mnist"), "train")  # no root, no system copy
 
 
 def test_cifar_missing_says_how_to_download(tmp_path):
