@@ -11,7 +11,7 @@ from pathlib import Path
 def _source_dataset(src: str, dataset: str | None, split: str, in_chans: int | None):
     """(dataset of PIL images, class names, dataset name) for SRC read as `dataset` (guessed when None)."""
     from beit.config import DataConfig
-    from beit.data.datasets import build_dataset
+    from beit.data.build import build_dataset
 
     root = Path(src).expanduser()
     if dataset is None:  # a folder holding Fashion-MNIST's IDX files, else an ImageFolder

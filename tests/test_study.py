@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from beit.config import ConfigError, load_config
-from beit.data.datasets import build_dataset, stratified_holdout
+from beit.data.build import build_dataset
+from beit.data.datasets import stratified_holdout
 from beit.experiments.study import knn_predict, load_study, paired_interval
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")

@@ -13,13 +13,13 @@ from .datasets import (
     MIMItem,
     SubsetDataset,
     balanced_subset,
-    build_dataset,
     collate_mim_skip_bad,
     collate_skip_bad,
     keyed_items,
     load_fashion_mnist,
     num_labels,
 )
+from .build import build_dataset
 from .loader import batches_per_rank, make_loader, optimizer_steps_per_epoch
 from .masking import MaskingGenerator, proportional_min_patches
 from .sampler import ResumableSampler

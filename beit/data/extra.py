@@ -6,25 +6,21 @@
                                        `save_to_disk` folder, or parquet files (`<split>-*.parquet`,
                                        `<split>/*.parquet`, also under `data/`, the hub layout)
 
-and the cached ImageFolder scan: the file list of a folder is kept in `~/.cache/beit/scan/` (or
-`$BEIT_CACHE_DIR/scan/`), keyed by the modification times of the folder and its class folders, so a tree of
-millions of files is listed once, not on every launch. Adding or removing a file changes its directory's
-mtime and invalidates the list (a file added deeper than a class folder's own entries is not seen: delete
-the cache file).
+Each returns a `PILDataset`; `beit.data.build.build_dataset` picks the reader from `data.dataset`.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .datasets import load_idx_split
+from .transforms import to_mode
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +42,6 @@ class PILDataset(Dataset):
         return len(self.targets)
 
     def load_image(self, i: int) -> Image.Image:
-        from beit.data.transforms import to_mode
-
         img = self.get_image(int(i))
         return to_mode(img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img)), self.mode)
 
@@ -59,8 +53,6 @@ class PILDataset(Dataset):
 # ------------------------------------------------------------------------------------------------ MNIST
 def load_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28], labels int64 [N]) from IDX files in root, root/MNIST/raw or root/raw."""
-    from beit.data.datasets import load_idx_split
-
     if not root:
         raise ValueError("data.root must be set for dataset 'mnist' (a folder holding the four IDX files)")
     r = Path(root).expanduser()
@@ -146,35 +138,3 @@ def hf_dataset(root: str | None, split: str, mode: str, transform=None) -> PILDa
     feature = ds.features[label_col]
     classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else []
     return PILDataset(lambda i: ds[i][image_col], ds[label_col], classes, mode, transform)
-
-
-# ------------------------------------------------------------------------------------------------ scan cache
-def cache_dir() -> Path:
-    return Path(os.environ.get("BEIT_CACHE_DIR", Path.home() / ".cache" / "beit")) / "scan"
-
-
-def cached_scan(root: Path, scan: Callable[[Path], tuple[list[str], list[tuple[str, int]]]]):
-    """`scan(root)` -> (classes, samples), reused while the mtimes of root and its class folders are unchanged."""
-    root = Path(root).resolve()
-    dirs = [root] + sorted(d for d in root.iterdir() if d.is_dir())
-    key = "\t".join(f"{d.name}:{d.stat().st_mtime_ns}" for d in dirs)
-    path = cache_dir() / (hashlib.sha1(str(root).encode()).hexdigest()[:16] + ".tsv.gz")
-    try:
-        with gzip.open(path, "rt") as f:
-            if f.readline().rstrip("\n") == key:
-                classes = f.readline().rstrip("\n").split("\t")
-                samples = [(str(root / rel), int(lbl)) for lbl, rel in (line.rstrip("\n").split("\t", 1) for line in f)]
-                return classes, samples
-    except (OSError, ValueError, EOFError):
-        pass  # no cache yet, or unreadable: rescan
-    classes, samples = scan(root)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with gzip.open(tmp, "wt") as f:
-            f.write(key + "\n" + "\t".join(classes) + "\n")
-            f.writelines(f"{lbl}\t{os.path.relpath(p, root)}\n" for p, lbl in samples)
-        os.replace(tmp, path)
-    except OSError as e:  # a read-only home is no reason to fail; the scan is still correct
-        log.warning("could not cache the file list of %s in %s: %s", root, path, e)
-    return classes, samples

@@ -49,6 +49,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .datasets import (BadFileError, ImageFolderDataset, UnknownClassError, keyed_global_rng,
                        skip_or_fail)
+from .transforms import pil_mode
 
 log = logging.getLogger(__name__)
 
@@ -367,8 +368,6 @@ def build_shard_dataset(cfg, split: str, transform: Callable | None = None, seed
     """`ShardDataset` of `data.shards` (train, shuffled), `data.val_shards` (val) or `data.eval_shards` (test, in
     order). An evaluation split is numbered by `classes` (default: the training shards' class names), never by
     the class list its own shards were written with."""
-    from .transforms import pil_mode
-
     key = {"train": "data.shards", "val": "data.val_shards", "test": "data.eval_shards"}[split]
     pattern = getattr(cfg, key.split(".")[1])
     if not pattern:

@@ -31,7 +31,7 @@ import yaml
 from safetensors.torch import save_file
 
 from beit.config import Config, TokenizerConfig
-from beit.data.datasets import build_dataset
+from beit.data.build import build_dataset
 from beit.tokenizers.dvae import DVAE, kl_to_uniform, map_pixels, recon_nll
 from beit.train.distributed import all_reduce_sum, broadcast_
 from beit.train.loop import Task, autocast

@@ -1,0 +1,99 @@
+"""`build_dataset`: a `DataConfig` and a split -> the dataset (every source: IDX files, ImageFolder, CIFAR,
+MNIST / torchvision / HF folders, streamed shards), with label subsets and the held-out validation split."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from . import extra
+from .datasets import (ArrayImageDataset, ImageFolderDataset, SubsetDataset, _cifar, _scan_folder, _split_off_val,
+                       _TorchvisionDataset, balanced_subset, load_fashion_mnist)
+from .scan_cache import cached_scan
+from .shards import build_shard_dataset
+from .transforms import pil_mode
+
+log = logging.getLogger("beit.data.datasets")  # where build_dataset lived: the same logger name
+
+
+def training_classes(root: Path) -> list[str] | None:
+    """The class names of an ImageFolder root's training split (`root/train`), the index every split of a run
+    is read with; None without a labelled training folder."""
+    if not (root / "train").is_dir():
+        return None
+    classes, _ = cached_scan(root / "train", _scan_folder)
+    return None if classes == [""] else list(classes)
+
+
+def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed: int = 0,
+                  classes: Sequence[str] | None = None) -> Dataset:
+    """Dataset of `(transform(pil_img), label)` for a `DataConfig` and split "train" | "val" | "test".
+
+    With `transform=None` items are PIL images (mode 'L' if cfg.in_chans == 1 else 'RGB'), as `MIMDataset`
+    expects. `label_fraction` (train only) keeps a class-balanced subset seeded by `label_seed`;
+    `train_subset` / `eval_subset` then keep the first N samples. `dataset: webdataset` gives an iterable
+    `ShardDataset` (beit/data/shards.py) instead. An ImageFolder evaluation split is numbered by `classes`
+    (default: the training folder's classes), never by its own folders.
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if cfg.val_size and cfg.dataset == "webdataset":
+        raise ValueError("data.val_size needs random access, which streamed shards do not have; write the "
+                         "validation images as their own shards and name them in data.val_shards")
+    if split == "val" and not cfg.val_size and cfg.dataset != "webdataset":
+        raise ValueError("the 'val' split needs data.val_size > 0 (training images held out for validation)")
+    split, held_out = ("train", split) if cfg.val_size and split != "test" else (split, None)
+    mode = pil_mode(cfg.in_chans)
+    train = split == "train"
+    if cfg.dataset == "fashion_mnist":
+        images, labels = load_fashion_mnist(cfg.root, split)
+        ds = ArrayImageDataset(images, labels, mode, transform)
+    elif cfg.dataset == "image_folder":
+        if not cfg.root:
+            raise ValueError("data.root must be set for dataset 'image_folder' (root/<split>/<class>/*.jpg)")
+        root = Path(cfg.root).expanduser()
+        folder = root / split
+        if not train and not folder.is_dir() and (root / "val").is_dir():
+            folder = root / "val"  # ImageNet-style layout: val/ is the evaluation split
+        if not folder.is_dir():
+            if not train:
+                raise FileNotFoundError(
+                    f"no '{split}' (or 'val') folder under data.root '{root}' (expected {folder}/<class>/*.jpg)"
+                )
+            log.info("'%s' does not exist; using '%s' itself as the training folder", folder, root)
+            folder = root
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data.root '{root}' is not a directory")
+        if not train and classes is None:
+            classes = training_classes(root)
+        ds = ImageFolderDataset(folder, mode, transform, cfg.on_bad_file, classes,
+                                getattr(cfg, "on_unknown_class", "fail"))
+    elif cfg.dataset == "webdataset":  # streamed: no random access, so no subsets (the reader says so)
+        return build_shard_dataset(cfg, split, transform, seed=label_seed, classes=classes)
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        ds = _TorchvisionDataset(_cifar(cfg.dataset, cfg.root, train), mode, transform)
+    elif cfg.dataset == "mnist" or cfg.dataset == "hf" or cfg.dataset.startswith("torchvision:"):
+        if cfg.dataset == "mnist":
+            ds = ArrayImageDataset(*extra.load_mnist(cfg.root, split), mode, transform)
+            ds.classes = extra.MNIST_CLASSES
+        elif cfg.dataset == "hf":
+            ds = extra.hf_dataset(cfg.root, split, mode, transform)
+        else:
+            ds = extra.torchvision_dataset(cfg.dataset, cfg.root, split, mode, transform)
+    else:  # unreachable through DataConfig's Literal, kept for direct callers
+        raise ValueError(f"unknown data.dataset {cfg.dataset!r}")
+    if held_out is not None:
+        ds = _split_off_val(ds, held_out, cfg.val_size)
+        train = held_out == "train"
+    if train and cfg.label_fraction < 1:
+        ds = SubsetDataset(ds, balanced_subset(ds.targets, cfg.label_fraction, label_seed))
+    n = cfg.train_subset if train else cfg.eval_subset
+    if n is not None and n < len(ds):
+        ds = SubsetDataset(ds, np.arange(n))
+    return ds
+
+
