@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from beit.convert_cli import register as register_convert
     from beit.data_cli import register as register_data
     from beit.export import register as register_export
-    from beit.experiments.fashion_mnist import register as register_reproduce
+    from beit.reproduce_cli import register as register_reproduce
     from beit.plot import register as register_plot
     from beit.tokenizer_cli import register as register_tokenizer
     from beit.visualize import register as register_predict
