@@ -28,6 +28,7 @@ data:
 
 test: $(VENV)/.installed data
 	$(BIN)/ruff check beit tests scripts
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 demo: $(VENV)/.installed data

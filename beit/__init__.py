@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 def create_model(name, pretrained=None, **overrides):
     """Build a preset by name (see `beit.models.presets.PRESETS`); `pretrained=PATH` loads any supported layout."""
-    from beit.models import create_model as _create
+    from beit.builders import create_model as _create
 
     return _create(name, pretrained=pretrained, **overrides)
 

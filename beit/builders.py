@@ -12,29 +12,49 @@ Each task (`beit.train.pretrain`, `finetune`, `linprobe`) turns these into a `Ta
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from beit.config import SEG_DATASETS, Config, ConfigError
+from beit.convert.runs import resolve_pretrained
 from beit.data import (MIMDataset, MIMItem, ShardDataset, build_dataset, build_finetune_transform,
                        build_mask_generator, build_two_view_transform, collate_skip_bad, keyed_items)
 from beit.data.segmentation import build_seg_dataset
-from beit.models import create_model
+from beit import models
+from beit.convert import load_pretrained
+from beit.convert.segmentation import load_pretrained_backbone
+from beit.hub import PRETRAINED_TAGS, ZOO, resolve_path
+from beit.models.segmentation import BeitSegmenter
+from beit.models.segmentation import create_segmenter as _segmenter_architecture
 from beit.tokenizers import FrozenTokenizer, create_tokenizer
-from beit.train.checkpoint import run_weights
 
 log = logging.getLogger("beit")
 
 
-def resolve_pretrained(path: str | None) -> str | None:
-    """`model.pretrained` may name a run directory (e.g. runs/fmnist_quick): use its newest ckpt-*.pt."""
-    if not path or not Path(path).is_dir():
-        return path
-    weights = run_weights(Path(path))
-    return str(weights) if weights else path  # else maybe an HF directory; load_pretrained decides
+def create_model(name: str, pretrained: str | None = None, **overrides) -> nn.Module:
+    """Build preset `name` with keyword overrides (`beit.models.create_model`); `pretrained=PATH` loads a checkpoint
+    of any supported layout (ours, official/timm, HF, OpenMMLab), adapting rel-pos tables and position
+    embeddings, or names a shipped model (`pretrained="fmnist"` for `beit_fmnist_patch4_32`, see
+    `beit.hub.PRETRAINED_TAGS`)."""
+    model = models.create_model(name, **overrides)
+    if pretrained:
+        if (name, pretrained) in PRETRAINED_TAGS:  # a shipped model, e.g. pretrained="fmnist"
+            pretrained = resolve_path(PRETRAINED_TAGS[name, pretrained])
+        elif str(pretrained) in ZOO:  # e.g. pretrained="fmnist-backbone"
+            pretrained = resolve_path(pretrained)
+        load_pretrained(model, pretrained)
+    return model
+
+
+def create_segmenter(name: str, pretrained: str | None = None, **overrides) -> BeitSegmenter:
+    """Build segmentation preset `name` (beit.models.presets.SEG_PRESETS) with keyword overrides; `pretrained`
+    loads a backbone or a whole segmenter of any supported layout (`beit.convert.segmentation.load_segmenter`)."""
+    model = _segmenter_architecture(name, **overrides)
+    if pretrained:
+        load_pretrained_backbone(model, pretrained)
+    return model
 
 
 def build_model(cfg: Config, need_pretrained: bool = False) -> nn.Module:

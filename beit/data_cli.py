@@ -21,7 +21,7 @@ def _source_dataset(src: str, dataset: str | None, split: str, in_chans: int | N
     in_chans = in_chans or (1 if dataset in ("fashion_mnist", "mnist") else 3)
     ds = build_dataset(DataConfig(dataset=dataset, root=str(root), in_chans=in_chans), split)
     if dataset == "fashion_mnist":
-        from beit.train.evaluate import FASHION_MNIST_CLASSES
+        from beit.data.datasets import FASHION_MNIST_CLASSES
 
         classes = list(FASHION_MNIST_CLASSES)
     else:

@@ -26,7 +26,17 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from beit.config import SEG_DATASETS, Config, ConfigError, ModelConfig, config_from_dict, load_config
+from beit.config import (SEG_DATASETS, Config, ConfigError, ModelConfig, _merge, config_from_dict, load_config,
+                         parse_overrides)
+from beit.convert import hf_config_from_state_dict, load_pretrained, read_checkpoint, to_official, unwrap_state_dict
+from beit.convert.runs import run_weights
+from beit.convert.segmentation import load_whole_segmenter, segmenter_kwargs_from_hf_config
+from beit.data.datasets import FASHION_MNIST_CLASSES
+from beit.data.extra import hf_dataset
+from beit.data.segmentation import ADE20K_CLASSES, read_class_names
+from beit.models import create_model
+from beit.models.presets import PRESETS, SEG_PRESETS
+from beit.models.segmentation import create_segmenter
 
 log = logging.getLogger("beit")
 
@@ -73,8 +83,6 @@ def resolve_path(source: str | Path) -> Path:
         raise FileNotFoundError(f"checkpoint '{name}' not found: not a file, a directory or a shipped model ({zoo})")
     if path.is_file():
         return path
-    from beit.train.checkpoint import run_weights
-
     weights = run_weights(path)
     if weights:
         return weights
@@ -95,8 +103,6 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 
 def read_source(source: str | Path) -> Source:
     """Read a checkpoint and what it says about itself (never unpickles: weights_only / safetensors)."""
-    from beit.convert import read_checkpoint
-
     path = resolve_path(source)
     raw = read_checkpoint(path)
     stored, names, meta = None, [], {}
@@ -142,8 +148,6 @@ def infer_config(raw: dict, path: Path, hf: dict | None = None) -> Config:
     folder's config.json: layer-norm eps; a segmenter's out_indices and heads), on the preset of the same kind
     nearest in patch size and width; what differs from the preset is set explicitly. Data defaults follow the
     model (image size, channels; statistics from an HF folder's preprocessor_config.json)."""
-    from beit.convert import to_official, unwrap_state_dict
-
     sd = unwrap_state_dict(raw)
     kind = model_kind(to_official(sd))
     model = _segmenter_section(path, hf) if kind == "segmenter" else _vit_section(to_official(sd), kind, hf)
@@ -166,8 +170,6 @@ def _nearest_preset(presets: dict[str, dict], patch: int, width: int) -> str:
 
 def _vit_section(sd: dict, kind: str, hf: dict | None) -> dict[str, Any]:
     """Model section of a classifier, MIM model or backbone (official-layout tensors)."""
-    from beit.convert import hf_config_from_state_dict
-    from beit.models.presets import PRESETS
 
     c = hf_config_from_state_dict(sd)
     mim = kind == "mim"
@@ -195,8 +197,6 @@ def _vit_section(sd: dict, kind: str, hf: dict | None) -> dict[str, Any]:
 def _segmenter_section(path: Path, hf: dict | None) -> dict[str, Any]:
     """Model section of a segmenter: an HF `BeitForSemanticSegmentation` config.json says what tensors cannot
     (which blocks the neck reads)."""
-    from beit.convert.segmentation import segmenter_kwargs_from_hf_config
-    from beit.models.presets import SEG_PRESETS
 
     if hf is None:
         raise ValueError(f"{path}: a segmenter checkpoint without its config: which blocks the neck reads "
@@ -210,8 +210,6 @@ def _segmenter_section(path: Path, hf: dict | None) -> dict[str, Any]:
 
 def dataset_class_names(cfg: Config) -> list[str]:
     """Class names of the configured dataset, when cheap to know (no full dataset scan)."""
-    from beit.train.evaluate import FASHION_MNIST_CLASSES
-
     d = cfg.data
     if d.dataset in SEG_DATASETS:  # older segmentation checkpoints store no class names
         return _seg_class_names(cfg)
@@ -220,8 +218,6 @@ def dataset_class_names(cfg: Config) -> list[str]:
     if d.dataset == "mnist":
         return [str(i) for i in range(10)]
     if d.dataset == "hf" and d.root and Path(d.root).expanduser().exists():
-        from beit.data.extra import hf_dataset
-
         return hf_dataset(d.root, "train", "RGB").classes  # memory-mapped: reads the features, not the images
     if d.dataset == "image_folder" and d.root:
         root = Path(d.root).expanduser()
@@ -232,8 +228,6 @@ def dataset_class_names(cfg: Config) -> list[str]:
 
 
 def _seg_class_names(cfg: Config) -> list[str]:
-    from beit.data.segmentation import ADE20K_CLASSES, FASHION_MNIST_CLASSES, read_class_names
-
     if cfg.data.dataset == "fmnist_scenes":
         return ["background", *FASHION_MNIST_CLASSES]
     if cfg.data.dataset == "ade20k":
@@ -246,8 +240,6 @@ def _seg_class_names(cfg: Config) -> list[str]:
 # ------------------------------------------------------------------------------------------------ building
 def effective_model_kwargs(m: ModelConfig) -> dict[str, Any]:
     """Our `Beit` (or `BeitSegmenter`) kwargs for a model section: the preset with its overrides applied."""
-    from beit.models.presets import PRESETS, SEG_PRESETS
-
     presets = {**PRESETS, **SEG_PRESETS}
     if m.name not in presets:
         raise ConfigError(f"unknown model preset '{m.name}'")
@@ -277,9 +269,6 @@ def _plain(value):
 
 
 def _build_vit(src: Source) -> nn.Module:
-    from beit.convert import load_pretrained
-    from beit.models import create_model
-
     model = create_model(src.config.model.name, **src.config.model.overrides())
     load_pretrained(model, src.raw)
     return model
@@ -287,9 +276,6 @@ def _build_vit(src: Source) -> nn.Module:
 
 def _build_segmenter(src: Source) -> nn.Module:
     """BEiT + UperNet from the model section; every weight must come from the checkpoint (any layout)."""
-    from beit.convert.segmentation import load_whole_segmenter
-    from beit.models.segmentation import create_segmenter
-
     model = create_segmenter(src.config.model.name, **src.config.model.overrides())
     # an HF folder by path: its config.json's out_indices are checked against the model's
     load_whole_segmenter(model, src.path if src.path.is_dir() else src.raw, str(src.path))
@@ -311,8 +297,6 @@ def load(source: str | Path, **model_overrides) -> nn.Module:
     `model_overrides` (ModelConfig fields) may only restate what the checkpoint says; a contradiction is an
     error, so a wrong preset never loads half the weights silently.
     """
-    from beit.convert import to_official, unwrap_state_dict
-
     src = read_source(source)
     check_model_overrides(src.config.model, model_overrides, str(source))
     kind = model_kind(to_official(unwrap_state_dict(src.raw)))
@@ -347,8 +331,6 @@ def command_config(source: str, overrides: list[str], command: str) -> Config:
     `<run>_<command>` beside the checkpoint's run (`_beside`), and only data/train/optim/... overrides may change
     anything.
     """
-    from beit.config import _merge, parse_overrides
-
     if str(source).endswith((".yaml", ".yml")):
         cfg = load_config(source, overrides)
         if cfg.data.dataset in SEG_DATASETS:  # a segmenter checkpoint is checked against the config on load

@@ -46,7 +46,7 @@ def _tokenizer(args):
 
 def cmd_train(args) -> int:
     from beit.config import load_config
-    from beit.tokenizers.train import train_tokenizer
+    from beit.train.tokenizer import train_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.train.out_dir) / (cfg.train.run_name or Path(args.config).stem)

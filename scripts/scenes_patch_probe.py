@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from beit.data.segmentation import FashionScenes
-from beit.models.segmentation import create_segmenter
+from beit.builders import create_segmenter
 from beit.train.segment import intersect_and_union, seg_metrics
 
 MEAN, STD, CLASSES = 0.2860, 0.3530, 11  # configs/segment/fmnist_scenes.yaml

@@ -25,7 +25,7 @@ from beit.convert import (
 )
 from beit.cli import main as cli_main
 from beit.convert.resize import resize_pos_embed, resize_rel_pos_table
-from beit.models import create_model
+from beit.builders import create_model
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")

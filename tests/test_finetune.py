@@ -258,7 +258,7 @@ def test_eval_writes_per_class_and_confusion(finetuned, tmp_path, monkeypatch):
     from matplotlib.figure import Figure
     from PIL import Image
 
-    from beit.train.evaluate import run_eval
+    from beit.train.eval_task import run_eval
 
     figures = []  # the confusion figure, caught as it is saved
     save = Figure.savefig

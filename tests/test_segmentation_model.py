@@ -21,8 +21,9 @@ from beit.convert.segmentation import (
     segmenter_from_hf,
 )
 from beit.convert import load_pretrained, to_official
-from beit.models import create_model
-from beit.models.segmentation import BeitSegmenter, create_segmenter, load_pretrained_backbone, upsample_logits
+from beit.builders import create_model, create_segmenter
+from beit.convert.segmentation import load_pretrained_backbone
+from beit.models.segmentation import BeitSegmenter, upsample_logits
 
 transformers = pytest.importorskip("transformers")
 

@@ -310,7 +310,7 @@ def test_finetuning_from_shards(tmp_path, fmnist_shards):
     # above chance (10% / 50%) after 8 steps: 19-21% top-1, 78-82% top-5 over seeds 0-1
     assert results["steps"] == 8 and results["top1"] > 15 and results["top5"] > 65, results
     # the shard test split is read as the IDX reader reads those 256 images: the same weights score the same
-    from beit.train.evaluate import run_eval
+    from beit.train.eval_task import run_eval
 
     (tmp_path / "idx").mkdir()
     idx_cfg = write_config(tmp_path / "idx", model={"name": "beit_fmnist_patch4_32", "depth": 2, "embed_dim": 64,
@@ -395,7 +395,7 @@ def test_a_truncated_shard_is_warned_once_per_run_not_every_epoch(tmp_path, capf
 
 def test_beit_eval_reads_shards_with_the_checkpoints_class_index(tmp_path):
     from beit.config import ConfigError
-    from beit.train.evaluate import eval_dataset
+    from beit.train.eval_task import eval_dataset
 
     _class_shards(tmp_path, "test", ["a", "c"])
     cfg = load_config(str(Path(__file__).resolve().parent.parent / "configs" / "finetune" / "fmnist_scratch.yaml"),

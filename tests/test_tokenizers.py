@@ -203,7 +203,7 @@ def test_tiny_train_run_writes_loadable_tokenizer(tmp_path):
     from torchvision import transforms as T
 
     from beit.data import build_dataset
-    from beit.tokenizers.train import train_tokenizer
+    from beit.train.tokenizer import train_tokenizer
 
     cfg = load_config(None, [
         "tokenizer.vocab_size=64", "tokenizer.hidden=16", "tokenizer.downsample=4", "tokenizer.in_chans=1",

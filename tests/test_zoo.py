@@ -13,7 +13,7 @@ import torch
 import beit
 from beit import hub
 from beit.config import load_config
-from beit.models import create_model
+from beit.builders import create_model
 from beit.train import checkpoint as ckpt_io
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -84,7 +84,7 @@ def documented_top1(name: str) -> float:
 def test_shipped_classifier_reproduces_its_documented_accuracy(tmp_path):
     """beit eval on the full Fashion-MNIST test split (10,000 images) within 0.1 pp of the documented top-1."""
     from beit.hub import command_config
-    from beit.train.evaluate import run_eval
+    from beit.train.eval_task import run_eval
 
     cfg = command_config("fmnist-classifier", [f"train.out_dir={tmp_path}", "data.eval_subset=null",
                                                "data.num_workers=0", "train.progress=false"], "eval")

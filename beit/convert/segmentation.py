@@ -33,8 +33,11 @@ from pathlib import Path
 
 import torch
 
-from beit.convert import _num_blocks
 from beit.convert.layouts import from_official, rename, to_official, unwrap_state_dict
+from beit.convert.runs import resolve_pretrained
+from beit.convert.weights import _num_blocks, hf_config_from_state_dict, load_vit, read_checkpoint
+from beit.models.presets import SEG_PRESETS
+from beit.models.segmentation import BeitSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +201,6 @@ def segmenter_kwargs_from_hf_config(cfg: Mapping) -> dict:
 def hf_seg_config(sd: Mapping[str, torch.Tensor], arch: Mapping) -> dict:
     """config.json for our segmenter state dict `sd` (our names) with architecture `arch` (BeitSegmenter kwargs:
     out_indices, pool_scales, aux_weight, …). Checks what HF's fixed head can express."""
-    from beit.convert import hf_config_from_state_dict
-
     backbone = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
     dim = backbone["cls_token"].shape[-1]
     patch = backbone["patch_embed.proj.weight"].shape[-1]
@@ -268,9 +269,6 @@ def save_segmenter_as(sd: Mapping, path: str | os.PathLike, layout: str, arch: M
 # ------------------------------------------------------------------------------------------------ loading
 def _read(path_or_sd) -> tuple[Mapping, dict | None]:
     """(raw checkpoint, HF config.json or None); a run directory resolves to its newest checkpoint."""
-    from beit.convert import read_checkpoint
-    from beit.train.evaluate import resolve_pretrained
-
     if isinstance(path_or_sd, Mapping):
         return path_or_sd, None
     path = Path(resolve_pretrained(str(path_or_sd)))
@@ -279,14 +277,21 @@ def _read(path_or_sd) -> tuple[Mapping, dict | None]:
 
 
 def load_segmenter(model, path_or_sd, strict_shapes: bool = True):
-    """Backbone or whole-segmenter checkpoint -> `model` (a BeitSegmenter); see `load_pretrained_backbone`."""
-    from beit.convert import load_pretrained
+    """Load what `model.pretrained` names into a segmenter (`model`) and return the `LoadReport`.
 
+    A backbone checkpoint of any layout `beit.convert.load_pretrained` reads (ours, official/timm, HF,
+    OpenMMLab; a run directory uses its newest checkpoint) goes into `.backbone` with the fine-tuning
+    surgery: a shared rel-pos table is cloned into every layer, tables and abs pos_embed are resized to the
+    new grid, lm_head / mask_token / norm are left out (reported as unexpected). A whole-segmenter checkpoint
+    (ours, the official mmseg 0.x ADE20K layout, mmsegmentation 1.x's port, an HF `BeitForSemanticSegmentation`
+    folder or state dict) loads everything; a classifier (`conv_seg`) of another class count is dropped and stays
+    freshly initialised.
+    """
     raw, hf_cfg = _read(path_or_sd)
     sd = unwrap_state_dict(raw)
     layout = detect_seg_layout(sd)
     if layout is None:  # a backbone: classifier, MIM model, run directory, any layout
-        return load_pretrained(model.backbone, sd, strict_shapes)
+        return load_vit(model.backbone, sd, strict_shapes)
     if hf_cfg is not None:
         want = blocks_from_hf_out_indices(hf_cfg.get("out_indices") or [3, 5, 7, 11], hf_cfg["num_hidden_layers"])
         if want != list(model.out_indices):
@@ -298,7 +303,7 @@ def load_segmenter(model, path_or_sd, strict_shapes: bool = True):
     dropped = _blocks_past(ours, model.depth) if layout == "hf" else []
     backbone = {k.removeprefix("backbone."): v for k, v in ours.items()
                 if k.startswith("backbone.") and k not in dropped}
-    report = load_pretrained(model.backbone, backbone, strict_shapes)
+    report = load_vit(model.backbone, backbone, strict_shapes)
     report.layout, report.dropped = layout, report.dropped + dropped
 
     heads = {k: v for k, v in ours.items() if not k.startswith("backbone.")}
@@ -316,6 +321,9 @@ def load_segmenter(model, path_or_sd, strict_shapes: bool = True):
     if report.missing or report.unexpected:
         log.warning("segmenter checkpoint: missing %s; not used %s", report.missing, report.unexpected)
     return report
+
+
+load_pretrained_backbone = load_segmenter  # the name `beit segment` and older code use
 
 
 def load_whole_segmenter(model, path_or_sd, source: str | None = None):
@@ -336,8 +344,6 @@ def load_whole_segmenter(model, path_or_sd, source: str | None = None):
 
 def segmenter_from_hf(path: str | os.PathLike):
     """Build a BeitSegmenter from an HF `BeitForSemanticSegmentation` folder, with HF's exact logits."""
-    from beit.models.segmentation import BeitSegmenter
-
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected an HF BeitForSemanticSegmentation folder)")
@@ -354,8 +360,6 @@ def seg_arch_from_checkpoint(raw: Mapping, hf_cfg: Mapping | None = None) -> dic
     model_cfg = raw.get("config", {}).get("model") if isinstance(raw.get("config"), Mapping) else None
     if not model_cfg:
         return None
-    from beit.models.presets import SEG_PRESETS
-
     name = model_cfg.get("name")
     if name not in SEG_PRESETS:
         return None

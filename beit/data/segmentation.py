@@ -38,16 +38,13 @@ from torchvision.transforms import InterpolationMode
 
 from beit.config import SEG_DATASETS, Config, ConfigError
 
-from .datasets import IMG_EXTENSIONS, BadSample, load_fashion_mnist, skip_or_fail, stratified_holdout
+from .datasets import FASHION_MNIST_CLASSES, IMG_EXTENSIONS, BadSample, load_fashion_mnist, skip_or_fail, stratified_holdout
 from .transforms import _check_stats, pil_mode
 
 log = logging.getLogger(__name__)
 
 MASK_MODES = ("L", "P")  # 8-bit single-channel label maps
 ADE20K_CLASSES = (Path(__file__).resolve().parent.parent / "assets" / "ade20k_classes.txt").read_text().splitlines()
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot"]
-
 
 # ------------------------------------------------------------------------------------------------ transforms
 def rescale_size(h: int, w: int, scale: Sequence[int], ratio: float = 1.0) -> tuple[int, int]:

@@ -141,7 +141,7 @@ def run_stage(stage: Stage, out: Path) -> None:
 
     has_ckpt = run_dir.is_dir() and bool(list_checkpoints(run_dir))
     if stage.command == "tokenizer":  # on the shared loop too: a stopped stage resumes
-        from beit.tokenizers.train import train_tokenizer
+        from beit.train.tokenizer import train_tokenizer
 
         train_tokenizer(load_config(stage.config, stage.overrides), run_dir, overwrite=not has_ckpt, resume=has_ckpt)
         return

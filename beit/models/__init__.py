@@ -1,4 +1,5 @@
-"""Model construction: `create_model(name, pretrained=None, **overrides)` over the explicit PRESETS dict."""
+"""Model construction: `create_model(name, **overrides)` over the explicit PRESETS dict (architecture only: loading
+weights is `beit.create_model(name, pretrained=...)`, in beit/builders.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ SEG_HEAD_FIELDS = ("out_indices", "channels", "pool_scales", "use_aux_head", "au
                    "neck_scales")
 
 
-def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit | SmallCNN:
-    """Build preset `name` with keyword overrides; `pretrained=PATH` loads a checkpoint of any supported
-    layout (ours, official/timm, HF, OpenMMLab), adapting rel-pos tables and position embeddings, or names
-    a shipped model (`pretrained="fmnist"` for `beit_fmnist_patch4_32`, see `beit.hub.PRETRAINED_TAGS`)."""
+def create_model(name: str, **overrides) -> Beit | SmallCNN:
+    """Build preset `name` with keyword overrides, freshly initialised. Weights (a checkpoint of any layout, a
+    run directory, a shipped model) load with `beit.create_model(name, pretrained=...)`
+    (`beit.builders.create_model`), which builds the model here first."""
+    if "pretrained" in overrides:
+        raise TypeError("beit.models.create_model builds the architecture only; load weights with "
+                        "beit.create_model(name, pretrained=PATH)")
     if name in SEG_PRESETS:
         raise KeyError(f"'{name}' is a segmentation preset: build it with create_segmenter('{name}')")
     if name in CNN_PRESETS:
@@ -36,16 +40,6 @@ def create_model(name: str, pretrained: str | None = None, **overrides) -> Beit 
         if kwargs.get("vocab_size"):
             kwargs.setdefault("use_mask_token", True)
         model = Beit(**kwargs)
-    if pretrained:
-        from beit.convert import load_pretrained
-        from beit.hub import PRETRAINED_TAGS, ZOO, resolve_path
-
-        if (name, pretrained) in PRETRAINED_TAGS:  # a shipped model, e.g. pretrained="fmnist"
-            pretrained = resolve_path(PRETRAINED_TAGS[name, pretrained])
-        elif str(pretrained) in ZOO:  # e.g. pretrained="fmnist-backbone"
-            pretrained = resolve_path(pretrained)
-
-        load_pretrained(model, pretrained)
     return model
 
 

@@ -17,12 +17,14 @@ official config's SyncBN.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from beit.models.presets import SEG_PRESETS
 from beit.models.vit import Beit
 
 
@@ -203,34 +205,14 @@ class BeitSegmenter(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ construction
-def create_segmenter(name: str, pretrained: str | None = None, **overrides) -> BeitSegmenter:
-    """Build segmentation preset `name` (beit.models.presets.SEG_PRESETS) with keyword overrides; `pretrained`
-    loads a backbone or a whole segmenter of any supported layout (see `load_pretrained_backbone`)."""
-    import difflib
-
-    from beit.models.presets import SEG_PRESETS
-
+def create_segmenter(name: str, **overrides) -> BeitSegmenter:
+    """Build segmentation preset `name` (beit.models.presets.SEG_PRESETS) with keyword overrides, freshly
+    initialised; `beit.builders.create_segmenter(name, pretrained=...)` loads a backbone or a whole segmenter."""
+    if "pretrained" in overrides:
+        raise TypeError("beit.models.segmentation.create_segmenter builds the architecture only; load weights with "
+                        "beit.builders.create_segmenter(name, pretrained=PATH)")
     if name not in SEG_PRESETS:
         close = difflib.get_close_matches(name, SEG_PRESETS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown segmentation preset '{name}'.{hint} Available: {', '.join(SEG_PRESETS)}")
-    model = BeitSegmenter(**{**SEG_PRESETS[name], **overrides})
-    if pretrained:
-        load_pretrained_backbone(model, pretrained)
-    return model
-
-
-def load_pretrained_backbone(model: BeitSegmenter, path_or_sd):
-    """Load what `model.pretrained` names into a segmenter and return the `LoadReport`.
-
-    A backbone checkpoint of any layout `beit.convert.load_pretrained` reads (ours, official/timm, HF,
-    OpenMMLab; a run directory uses its newest checkpoint) goes into `.backbone` with the fine-tuning
-    surgery: a shared rel-pos table is cloned into every layer, tables and abs pos_embed are resized to the
-    new grid, lm_head / mask_token / norm are left out (reported as unexpected). A whole-segmenter checkpoint
-    (ours, the official mmseg 0.x ADE20K layout, mmsegmentation 1.x's port, an HF `BeitForSemanticSegmentation`
-    folder or state dict) loads everything; a
-    classifier (`conv_seg`) of another class count is dropped and stays freshly initialised.
-    """
-    from beit.convert.segmentation import load_segmenter
-
-    return load_segmenter(model, path_or_sd)
+    return BeitSegmenter(**{**SEG_PRESETS[name], **overrides})

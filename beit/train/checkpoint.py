@@ -13,15 +13,15 @@ import fcntl
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from beit.convert.runs import list_checkpoints
+
 log = logging.getLogger("beit")
 FORMAT_VERSION = 1
-_CKPT = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
 class RunDirError(RuntimeError):
@@ -142,20 +142,6 @@ def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> Path:
             release_run_locks(path)
         raise
     return path
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in run_dir.glob("ckpt-*.pt") if (m := _CKPT.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def run_weights(run_dir: Path) -> Path | None:
-    """The weights a run directory stands for: its newest ckpt-*.pt, else best.pt, else None."""
-    found = list_checkpoints(run_dir)
-    if found:
-        return found[-1]
-    best = run_dir / "best.pt"
-    return best if best.is_file() else None
 
 
 def rng_state() -> dict:

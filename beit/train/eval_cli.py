@@ -59,7 +59,7 @@ def _knn(cfg, **kw):
 
 
 def _eval(cfg, **kw):
-    from beit.train.evaluate import run_eval
+    from beit.train.eval_task import run_eval
 
     return run_eval(cfg, **kw)
 

@@ -25,12 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from beit.builders import resolve_pretrained
 from beit.config import Config, ConfigError
-from beit.convert.segmentation import load_whole_segmenter
+from beit.convert.runs import resolve_pretrained
+from beit.convert.segmentation import load_pretrained_backbone, load_whole_segmenter
 from beit.data import collate_skip_bad
 from beit.data.segmentation import build_seg_dataset
-from beit.models.segmentation import create_segmenter, load_pretrained_backbone, upsample_logits
+from beit.models.segmentation import create_segmenter, upsample_logits
 from beit.train.distributed import all_reduce_sum, resolve_device, sync_batchnorm
 from beit.train.evaluate import forward_share, is_main_process, is_sharded, read_summary, write_results
 from beit.train.loop import Task

@@ -34,7 +34,9 @@ from beit.config import Config, TokenizerConfig
 from beit.data.build import build_dataset
 from beit.tokenizers.dvae import DVAE, kl_to_uniform, map_pixels, recon_nll
 from beit.train.distributed import all_reduce_sum, broadcast_
+from beit.train.evaluate import is_main_process
 from beit.train.loop import Task, autocast
+from beit.train.runner import launch
 
 # Dead-code handling is configured by TokenizerConfig (revive_*, usage_entropy_weight, final_steps); these
 # are the sample sizes of its final phase.
@@ -300,8 +302,6 @@ def _schedule_config(cfg: Config, num_images: int) -> Config:
 def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, log=print, resume: bool = False) -> dict:
     """Train a dVAE as described by `cfg.tokenizer` on `cfg.data` into the run directory `out_dir`
     (`resume=True` continues it from its newest checkpoint); returns the final held-out metrics."""
-    from beit.train.evaluate import is_main_process
-    from beit.train.runner import launch
 
     tcfg, out_dir = cfg.tokenizer, Path(out_dir)
     if tcfg.in_chans != cfg.data.in_chans:

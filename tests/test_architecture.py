@@ -1,0 +1,110 @@
+"""The import graph of `beit`: no cycles, counting module-level and function-local imports alike (a function-local
+import hides a cycle from Python's import machinery, not from the design). The layer contract itself is
+import-linter's (pyproject.toml, `[tool.importlinter]`; `make test` runs `lint-imports`)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "beit"
+
+
+def module_files(package: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file under `package` (a package is its __init__.py)."""
+    mods = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    return mods
+
+
+def imported_modules(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
+    """The modules of `mods` that `name` imports anywhere in its file (module level, functions, classes)."""
+    is_package = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolved against the importing module's package
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # `from pkg import sub` imports the submodule pkg.sub; `from mod import name` imports mod
+            targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in mods else module for a in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in mods and t != name)
+    return found
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    mods = module_files(package)
+    return {name: imported_modules(name, path, mods) for name, path in mods.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_beit_has_no_import_cycle():
+    graph = import_graph(PACKAGE)
+    assert len(graph) > 50 and graph["beit.train.loop"], "the graph reader found no modules or no imports"
+    assert cycles(graph) == [], "import cycles among beit modules (move code to the layer it belongs to)"
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_the_cycle_check_sees_module_level_and_function_local_imports(tmp_path, lazy):
+    """A two-module cycle closed by a function-local relative import, and a three-module one closed at module
+    level through `from pkg import sub`, are both found; the same package without the closing import has none."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg.b import f\n")
+    closing = "def g():\n    from .a import h\n" if lazy else "from pkg import c\n"
+    (pkg / "b.py").write_text("import os\n" + closing)
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "c.py").write_text("from pkg.sub import x\nfrom . import a\n")
+    want = [["pkg.a", "pkg.b"]] if lazy else [["pkg.a", "pkg.b", "pkg.c"]]
+    assert cycles(import_graph(pkg)) == want
+    (pkg / "b.py").write_text("import os\n")
+    assert cycles(import_graph(pkg)) == []
