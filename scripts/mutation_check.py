@@ -165,6 +165,18 @@ BREAKS: list[Break] = [
           '"dist.strategy", ', "",
           ("tests/test_dist_claims.py::test_a_ddp_run_resumes_under_fsdp",),
           "--resume rejects a DDP run's checkpoint under dist.strategy=fsdp"),
+    Break("val-split-leaks", "beit/data/datasets.py",
+          "    return SubsetDataset(ds, np.setdiff1d(np.arange(len(ds)), held))", "    return ds",
+          ("tests/test_study.py::test_val_split_never_meets_training_or_test",),
+          "the training split keeps the held-out validation images"),
+    Break("study-selects-worst", "beit/experiments/study.py",
+          'return grid, max(grid, key=lambda g: g["val"])["point"]', 'return grid, min(grid, key=lambda g: g["val"])["point"]',
+          ("tests/test_study.py::test_study_runs_end_to_end_on_an_image_folder_and_resumes",),
+          "beit study keeps the worst grid point of an arm"),
+    Break("study-grid-reads-test", "beit/experiments/study.py",
+          'f"train.eval_split={split}"', 'f"train.eval_split=test"',
+          ("tests/test_study.py::test_study_runs_end_to_end_on_an_image_folder_and_resumes",),
+          "the study's grid runs are scored on the test split"),
 ]
 
 
