@@ -375,14 +375,16 @@ def plot_study(results: dict, path: Path):
                 ax2.scatter([j + 0.12 * (i - 1.5)] * len(vals), vals, marker="os^D"[i], color=f"C{i}",
                             label=NAMES[name] if j == 0 and vals else None)
         ax.set_xscale("log")
-        ax.set_xlabel("labelled training images (%)")
+        ax.set_xticks([r["label_fraction"] * 100 for r in rows], [f"{r['label_fraction'] * 100:g}%" for r in rows])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled training images")
         ax.set_ylabel(f"test {_label(results)}, mean ± std over seeds")
         ax.set_title("test accuracy by label fraction")
         ax.legend(fontsize=8)
         ax2.set_xticks(range(len(rows)), [f"{r['label_fraction'] * 100:g}%" for r in rows])
         ax2.set_xlabel("labelled training images")
         ax2.set_ylabel(f"validation {_label(results)}")
-        ax2.set_title("every grid point on validation (seed 0); the best of each arm is kept")
+        ax2.set_title("validation grid points (seed 0); each arm keeps its best")
         if ax2.get_legend_handles_labels()[0]:
             ax2.legend(fontsize=8)
 
