@@ -373,6 +373,20 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return where + (getattr(e, "problem", None) or type(e).__name__)
 
 
+def read_yaml_mapping(path: Path, kind: str, of: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (of `of`); a missing file, bad YAML or another top level is a
+    one-line ConfigError naming the file (and the line and column)."""
+    if not path.is_file():
+        raise ConfigError(f"{kind} '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML at {_yaml_problem(e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of {of}")
+    return raw
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -395,14 +409,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML at {_yaml_problem(e)}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = read_yaml_mapping(path, "config file", "sections")
     raw = _merge(_merge(COMMAND_DEFAULTS.get(command, {}), raw), parse_overrides(overrides or []))
     try:
         cfg = Config.model_validate(raw)

@@ -7,7 +7,6 @@ the transformers model itself), never with another `beit.load`.
 """
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -15,11 +14,13 @@ import torch
 from PIL import Image
 
 import beit
-import beit.models.vit as vit
 from beit.config import load_config
 from beit.models.segmentation import BeitSegmenter, create_segmenter
 
 transformers = pytest.importorskip("transformers")
+
+# the random fill and fast init of the segmenter parity tests (fast_init is autouse here too)
+from test_segmentation_model import fast_init, randomize_  # noqa: E402, F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -30,24 +31,6 @@ ARCH = dict(img_size=64, embed_dim=32, depth=4, num_heads=2, num_classes=4, chan
 PRESET = "beit_base_patch16_512_upernet"
 
 
-@pytest.fixture(autouse=True)
-def fast_init(monkeypatch):
-    monkeypatch.setattr(vit, "trunc_normal_", lambda t, std, trunc: t)
-
-
-def randomize_(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.1
-            is_norm_weight = re.search(r"(norm\w*|bn|\.1)\.weight$", name) is not None and p.ndim == 1
-            p.copy_(noise + 1.0 if is_norm_weight else noise)
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-    return model.eval()
 
 
 def close(a, b, atol=1e-4):

@@ -153,6 +153,10 @@ def test_bad_study_files_are_one_line_errors(tmp_path):
         load_study(path, ["optim.lrr=1"])
     with pytest.raises(ConfigError, match="seedz"):
         load_study(path, ["seedz=2"])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- seeds: 1\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping of study keys"):
+        load_study(listed)
     with pytest.raises(ConfigError, match="same number of trials"):
         load_study(path, ["cnn_grid={optim.lr: [1, 2, 3]}"])
     r = subprocess.run([sys.executable, "-m", "beit", "study", str(tmp_path / "nope.yaml")], capture_output=True,

@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from beit.builders import build_eval_loader, build_model
-from beit.config import Config, ConfigError, load_config, parse_overrides
+from beit.config import Config, ConfigError, load_config, parse_overrides, read_yaml_mapping
 from beit.data.segmentation import build_seg_dataset
 from beit.experiments.fashion_mnist import Stage, run_stages, two_panel_figure
 from beit.train.distributed import resolve_device
@@ -70,12 +69,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
     """Read a study file; `overrides` are study keys (`seeds=1`) or run keys with a section (`data.root=/x`),
     the latter appended to `overrides`. Every run config is validated here, before any work."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file '{path}' does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = read_yaml_mapping(path, "study file", "study keys")
     run_keys = [o for o in overrides or [] if "." in o.split("=", 1)[0]]
     for key, value in parse_overrides([f"study.{o}" for o in overrides or [] if o not in run_keys]).get("study", {}).items():
         raw[key] = value
