@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from beit.builders import build_mim_dataset
-from beit.config import Config, DataConfig
+from beit.config import Config, ConfigError, DataConfig, load_config
 from beit.data import (
     BadFileTracker,
     BadSample,
@@ -213,6 +213,13 @@ def test_image_folder_fail_names_file(folder):
         [ds[i] for i in range(len(ds))]
     with pytest.raises(FileNotFoundError, match="test"):
         build_dataset(cfg, "test")
+
+
+def test_on_bad_file_is_checked_once_by_the_schema():
+    """The config schema is the one check of data.on_bad_file (the datasets trust it): one line naming the key,
+    the allowed values and the value given."""
+    with pytest.raises(ConfigError, match=r"bad value for 'data\.on_bad_file': .*'skip' or 'fail'.*'sometimes'"):
+        load_config(overrides=["data.on_bad_file=sometimes"])
 
 
 def _pretrain_loader(data: DataConfig, seed: int, epoch: int, start_batch: int = 0):

@@ -161,8 +161,6 @@ class _SegDataset(Dataset):
     classes: list[str]
 
     def __init__(self, transform: SegTransform | None, on_bad_file: str, ignore_index: int, seed: int = 0):
-        if on_bad_file not in ("skip", "fail"):
-            raise ValueError(f"data.on_bad_file must be 'skip' or 'fail', got {on_bad_file!r}")
         self.transform, self.on_bad_file, self.ignore_index = transform, on_bad_file, ignore_index
         self.seed, self.epoch = int(seed), 0
 

@@ -196,8 +196,6 @@ class ShardDataset(IterableDataset):
     def __init__(self, paths: list[Path], counts: list[int], classes: list[str], mode: str,
                  make_item: Callable[[Image.Image, int, int, int], Any], shuffle: bool = True, seed: int = 0,
                  shuffle_buffer: int = 2000, on_bad_file: str = "skip"):
-        if on_bad_file not in ("skip", "fail"):
-            raise ValueError(f"data.on_bad_file must be 'skip' or 'fail', got {on_bad_file!r}")
         self.paths, self.counts, self.classes = [str(p) for p in paths], np.asarray(counts, dtype=np.int64), classes
         self.mode, self.make_item, self.shuffle, self.seed = mode, make_item, shuffle, int(seed)
         self.shuffle_buffer, self.on_bad_file = shuffle_buffer, on_bad_file
