@@ -18,6 +18,8 @@ measured in the same run and, on GPUs with a known spec sheet, by the dense peak
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import math
 import statistics
 import time
@@ -28,10 +30,21 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity
+from torch.utils.flop_counter import FlopCounterMode
+
+from beit import builders
+from beit.config import load_config
+from beit.models import PRESETS, Beit, create_model
+from beit.tokenizers import DalleTokenizer, create_tokenizer
+from beit.tokenizers.dalle import DalleEncoder
+from beit.train.distributed import DistInfo
+from beit.train.finetune import make_classification_step
+from beit.train.loop import autocast, compile_blocks, fit
+from beit.train.pretrain import build_pretrain_task, make_mim_step
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (TFLOP/s, without sparsity).
 SPEC_BF16_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "A100": 312.0}
-
 
 
 @dataclass
@@ -53,8 +66,6 @@ def sync(device: torch.device):
 
 
 def count_flops(fn: Callable[[], object]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
@@ -123,9 +134,6 @@ def time_alternating(steps: list[Step], device: torch.device, iters: int, repeat
 def build_tokenizer(name: str, device: torch.device):
     """'dall-e-random': the DALL-E encoder architecture with PyTorch's default random init (no weights
     needed: the cost is the same); anything else goes to `create_tokenizer` (e.g. 'fmnist_dvae')."""
-    from beit.tokenizers import DalleTokenizer, create_tokenizer
-    from beit.tokenizers.dalle import DalleEncoder
-
     if name == "dall-e-random":
         return DalleTokenizer(DalleEncoder().state_dict(), source="random init").to(device)
     return create_tokenizer(name).to(device)
@@ -137,10 +145,6 @@ def default_tokenizer(preset: str) -> str:
 
 def preset_kwargs(preset: str, **overrides) -> dict:
     """The preset's full constructor arguments: `Beit` defaults, then the preset, then overrides."""
-    import inspect
-
-    from beit.models import PRESETS, Beit
-
     if preset not in PRESETS:
         raise KeyError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     defaults = {k: p.default for k, p in inspect.signature(Beit).parameters.items()}
@@ -161,8 +165,6 @@ def mim_batch(kw: dict, tokenizer, batch: int, device: torch.device, mask_ratio:
 
 def train_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device, amp: str) -> Callable:
     """forward (under the loop's autocast) + backward + AdamW, with the fp16 loss scaler when amp=fp16."""
-    from beit.train.loop import autocast
-
     # fused, as the training loop's optimizer: the same for every implementation, so the ratio is the model's
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -182,9 +184,6 @@ def train_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: to
 
 def ours_mim(preset: str, batch: int, device, amp: str, tokenizer, compile: bool = False,
              wrap: Callable[[nn.Module], nn.Module] | None = None, **overrides) -> Step:
-    from beit.models import create_model
-    from beit.train.pretrain import make_mim_step
-
     model = create_model(preset, **overrides).to(device)
     data = mim_batch(preset_kwargs(preset, **overrides), tokenizer, batch, device)
     mim = make_mim_step(tokenizer)
@@ -195,8 +194,6 @@ def ours_mim(preset: str, batch: int, device, amp: str, tokenizer, compile: bool
 
 def ours_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], batch: int, device, amp: str,
               compile: bool) -> Step:
-    from beit.train.loop import compile_blocks
-
     flops = None
     if compile:  # count on the eager model (the counter does not see inside compiled graphs)
         flops = count_flops(train_step(model, loss_fn, device, amp))
@@ -248,9 +245,6 @@ def ft_batch(kw: dict, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def ours_ft(preset: str, batch: int, device, amp: str, compile: bool = False, **overrides) -> Step:
-    from beit.models import create_model
-    from beit.train.finetune import make_classification_step
-
     model = create_model(preset, **overrides).to(device)
     data = ft_batch(preset_kwargs(preset, **overrides), batch, device)
     cls = make_classification_step(None, 0.0)  # plain cross-entropy, as timm's step below
@@ -272,18 +266,14 @@ def timm_ft(preset: str, batch: int, device, amp: str, **overrides) -> Step:
 
 
 def has_module(name: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(name) is not None
 
 
 # ------------------------------------------------------------------------------------------- a row
 def profile_table(fn: Callable[[], object], device: torch.device, iters: int, rows: int = 12) -> str:
     """torch.profiler over `iters` calls: the operators that take the most time, as its table."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(iters):
             fn()
         sync(device)
@@ -363,11 +353,6 @@ def run_loop(config: str, device: torch.device, steps: int | None = None, second
              skip: int = 3, overrides: list[str] | None = None) -> dict:
     """Run the real training loop (`fit`, data pipeline included, no run directory) for `steps` timed steps
     or `seconds`, and return its steady-state img/s, measured between step calls after `skip` warm-up steps."""
-    from beit.config import load_config
-    from beit.train.distributed import DistInfo
-    from beit.train.loop import fit
-    from beit.train.pretrain import build_pretrain_task
-
     cfg = load_config(config, ["train.progress=false", "train.knn_every_epochs=null", "train.ema_decay=null",
                                *(overrides or [])])
     task = build_pretrain_task(cfg, device)
@@ -399,14 +384,11 @@ def loop_vs_step(config: str, device: torch.device, steps: int, rounds: int, com
     """The real loop against the synthetic step of the same model, batch and tokenizer, in `rounds` alternating
     rounds of `steps` loop steps then `steps` synthetic steps: the median of the rounds' loop/step ratios, so that
     a machine whose speed drifts over minutes hits both sides of every ratio alike."""
-    from beit.builders import build_tokenizer as build_config_tokenizer
-    from beit.config import load_config
-
     if steps < 1 or rounds < 1:
         raise ValueError(f"--loop needs at least 1 step and --loop-rounds at least 1 round, got {steps} and {rounds}")
     overrides = [f"train.compile={str(compile).lower()}", f"train.amp={amp}", *(overrides or [])]
     cfg = load_config(config, overrides)
-    tok = build_config_tokenizer(cfg, device)
+    tok = builders.build_tokenizer(cfg, device)
     step = prepare(lambda: ours_mim(cfg.model.name, cfg.data.batch_size, device, amp, tok, compile=compile), device,
                    warmup)
     loops, step_rates = [], []
@@ -420,7 +402,74 @@ def loop_vs_step(config: str, device: torch.device, steps: int, rounds: int, com
             "rounds_loop_img_per_s": loops, "rounds_step_img_per_s": step_rates}
 
 
-def shipped_config(rel: str) -> str:
-    from pathlib import Path
+# ---------------------------------------------------------------------------------- compile scopes
+COMPILE_SCOPES = ("eager", "blocks", "model", "step")
 
-    return str(Path(__file__).resolve().parent / "configs" / rel)
+
+def scope_step(scope: str, preset: str, batch: int, device: torch.device, amp: str, tokenizer) -> Step:
+    """Our pretraining step with torch.compile over `scope`: nothing (eager), each block (what
+    train.compile=true does), the whole model (`model.compile()`: the masked-token gather splits it into
+    graphs of data-dependent shape), or the tokenizer, model and loss as one compiled function (step)."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"unknown compile scope '{scope}'; choose from {', '.join(COMPILE_SCOPES)}")
+    torch.manual_seed(0)  # every scope trains the same initial weights
+    model = create_model(preset).to(device)
+    data = mim_batch(preset_kwargs(preset), tokenizer, batch, device)
+    mim = make_mim_step(tokenizer)
+
+    def loss():
+        return mim(model, data)["loss"]
+
+    if scope == "blocks":
+        compile_blocks(model)
+    elif scope == "model":
+        model.compile()
+    elif scope == "step":
+        loss = torch.compile(loss)
+    # flops=0: not counted (the counter does not see inside compiled graphs, and would trigger compilation)
+    return Step(scope, train_step(model, loss, device, amp), batch, flops=0.0)
+
+
+def compile_scope_rows(preset: str, batch: int, device: torch.device, amp: str = "bf16", *,
+                       scopes: tuple[str, ...] = COMPILE_SCOPES, tokenizer: str | None = None, warmup: int = 3,
+                       iters: int = 3, repeats: int = 9) -> list[dict]:
+    """Time our pretraining step under each compile scope, alternating as `bench_row` does; one result per
+    scope with its speed over the first scope's and its build time (compilation and warm-up included)."""
+    if not preset_kwargs(preset).get("vocab_size"):
+        raise ValueError(f"compile scopes time the pretraining step: '{preset}' has no vocab_size; "
+                         f"use a *_vocab preset or the fmnist-mim / vitb-mim row")
+    tok = build_tokenizer(tokenizer or default_tokenizer(preset), device)
+    steps, build_s = [], {}
+    for scope in scopes:
+        t0 = time.perf_counter()
+        steps.append(prepare(partial(scope_step, scope, preset, batch, device, amp, tok), device, warmup))
+        build_s[scope] = time.perf_counter() - t0
+    times = time_alternating(steps, device, iters, repeats)
+    first = times[scopes[0]]
+    return [{"preset": preset, "batch": batch, "amp": amp, "device": device_name(device), "impl": f"compile {s}",
+             "scope": s, "ms_per_step": times[s] * 1e3, "img_per_s": batch / times[s],
+             "speedup_over_first": first / times[s], "build_s": build_s[s], "peak_mem_gb": st.peak_mem_gb,
+             "repeats": repeats, "iters": iters} for s, st in zip(scopes, steps)]
+
+
+def format_scope(label: str, r: dict, first: str) -> str:
+    return (f"{label[:34]:<34} {r['impl']:<14} {r['img_per_s']:>8.1f} img/s  {r['speedup_over_first']:.3f}x {first}"
+            f"  built in {r['build_s']:.1f} s")
+
+
+# ------------------------------------------------------------------------------------ data pipeline
+def data_item_cost(config: str, items: int, overrides: list[str] | None = None, warm: int = 100) -> dict:
+    """CPU milliseconds per pretraining item of `config` (`dataset[i]`: decode, two views, block mask; no
+    loader around it), by process CPU time, which other processes on the machine disturb less than wall time."""
+    if items < 1:
+        raise ValueError(f"--data-items needs at least 1 item, got {items}")
+    cfg = load_config(config, overrides or [])
+    # the tokenizer alone gives the mask grid: the model (and its model.pretrained) is not built
+    grid = cfg.tokenizer.image_size // builders.build_tokenizer(cfg).downsample
+    ds = builders.build_mim_dataset(cfg, (grid, grid))
+    for i in range(warm):  # warm the caches and lazy imports
+        ds[i % len(ds)]
+    t = time.process_time()
+    for i in range(items):
+        ds[i % len(ds)]
+    return {"config": str(config), "items": items, "cpu_ms_per_item": (time.process_time() - t) / items * 1e3}

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from beit import bench
 from beit.cli import main
+from beit.experiments.fashion_mnist import CONFIGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,7 +88,7 @@ def test_loop_vs_step_pairs_each_loop_round_with_the_step_round_after_it(monkeyp
     monkeypatch.setattr(bench, "run_loop", fake_loop)
     monkeypatch.setattr(bench, "time_alternating", fake_time)
     monkeypatch.setattr(bench, "prepare", lambda build, device, warmup: bench.Step("ours", lambda: None, 128))
-    out = bench.loop_vs_step(bench.shipped_config("pretrain/fmnist.yaml"), torch.device("cpu"), steps=5, rounds=3)
+    out = bench.loop_vs_step(str(CONFIGS / "pretrain" / "fmnist.yaml"), torch.device("cpu"), steps=5, rounds=3)
     assert calls == ["loop", "step"] * 3
     assert out["loop_over_step"] == pytest.approx(1.0)
     assert out["loop_img_per_s"] == 90.0 and out["step_img_per_s"] == 100.0
@@ -103,3 +104,30 @@ def test_bench_cli_loop_runs_the_real_loop_and_its_step(tmp_path, capsys):
     assert len(loop["rounds_loop_img_per_s"]) == len(loop["rounds_step_img_per_s"]) == 2
     assert loop["loop_over_step"] > 0
     assert "median ratio" in capsys.readouterr().out
+
+
+def test_bench_cli_compile_scopes_time_each_scope_against_the_first(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    main(["bench", "--preset", "beit_fmnist_patch4_32_512_vocab", "--batch", "2", "--device", "cpu",
+          "--compile-scopes", "eager", "blocks", "--warmup", "1", "--iters", "1", "--repeats", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["scope"] for r in rows] == ["eager", "blocks"]
+    assert rows[0]["speedup_over_first"] == 1.0 and all(r["img_per_s"] > 0 and r["build_s"] > 0 for r in rows)
+    assert rows[1]["speedup_over_first"] == pytest.approx(rows[0]["ms_per_step"] / rows[1]["ms_per_step"])
+    assert "x eager" in capsys.readouterr().out
+
+
+def test_compile_scopes_refuse_a_classifier_preset():
+    with pytest.raises(ValueError, match="'beit_fmnist_patch4_32' has no vocab_size"):
+        bench.compile_scope_rows("beit_fmnist_patch4_32", 2, torch.device("cpu"))
+
+
+def test_bench_cli_data_items_alone_times_the_pretraining_pipeline(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    main(["bench", "--row", "none", "--device", "cpu", "--data-items", "8", "--loop-set", "data.train_subset=64",
+          "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert set(report) == {"data"}  # no row was timed
+    assert report["data"]["items"] == 8 and report["data"]["cpu_ms_per_item"] > 0
+    assert report["data"]["config"].endswith("pretrain/fmnist.yaml")
+    assert "ms of CPU per item" in capsys.readouterr().out
