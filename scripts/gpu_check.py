@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from beit import bench  # noqa: E402
+from beit.experiments.fashion_mnist import CONFIGS  # noqa: E402
 
 BASE = "beit_base_patch16_224_8k_vocab"
 # --tiny: the same code paths at a size a 2-core CPU runs in seconds (DALL-E encoder at 16 px).
@@ -101,7 +102,7 @@ def sections(args, device, peak):
         over = (["data.batch_size=16", "data.num_workers=0", "data.train_subset=512"] if args.tiny
                 else ["data.num_workers=8"])
         over += [f"data.root={args.data_root}"] if args.data_root else []
-        res = bench.run_loop(bench.shipped_config("pretrain/fmnist.yaml"), device, seconds=args.loop_seconds,
+        res = bench.run_loop(str(CONFIGS / "pretrain" / "fmnist.yaml"), device, seconds=args.loop_seconds,
                              overrides=over, skip=1 if args.tiny else 3)
         step = bench.bench_row(fm, res["batch"], device, baselines=False, warmup=args.warmup, iters=args.iters,
                                repeats=args.repeats, peak=peak)[0]
