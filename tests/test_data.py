@@ -215,6 +215,21 @@ def test_image_folder_fail_names_file(folder):
         build_dataset(cfg, "test")
 
 
+def test_decode_or_skip_names_the_sample_and_passes_its_own_verdict_through():
+    """The one decode-or-skip: "skip" gives a BadSample "cannot decode <what> (<error>)", "fail" raises that
+    line naming the sample, and a BadFileError raised by the reader itself is not wrapped a second time."""
+    def broken():
+        raise OSError("truncated")
+
+    assert ds_mod.decode_or_skip(lambda: 7, "fail", "a.png") == 7
+    assert ds_mod.decode_or_skip(broken, "skip", "a.png", "mask", quiet=True) == \
+        BadSample("a.png", "cannot decode mask (OSError: truncated)")
+    with pytest.raises(ds_mod.BadFileError, match=r"^cannot decode image \(OSError: truncated\): 'a.png'\. Fix"):
+        ds_mod.decode_or_skip(broken, "fail", "a.png")
+    with pytest.raises(ds_mod.BadFileError, match=r"^mask has PIL mode I: 'm.png'\. Fix"):
+        ds_mod.decode_or_skip(lambda: ds_mod.skip_or_fail("fail", "m.png", "mask has PIL mode I"), "fail", "m.png")
+
+
 def test_on_bad_file_is_checked_once_by_the_schema():
     """The config schema is the one check of data.on_bad_file (the datasets trust it): one line naming the key,
     the allowed values and the value given."""

@@ -63,6 +63,27 @@ def skip_or_fail(on_bad_file: str, name: str, problem: str, quiet: bool = False)
     return BadSample(name, problem)
 
 
+def decode_or_skip(read: Callable[[], Any], on_bad_file: str, name: str, what: str = "image",
+                   quiet: bool = False) -> Any:
+    """`read()`, which decodes one file or sample; if it raises, the bad sample "cannot decode <what> (<error>)"
+    named `name`, under `data.on_bad_file` (`skip_or_fail`). The one decode-or-skip of every dataset:
+    ImageFolder files, segmentation images and masks, shard samples. A `BadFileError` from `read` (its own
+    verdict under on_bad_file=fail) passes through as it is."""
+    try:
+        return read()
+    except BadFileError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return skip_or_fail(on_bad_file, name, f"cannot decode {what} ({type(e).__name__}: {e})", quiet)
+
+
+def open_image(src, mode: str) -> Image.Image:
+    """The image file `src` (a path or a file object) in PIL mode `mode`, decoded in full: convert() reads
+    every pixel, so a truncated file fails here rather than later in a transform."""
+    with Image.open(src) as f:
+        return f.convert(mode)
+
+
 _WARNED: set[str] = set()  # bad files this process has warned about
 
 
@@ -229,12 +250,7 @@ class ImageFolderDataset(Dataset):
 
     def load_image(self, i: int) -> Image.Image | BadSample:
         path = self.samples[i][0]
-        try:
-            with Image.open(path) as f:
-                img = f.convert(self.mode)  # convert() forces a full decode: truncated files fail here
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-            return skip_or_fail(self.on_bad_file, path, f"cannot decode image ({type(e).__name__}: {e})")
-        return img
+        return decode_or_skip(lambda: open_image(path, self.mode), self.on_bad_file, path)
 
     def __getitem__(self, i: int):
         img = self.load_image(i)

@@ -38,7 +38,8 @@ from torchvision.transforms import InterpolationMode
 
 from beit.config import SEG_DATASETS, Config, ConfigError
 
-from .datasets import FASHION_MNIST_CLASSES, IMG_EXTENSIONS, BadSample, load_fashion_mnist, skip_or_fail, stratified_holdout
+from .datasets import (FASHION_MNIST_CLASSES, IMG_EXTENSIONS, BadSample, decode_or_skip, load_fashion_mnist,
+                       open_image, skip_or_fail, stratified_holdout)
 from .transforms import _check_stats, pil_mode
 
 log = logging.getLogger(__name__)
@@ -230,11 +231,7 @@ class SegFolderDataset(_SegDataset):
 
     def load_image(self, i: int):
         path = self.samples[i][0]
-        try:
-            with Image.open(path) as f:
-                return f.convert(self.mode)  # a full decode: truncated files fail here
-        except Exception as e:
-            return self.bad(str(path), f"cannot decode image ({type(e).__name__}: {e})")
+        return decode_or_skip(lambda: open_image(path, self.mode), self.on_bad_file, str(path))
 
     def load_pair(self, i: int):
         path, mask_path = self.samples[i]
@@ -243,13 +240,9 @@ class SegFolderDataset(_SegDataset):
         img = self.load_image(i)
         if isinstance(img, BadSample):
             return img
-        try:
-            with Image.open(mask_path) as f:
-                if f.mode not in MASK_MODES:
-                    return self.bad(str(mask_path), f"mask has PIL mode {f.mode}, not an 8-bit label map (L or P)")
-                mask = np.array(f)  # 'P' gives the palette indices, i.e. the labels
-        except Exception as e:
-            return self.bad(str(mask_path), f"cannot decode mask ({type(e).__name__}: {e})")
+        mask = decode_or_skip(lambda: self._read_mask(mask_path), self.on_bad_file, str(mask_path), "mask")
+        if isinstance(mask, BadSample):
+            return mask
         if mask.shape != (img.height, img.width):
             return self.bad(str(mask_path), f"mask is {mask.shape[1]}x{mask.shape[0]} but its image '{path}' is "
                                             f"{img.width}x{img.height}")
@@ -259,6 +252,12 @@ class SegFolderDataset(_SegDataset):
             mask[mask == 254] = self.ignore_index
             mask = mask.astype(np.uint8)
         return img, mask
+
+    def _read_mask(self, path: Path) -> np.ndarray | BadSample:
+        with Image.open(path) as f:
+            if f.mode not in MASK_MODES:
+                return self.bad(str(path), f"mask has PIL mode {f.mode}, not an 8-bit label map (L or P)")
+            return np.array(f)  # 'P' gives the palette indices, i.e. the labels
 
 
 class FashionScenes(_SegDataset):

@@ -47,8 +47,8 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .datasets import (BadFileError, ImageFolderDataset, UnknownClassError, keyed_global_rng,
-                       skip_or_fail)
+from .datasets import (BadFileError, BadSample, ImageFolderDataset, UnknownClassError, decode_or_skip,
+                       keyed_global_rng, open_image)
 from .transforms import pil_mode
 
 log = logging.getLogger(__name__)
@@ -283,22 +283,25 @@ class ShardDataset(IterableDataset):
             for j in range(want - got):
                 yield {"__key__": f"missing-{j}", "__url__": path, "__bad__": why}
 
+    def _parse(self, raw: dict) -> tuple[Image.Image, int]:
+        """(image in `mode`, label in the run's index) of a raw sample; raises if it has none or is bad."""
+        if "__bad__" in raw:
+            raise OSError(raw["__bad__"])
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if ext is None or "cls" not in raw:
+            raise KeyError(f"sample has no image ({'/'.join(IMAGE_EXTS)}) or no 'cls' (files: "
+                           f"{sorted(k for k in raw if not k.startswith('__'))})")
+        label = int(raw["cls"]) if self.label_map is None else int(self.label_map[int(raw["cls"])])
+        return open_image(io.BytesIO(raw[ext]), self.mode), label
+
     def _decode(self, raw: dict) -> Any:
         name = f"{Path(raw['__url__']).name}/{raw['__key__']}"
-        try:
-            if "__bad__" in raw:
-                raise OSError(raw["__bad__"])
-            ext = next((e for e in IMAGE_EXTS if e in raw), None)
-            if ext is None or "cls" not in raw:
-                raise KeyError(f"sample has no image ({'/'.join(IMAGE_EXTS)}) or no 'cls' (files: "
-                               f"{sorted(k for k in raw if not k.startswith('__'))})")
-            label = int(raw["cls"]) if self.label_map is None else int(self.label_map[int(raw["cls"])])
-            with Image.open(io.BytesIO(raw[ext])) as f:
-                img = f.convert(self.mode)  # convert() forces a full decode: truncated images fail here
-        except Exception as e:
-            # a missing sample's shard was reported once, not once per sample
-            return skip_or_fail(self.on_bad_file, name, f"cannot decode sample of {raw['__url__']} "
-                                f"({type(e).__name__}: {e})", quiet="__bad__" in raw)
+        # a missing sample's shard was reported once, not once per sample
+        parsed = decode_or_skip(lambda: self._parse(raw), self.on_bad_file, name, f"sample of {raw['__url__']}",
+                                quiet="__bad__" in raw)
+        if isinstance(parsed, BadSample):
+            return parsed
+        img, label = parsed
         return self.make_item(img, label, sample_index(raw["__key__"]), self.epoch)
 
     def __iter__(self) -> Iterator[Any]:
