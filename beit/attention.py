@@ -24,12 +24,7 @@ from beit.config import Config
 @torch.no_grad()
 def last_block_attention(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Attention probabilities of the last block, relative-position bias included: [B, H, N+1, N+1]."""
-    tokens = model.embed(x)
-    shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
-    for blk in model.blocks[:-1]:
-        tokens = blk(tokens, shared)
-    blk = model.blocks[-1]
-    return blk.attn.attention_probs(blk.norm1(tokens), shared)
+    return model.forward_intermediates(x, [-1], attention=True, stop_early=True).attentions[0]
 
 
 def _name(names: list[str], i: int) -> str:

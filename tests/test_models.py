@@ -119,3 +119,49 @@ def test_per_block_compile_does_not_recompile_per_drop_path_rate():
     assert counters["stats"]["unique_graphs"] == 2
     assert x.isfinite().all()
     torch._dynamo.reset()
+
+
+def _reference_loop(model, x, mask=None):
+    """embed, then the blocks one after another, written out here: every block's output [B, N+1, D] and every
+    block's attention probabilities [B, H, N+1, N+1], what each consumer of the block loop must give bit for bit."""
+    tokens = model.embed(x, mask)
+    shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+    outs, attns = [], []
+    for blk in model.blocks:
+        attns.append(blk.attn.attention_probs(blk.norm1(tokens), shared))
+        tokens = blk(tokens, shared)
+        outs.append(tokens)
+    return outs, attns
+
+
+@pytest.mark.parametrize("name", ["beit_fmnist_patch4_32", "beit_fmnist_patch4_32_512_vocab"])
+def test_every_consumer_of_the_block_loop_is_bitwise_the_plain_loop(name, fast_init):
+    """Features, MIM logits, every block's output (linear probe), the segmenter's neck input and the attention
+    maps all run the blocks the same way: per-layer tables (classifier) and the shared table (MIM)."""
+    from beit.attention import last_block_attention
+    from beit.models.segmentation import BeitSegmenter
+
+    torch.manual_seed(0)
+    model = create_model(name, depth=3, embed_dim=32, num_heads=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # zero-initialised tables would hide a missing bias
+        x = torch.randn(2, 1, 32, 32)
+        mask = torch.zeros(2, 64, dtype=torch.bool)
+        mask[:, ::3] = True
+        outs, attns = _reference_loop(model, x)
+        assert torch.equal(model.forward_features(x), model.norm(outs[-1]))
+        assert all(torch.equal(a, b) for a, b in zip(model.get_intermediate_layers(x), outs, strict=True))
+        assert torch.equal(last_block_attention(model, x), attns[-1])
+        if model.lm_head is not None:
+            masked, _ = _reference_loop(model, x, mask)
+            assert torch.equal(model.forward_mim(x, mask), model.lm_head(model.norm(masked[-1])[:, 1:][mask]))
+
+        seg = BeitSegmenter(num_classes=3, out_indices=(0, 1, 2, 3), channels=16, neck_scales=(1, 1, 1, 1), depth=5,
+                            img_size=32, patch_size=4, in_chans=1, embed_dim=32, num_heads=2,
+                            use_rel_pos_bias=True).eval()
+        for p in seg.backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        outs, _ = _reference_loop(seg.backbone, x)
+        maps = [t[:, 1:].transpose(1, 2).reshape(2, 32, 8, 8) for t in outs[:4]]  # drop cls: [B, D, gh, gw]
+        assert all(torch.equal(a, b) for a, b in zip(seg.features(x), seg.neck(maps), strict=True))

@@ -184,15 +184,10 @@ class BeitSegmenter(nn.Module):
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images [B, C, H, W] -> the neck's four maps [B, D, H/4, W/4] … [B, D, H/32, W/32]."""
         bb = self.backbone
-        x = bb.embed(images)  # [B, N+1, D]
-        B, gh, gw = x.shape[0], *bb.grid
-        shared_bias = bb.rel_pos_bias() if bb.rel_pos_bias is not None else None
-        maps = []
-        for i, blk in enumerate(bb.blocks[: self.out_indices[-1] + 1]):  # later blocks cannot change the output
-            x = bb._run_block(blk, x, shared_bias)
-            if i in self.out_indices:
-                maps.append(x[:, 1:].transpose(1, 2).reshape(B, -1, gh, gw))  # drop cls: [B, D, gh, gw]
-        return self.neck(maps)
+        # later blocks cannot change the output: stop after the last one read
+        outs = bb.forward_intermediates(images, self.out_indices, stop_early=True).outputs  # 4 x [B, N+1, D]
+        B, gh, gw = images.shape[0], *bb.grid
+        return self.neck([x[:, 1:].transpose(1, 2).reshape(B, -1, gh, gw) for x in outs])  # drop cls: [B, D, gh, gw]
 
     def forward_train(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits [B, K, H/4, W/4], aux logits [B, K, H/16, W/16] or None without an auxiliary head)."""

@@ -12,6 +12,8 @@ timm checkpoints load with no key mapping: `blocks.i.attn.qkv.weight`, `q_bias`,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -206,6 +208,14 @@ class Block(nn.Module):
         return x + self.drop_path(m if self.gamma_2 is None else self.gamma_2 * m)
 
 
+class Intermediates(NamedTuple):
+    """What `Beit.forward_intermediates` returns."""
+
+    tokens: torch.Tensor  # [B, N+1, D]: the final norm of the last block run
+    outputs: list[torch.Tensor]  # each [B, N+1, D]: the raw output of each block asked for, in block order
+    attentions: list[torch.Tensor]  # each [B, H, N+1, N+1]: those blocks' attention probabilities (if asked)
+
+
 class Beit(nn.Module):
     """BEiT ViT. With `vocab_size > 0` it is the masked-image-modeling model (`lm_head`), with
     `num_classes > 0` a classifier; `use_mean_pooling` picks mean-of-patches + `fc_norm` over the cls token.
@@ -332,23 +342,48 @@ class Beit(nn.Module):
             x = x + self.pos_embed
         return self.pos_drop(x)
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Sequence[int] | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        attention: bool = False,
+        stop_early: bool = False,
+    ) -> Intermediates:
+        """The one block loop (after timm's `forward_intermediates`): images [B, C, H, W] through embed and the
+        blocks, keeping the raw outputs of the blocks in `indices` (0-based, negative from the end; None = every
+        block) and, with `attention`, those blocks' softmax weights. `stop_early` skips the blocks after the
+        last one asked for (their output could not change what is returned). Everything else that runs
+        the blocks (features, MIM, the segmenter's neck, attention maps) calls this."""
+        take = self._block_indices(indices)
+        last = max(take, default=-1) if stop_early else self.depth - 1
+        x = self.embed(x, bool_masked_pos)  # [B, N+1, D]
+        shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # once per forward
+        outputs, attentions = [], []
+        for i, blk in enumerate(self.blocks[: last + 1]):
+            if attention and i in take:
+                attentions.append(blk.attn.attention_probs(blk.norm1(x), shared_bias))  # [B, H, N+1, N+1]
+            x = self._run_block(blk, x, shared_bias)
+            if i in take:
+                outputs.append(x)
+        return Intermediates(self.norm(x), outputs, attentions)
+
+    def _block_indices(self, indices: Sequence[int] | None) -> list[int]:
+        if indices is None:
+            return list(range(self.depth))
+        bad = [i for i in indices if not -self.depth <= i < self.depth]
+        if bad:
+            raise ValueError(f"block indices {bad} are out of range for a model of depth {self.depth}; use 0 .. "
+                             f"{self.depth - 1} (or negative indices from the end)")
+        return sorted({i % self.depth for i in indices})
+
     def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Images [B, C, H, W] -> normalised tokens [B, N+1, D] (norm is Identity with mean pooling)."""
-        x = self.embed(x, bool_masked_pos)
-        shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # once per forward
-        for blk in self.blocks:
-            x = self._run_block(blk, x, shared_bias)
-        return self.norm(x)
+        return self.forward_intermediates(x, (), bool_masked_pos).tokens
 
     def get_intermediate_layers(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Raw output of every block, before any final norm (the linear-probe protocol). Each [B, N+1, D]."""
-        x = self.embed(x)
-        shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        out = []
-        for blk in self.blocks:
-            x = blk(x, shared_bias)
-            out.append(x)
-        return out
+        return self.forward_intermediates(x).outputs
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens [B, N+1, D] -> logits [B, num_classes] (or pooled features [B, D] with pre_logits)."""
