@@ -218,22 +218,3 @@ def export_run(cfg: Config, run_dir: Path) -> list[Path]:
             log.error(f"export to {fmt} failed ({type(e).__name__}: {e}); retry with "
                       f"`beit export {run_dir} {out} --to {fmt} --overwrite`")
     return written
-
-
-def register(subparsers):
-    p = subparsers.add_parser(
-        "export", help="write a checkpoint as an HF transformers or timm folder that loads unchanged",
-        description=__doc__.split("\n\n")[0] + " SRC is a run directory, ckpt-*.pt / best.pt, shipped name or "
-        "any supported checkpoint; its stored config describes the model (nothing to restate).")
-    p.add_argument("src", help="run directory, checkpoint file, exported folder or shipped model name")
-    p.add_argument("dst", help="output folder")
-    p.add_argument("--to", required=True, choices=FORMATS)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
-
-    def run(a):
-        out = export(a.src, a.dst, a.to, overwrite=a.overwrite)
-        print(f"exported {a.src} -> {out} ({a.to})")
-        return 0
-
-    p.set_defaults(func=run)
-    return p

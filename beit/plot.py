@@ -126,16 +126,3 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def register(subparsers):
-    p = subparsers.add_parser("plot", help="curves of one or more runs (loss, accuracy, lr, img/s, eval) as a PNG",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run directories (or metrics.jsonl files)")
-    p.add_argument("--out", default="runs.png", help="PNG to write (default: runs.png)")
-
-    def run(a):
-        print(f"wrote {plot_runs(a.runs, a.out)}")
-        return 0
-
-    p.set_defaults(func=run)

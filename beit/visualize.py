@@ -13,7 +13,6 @@ Segmentation runs (`data.dataset` ade20k / seg_folder / fmnist_scenes, model.pre
 
 from __future__ import annotations
 
-import argparse
 import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -180,35 +179,18 @@ def save_segmentation_grid(columns: dict[str, list], out: Path, classes: list[st
     return save_figure(fig, out)
 
 
-def register(subparsers):
-    p = subparsers.add_parser("predict", help="draw what a model predicts: masked tokens (pretraining) or "
-                              "label maps (segmentation), as a PNG",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="the pretraining or segmentation checkpoint (run directory, ckpt-*.pt, exported "
-                   "folder) or a config with model.pretrained")
-    p.add_argument("overrides", nargs="*", help="e.g. model.pretrained=runs/fmnist")
-    p.add_argument("--out", default="predictions.png")
-    p.add_argument("--num", type=int, default=8)
-    p.add_argument("--attention", action="store_true",
-                   help="instead: per head, where the last block's [CLS] token attends (rel-pos bias included)")
+def predict(cfg: Config, out: str | Path, num: int = 8, attention: bool = False) -> str:
+    """`beit predict`: the PNG for `model.pretrained` (label maps for segmentation data, else `attention_grid`
+    with `attention`, else `prediction_grid`); returns the line that says what was written."""
+    from beit.attention import attention_grid
 
-    def run(a):
-        from beit.hub import command_config
-
-        cfg = command_config(a.config, a.overrides, "predict")
-        if cfg.data.dataset in SEG_DATASETS:
-            columns, classes = segmentation_columns(cfg, a.num)
-            save_segmentation_grid(columns, Path(a.out), classes)
-            print(f"wrote {a.out} (input | ground truth | prediction, with a legend of the classes shown)")
-            return 0
-        if a.attention:
-            from beit.attention import attention_grid
-
-            res = attention_grid(cfg, Path(a.out), a.num)
-            print(f"wrote {res['png']} ({res['images']} images x {res['heads']} heads)")
-            return 0
-        res = prediction_grid(cfg, Path(a.out), a.num)
-        print(f"wrote {res['png']} (masked-token accuracy on these samples: {res['masked_token_acc']:.1%})")
-        return 0
-
-    p.set_defaults(func=run)
+    out = Path(out)
+    if cfg.data.dataset in SEG_DATASETS:
+        columns, classes = segmentation_columns(cfg, num)
+        save_segmentation_grid(columns, out, classes)
+        return f"wrote {out} (input | ground truth | prediction, with a legend of the classes shown)"
+    if attention:
+        res = attention_grid(cfg, out, num)
+        return f"wrote {res['png']} ({res['images']} images x {res['heads']} heads)"
+    res = prediction_grid(cfg, out, num)
+    return f"wrote {res['png']} (masked-token accuracy on these samples: {res['masked_token_acc']:.1%})"

@@ -82,10 +82,17 @@ def test_cli_help_does_not_import_torch():
 
 
 def test_convert_cli_layouts_match_the_library():
+    from beit.cli.convert import LAYOUTS as CLI_LAYOUTS
     from beit.convert import LAYOUTS
-    from beit.convert_cli import LAYOUTS as CLI_LAYOUTS
 
     assert CLI_LAYOUTS == LAYOUTS
+
+
+def test_export_cli_formats_match_the_library():
+    from beit.cli.export import FORMATS as CLI_FORMATS
+    from beit.export import FORMATS
+
+    assert CLI_FORMATS == FORMATS
 
 
 def test_a_stored_gpu_config_still_loads_on_a_cpu_only_machine():

@@ -102,7 +102,7 @@ def test_reproduce_help_and_demo_summary_give_the_measured_wall_times():
     """`beit reproduce --help` and the demo's closing lines state the committed runs' stage-time totals."""
     full = hours_minutes(sum(json.loads((RERUN / "stage_wall_time.json").read_text()).values()))
     quick = round(sum(json.loads((ROOT / "docs/results/fmnist_quick/stage_wall_time.json").read_text()).values()) / 60)
-    cli = (ROOT / "beit" / "reproduce_cli.py").read_text()
+    cli = (ROOT / "beit" / "cli" / "reproduce.py").read_text()
     help_text = re.search(r'"--variant".*?help="(.*?)"\)', cli, re.S)[1]
     demo_next = re.search(r"Next: (.*)", (ROOT / "beit" / "experiments" / "fashion_mnist.py").read_text())[1]
     for text in (help_text, demo_next):

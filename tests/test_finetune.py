@@ -138,7 +138,7 @@ def test_fmnist_scratch_is_the_same_recipe():
 
 
 def test_register_adds_the_four_commands():
-    from beit.train.eval_cli import register
+    from beit.cli.train import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

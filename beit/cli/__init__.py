@@ -1,4 +1,5 @@
-"""`beit` command line. Each sub-command is a thin shell over a library function."""
+"""`beit` command line: every command's argument parsing, and nothing else. Each sub-command is a thin shell
+over a library function, which its module imports when the command runs, so `beit --help` loads no torch."""
 
 from __future__ import annotations
 
@@ -6,63 +7,19 @@ import argparse
 import os
 import sys
 
+from beit import __version__
+from beit import bench_cli as bench  # noqa: I001
+from beit.cli import convert, data, export, plot, predict, reproduce, study, tokenizer, train
 from beit.config import ConfigError
-from beit.train.eval_cli import add_train_command  # noqa: F401  (also reached as beit.cli.add_train_command)
-from beit.train.eval_cli import register as register_train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from beit import __version__
-    from beit.bench_cli import register as register_bench
-    from beit.convert_cli import register as register_convert
-    from beit.data_cli import register as register_data
-    from beit.export import register as register_export
-    from beit.reproduce_cli import register as register_reproduce
-    from beit.plot import register as register_plot
-    from beit.tokenizer_cli import register as register_tokenizer
-    from beit.visualize import register as register_predict
-
     parser = argparse.ArgumentParser(prog="beit", description="BEiT: BERT pre-training of image transformers")
     parser.add_argument("--version", action="version", version=f"beit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    register_train(sub)
-    register_predict(sub)
-    register_tokenizer(sub)
-    register_convert(sub)
-    register_data(sub)
-    register_export(sub)
-    register_plot(sub)
-    register_reproduce(sub)
-    register_study(sub)
-    register_bench(sub)
+    for command in (train, predict, tokenizer, convert, data, export, plot, reproduce, study, bench):
+        command.register(sub)
     return parser
-
-
-def register_study(subparsers):
-    p = subparsers.add_parser(
-        "study", help="pretrained vs scratch on any dataset: each arm tuned on validation, seeds with 95%% "
-        "intervals, a pixel k-NN reference, test once (resumable)",
-        description="See beit/experiments/study.py and docs/results/fashion_mnist.md. Writes results.json, "
-        "results.md and study.png in the output folder; rerun to continue.")
-    p.add_argument("study", help="study file, e.g. configs/study/fmnist.yaml")
-    p.add_argument("overrides", nargs="*", help="study keys (seeds=1) or run keys with a section (data.root=/x)")
-    p.add_argument("--out", default=None, help="output folder (default runs/study_<file stem>)")
-    p.add_argument("--fractions", default=None, type=lambda s: [float(x) for x in s.split(",")],
-                   help="run only these label fractions now (e.g. 0.01); the report covers all")
-    p.add_argument("--report-only", action="store_true", help="run nothing; tabulate what has finished")
-    p.set_defaults(func=_study)
-
-
-def _study(a) -> int:
-    from pathlib import Path
-
-    from beit.experiments.study import load_study, run_study
-
-    study = load_study(a.study, a.overrides)
-    if a.fractions and not set(a.fractions) <= set(study.fractions):
-        raise ConfigError(f"--fractions {a.fractions}: the study has {sorted(study.fractions)}")
-    run_study(study, Path(a.out or f"runs/study_{Path(a.study).stem}"), a.fractions, a.report_only)
-    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from beit.experiments import fashion_mnist
-from beit.experiments.fmnist_scenes import SCENE_VARIANTS, reproduce_scenes
+from beit.cli.docs import module_doc
 
 
 def register(subparsers):
     p = subparsers.add_parser("reproduce", help="reproduce the paper's claim on Fashion-MNIST (resumable)",
-                              description=fashion_mnist.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=module_doc("beit.experiments.fashion_mnist"),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", choices=["fashion-mnist", "fmnist-scenes"],
                    help="fashion-mnist: classification; fmnist-scenes: segmentation (beit/experiments/fmnist_scenes.py)")
     p.add_argument("--variant", choices=["quick", "full", "gpu", "smoke"], default="full",
@@ -32,10 +32,19 @@ def register(subparsers):
 
     d = subparsers.add_parser("demo", help="the first eight minutes: pretrain + fine-tune a small BEiT on CPU")
     d.add_argument("--out", default="runs/demo")
-    d.set_defaults(func=lambda a: fashion_mnist.demo(Path(a.out)))
+    d.set_defaults(func=_demo)
+
+
+def _demo(a) -> int:
+    from beit.experiments import fashion_mnist
+
+    return fashion_mnist.demo(Path(a.out))
 
 
 def _dispatch(a) -> int:
+    from beit.experiments import fashion_mnist
+    from beit.experiments.fmnist_scenes import SCENE_VARIANTS, reproduce_scenes
+
     if a.dataset == "fmnist-scenes":
         if a.stages:
             raise ValueError("--stages is for fashion-mnist; fmnist-scenes always runs its pair of stages")

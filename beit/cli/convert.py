@@ -1,6 +1,6 @@
 """`beit convert SRC DST --to official|hf|mmpretrain`: the source layout is detected from its keys.
 
-`register(subparsers)` adds the sub-command; `beit/cli.py` wires it in.
+`register(subparsers)` adds the sub-command; `beit/cli/__init__.py` wires it in.
 """
 
 from __future__ import annotations
