@@ -8,8 +8,7 @@ import os
 import sys
 
 from beit import __version__
-from beit import bench_cli as bench  # noqa: I001
-from beit.cli import convert, data, export, plot, predict, reproduce, study, tokenizer, train
+from beit.cli import bench, convert, data, export, plot, predict, reproduce, study, tokenizer, train
 from beit.config import ConfigError
 
 
