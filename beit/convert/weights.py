@@ -175,30 +175,36 @@ def load_vit(
     checkpoint_grid: tuple[int, int] | None = None,
 ) -> LoadReport:
     """Load a checkpoint of any supported layout into our `Beit` (or a `SmallCNN`: our own checkpoints), adapting
-    it like the official fine-tuning script. Missing/unexpected keys are logged and returned by name; a shape mismatch raises ValueError
-    (or, with `strict_shapes=False`, is skipped and reported). `checkpoint_grid` is the checkpoint's patch
-    grid when it is not square (square grids are inferred from the tensor sizes)."""
-    raw = path_or_sd if isinstance(path_or_sd, Mapping) else read_checkpoint(path_or_sd)
-    sd = unwrap_state_dict(raw)
+    it like the official fine-tuning script. Missing/unexpected keys are logged and returned by name; a shape
+    mismatch raises ValueError (or, with `strict_shapes=False`, is skipped and reported). `checkpoint_grid` is
+    the checkpoint's patch grid when it is not square (square grids are inferred from the tensor sizes)."""
+    sd = unwrap_state_dict(path_or_sd if isinstance(path_or_sd, Mapping) else read_checkpoint(path_or_sd))
     if not hasattr(model, "patch_embed"):  # not a ViT (the study's reference CNN): our own checkpoints, exactly
         model.load_state_dict(sd)
         return LoadReport(layout="ours")
     layout = detect_layout(sd)
-    sd = to_official(sd, layout)
-    report = LoadReport(layout=layout)
-    model_sd = model.state_dict()
-    grid = tuple(model.patch_embed.grid)
-    depth = _num_blocks(model_sd)
+    sd, report, model_sd = to_official(sd, layout), LoadReport(layout=layout), model.state_dict()
+    _check_depth(sd, model_sd, strict_shapes, report)
+    _drop_other_head(sd, model_sd, report)
+    sd = _expand_shared_table(sd, model_sd, report)
+    _resize_to_grid(sd, model_sd, tuple(model.patch_embed.grid), checkpoint_grid, report)
+    _drop_mismatched(sd, model_sd, strict_shapes, report)
+    _load_and_report(model, sd, report)
+    return report
 
-    # 0. depth: a deeper/shallower checkpoint would otherwise load partially with only key reports.
-    ckpt_depth = _num_blocks(sd)
+
+def _check_depth(sd: Mapping, model_sd: Mapping, strict_shapes: bool, report: LoadReport) -> None:
+    """A deeper/shallower checkpoint would otherwise load partially with only key reports."""
+    ckpt_depth, depth = _num_blocks(sd), _num_blocks(model_sd)
     if ckpt_depth and ckpt_depth != depth:
         msg = f"checkpoint has {ckpt_depth} blocks, model has {depth}: wrong model size / depth?"
         if strict_shapes:
             raise ValueError(msg)
         report.notes.append(msg)
 
-    # 1. a classifier head of another size (other dataset) is dropped and stays freshly initialised.
+
+def _drop_other_head(sd: dict, model_sd: Mapping, report: LoadReport) -> None:
+    """A classifier head of another size (other dataset) is dropped and stays freshly initialised."""
     for key in ("head.weight", "head.bias"):
         if key in sd and key in model_sd and sd[key].shape != model_sd[key].shape:
             log.info("dropping %s %s: the model's head is %s (re-initialised)", key,
@@ -206,16 +212,18 @@ def load_vit(
             report.dropped.append(key)
             del sd[key]
 
-    # 2. shared table -> one clone per layer, when the model has per-layer tables.
+
+def _expand_shared_table(sd: dict, model_sd: Mapping, report: LoadReport) -> dict:
+    """A shared rel-pos table becomes one clone per layer when the model has per-layer tables."""
     if SHARED_TABLE in sd and LAYER_TABLE.format(0) in model_sd and SHARED_TABLE not in model_sd:
         if not any(k.endswith("attn.relative_position_bias_table") for k in sd):
-            sd = expand_shared_rel_pos(sd, depth)
             report.expanded_shared_rel_pos = True
+            return expand_shared_rel_pos(sd, _num_blocks(model_sd))
+    return sd
 
-    # 3. resolution: rel-pos tables and abs pos_embed to the model's grid.
-    _resize_to_grid(sd, model_sd, grid, checkpoint_grid, report)
 
-    # 4. shapes must now agree.
+def _drop_mismatched(sd: dict, model_sd: Mapping, strict_shapes: bool, report: LoadReport) -> None:
+    """After resizing, shapes must agree: a mismatch is an error with its likely cause (or, not strict, skipped)."""
     for key in [k for k in sd if k in model_sd and sd[k].shape != model_sd[k].shape]:
         hint = _shape_hint(key, sd[key], model_sd[key], sd, model_sd)
         msg = (f"shape mismatch for '{key}': checkpoint {list(sd[key].shape)} vs model "
@@ -226,7 +234,9 @@ def load_vit(
         report.mismatched.append(key)
         del sd[key]
 
-    # 5. load; report what did not match by name.
+
+def _load_and_report(model: torch.nn.Module, sd: Mapping, report: LoadReport) -> None:
+    """Load what is left; report (and log) what did not match by name."""
     result = model.load_state_dict(sd, strict=False)
     report.missing, report.unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if "pos_embed" in report.unexpected and not any(k.endswith("gamma_1") for k in sd):
@@ -240,7 +250,6 @@ def load_vit(
         log.warning("not used by the model: %s", ", ".join(report.unexpected))
     for note in report.notes:
         log.warning(note)
-    return report
 
 
 # ------------------------------------------------------------------------------------------------ writing
