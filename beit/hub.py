@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from beit.config import (SEG_DATASETS, Config, ConfigError, ModelConfig, _merge, config_from_dict, load_config,
-                         parse_overrides)
+from beit.config import (SEG_DATASETS, Config, ConfigError, ModelConfig, OptimConfig, TrainConfig, _merge,
+                         config_from_dict, load_config, parse_overrides)
 from beit.convert import hf_config_from_state_dict, load_pretrained, read_checkpoint, to_official, unwrap_state_dict
 from beit.convert.runs import run_weights
 from beit.convert.segmentation import load_whole_segmenter, segmenter_kwargs_from_hf_config
@@ -51,6 +51,16 @@ ZOO = {
 PRETRAINED_TAGS = {
     ("beit_fmnist_patch4_32", "fmnist"): "fmnist-backbone",
     ("beit_fmnist_patch4_32_512_vocab", "fmnist"): "fmnist-backbone",
+}
+# `beit linprobe CHECKPOINT`: the probe recipe that replaces the checkpoint's stored optim and train sections (the
+# run's own recipe, not a probe's) and its batch size. It is the official protocol (unilm run_linear_eval.py) as
+# configs/linprobe/fmnist.yaml states it (tests/test_docs.py checks that they agree); unset fields take the
+# schema's defaults, as in a YAML file.
+LINPROBE_RECIPE = {
+    "optim": dict(lr=4.0e-3, min_lr=0.0, warmup_epochs=0, weight_decay=1.0e-4, clip_grad=None, layer_decay=None,
+                  recipe_batch_size=1024),
+    "train": dict(epochs=100, amp="bf16", eval_every_epochs=10, save_every_steps=2000, probe_cache_features=True),
+    "batch_size": 1024,
 }
 # Model fields that change nothing about a trained model's outputs (they act at init or in training only).
 _TRAINING_ONLY = {"drop_path_rate", "init_trunc"}
@@ -327,7 +337,7 @@ def command_config(source: str, overrides: list[str], command: str) -> Config:
 
     SOURCE may be a YAML config (as before; a model section that contradicts `model.pretrained`'s stored
     config is an error) or any checkpoint `load` reads: then its stored config is the base (for linprobe
-    with the probe recipe of configs/linprobe/fmnist.yaml: optim, train, batch size), the run is named
+    with `LINPROBE_RECIPE`: optim, train, batch size), the run is named
     `<run>_<command>` beside the checkpoint's run (`_beside`), and only data/train/optim/... overrides may change
     anything.
     """
@@ -349,10 +359,10 @@ def command_config(source: str, overrides: list[str], command: str) -> Config:
     base["model"]["pretrained"] = str(src.path)
     stem = base["train"].get("run_name") or Path(source).stem
     if command == "linprobe":  # the stored optim/train sections are the run's own recipe, not a probe's
-        recipe = load_config(Path(__file__).resolve().parent / "configs" / "linprobe" / "fmnist.yaml").to_dict()
-        base["optim"] = recipe["optim"]
-        base["train"] = {**recipe["train"], "out_dir": base["train"]["out_dir"], "device": base["train"]["device"]}
-        base["data"]["batch_size"] = recipe["data"]["batch_size"]
+        base["optim"] = OptimConfig(**LINPROBE_RECIPE["optim"]).model_dump(mode="json")
+        base["train"] = TrainConfig(**LINPROBE_RECIPE["train"], out_dir=base["train"]["out_dir"],
+                                    device=base["train"]["device"]).model_dump(mode="json")
+        base["data"]["batch_size"] = LINPROBE_RECIPE["batch_size"]
     base["train"]["run_name"] = f"{stem}_{command}"
     base["train"]["out_dir"] = str(_beside(source))  # not the training machine's out_dir stored in the config
     extra.pop("model", None)

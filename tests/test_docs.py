@@ -116,3 +116,14 @@ def test_probe_config_headers_give_the_measured_numbers():
     probe = (ROOT / "configs" / "linprobe" / "fmnist.yaml").read_text()
     by_block = ", ".join(f"{v:.2f}" for v in res["linprobe"]["per_layer_top1"].values())
     assert by_block in re.sub(r"\n#\s+", " ", probe) and "to be measured" not in probe
+
+
+def test_linprobe_config_states_the_recipe_a_checkpoint_is_probed_with():
+    """`beit linprobe CHECKPOINT` uses the library's LINPROBE_RECIPE; the shipped config must say the same."""
+    from beit.config import OptimConfig, TrainConfig, load_config
+    from beit.hub import LINPROBE_RECIPE
+
+    probe = load_config(ROOT / "configs" / "linprobe" / "fmnist.yaml")
+    assert probe.optim == OptimConfig(**LINPROBE_RECIPE["optim"])
+    assert probe.train.model_copy(update={"run_name": None}) == TrainConfig(**LINPROBE_RECIPE["train"])
+    assert probe.data.batch_size == LINPROBE_RECIPE["batch_size"]
