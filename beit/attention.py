@@ -19,6 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from beit.config import Config
+from beit.data import build_dataset, build_finetune_transform
+from beit.hub import load
+from beit.train.evaluate import class_names
 
 
 @torch.no_grad()
@@ -75,10 +78,6 @@ def attention_grid(cfg: Config, out: Path, num: int = 4, seed: int = 0) -> dict:
     each row titled with the predicted class (classifiers) and the true one. Returns {"png", "heads",
     "images", "figure"}."""
     import matplotlib.pyplot as plt
-
-    from beit.data import build_dataset, build_finetune_transform
-    from beit.hub import load
-    from beit.train.evaluate import class_names
 
     model = load(cfg.model.pretrained)
     # read with the model's class index where the data is matched by name (folders, shards)

@@ -26,6 +26,10 @@ import shutil
 from pathlib import Path
 
 from beit.config import Config
+from beit.convert import save_checkpoint_as
+from beit.convert.segmentation import to_hf_segmentation
+from beit.data.transforms import eval_crop_pct
+from beit.hub import effective_model_kwargs, load
 
 log = logging.getLogger("beit")
 
@@ -35,8 +39,6 @@ _PIL_BILINEAR = 2
 
 
 def _crop_pct(cfg: Config) -> float:
-    from beit.data.transforms import eval_crop_pct
-
     return eval_crop_pct(cfg.data.img_size, cfg.data.crop_pct)
 
 
@@ -66,9 +68,6 @@ def _hf_preprocessor(cfg: Config) -> dict:
 
 
 def export_hf(sd: dict, cfg: Config, names: list[str], out: Path) -> Path:
-    from beit.convert import save_checkpoint_as
-    from beit.hub import effective_model_kwargs
-
     if cfg.model.in_chans == 1 or (cfg.model.in_chans is None and cfg.data.in_chans == 1):
         sd, cfg = _as_rgb(sd, cfg)
     save_checkpoint_as(sd, out, "hf", model_config=effective_model_kwargs(cfg.model))
@@ -105,9 +104,6 @@ def export_hf_segmenter(sd: dict, cfg: Config, names: list[str], out: Path) -> P
     """A BeitSegmenter state dict -> an HF `BeitForSemanticSegmentation` folder (see the module docstring)."""
     from safetensors.torch import save_file
 
-    from beit.convert.segmentation import to_hf_segmentation
-    from beit.hub import effective_model_kwargs
-
     if cfg.model.in_chans == 1:
         sd, cfg = _as_rgb(sd, cfg, prefix="backbone.")
     hf_sd, config = to_hf_segmentation(sd, effective_model_kwargs(cfg.model))  # refuses heads HF cannot hold
@@ -122,8 +118,6 @@ def export_hf_segmenter(sd: dict, cfg: Config, names: list[str], out: Path) -> P
 
 def timm_model_args(cfg: Config, num_classes: int) -> dict:
     """timm `Beit(...)` kwargs for our model section (every architecture field explicit)."""
-    from beit.hub import effective_model_kwargs
-
     k = effective_model_kwargs(cfg.model)
     return {
         "img_size": k.get("img_size", 224), "patch_size": k.get("patch_size", 16), "in_chans": k.get("in_chans", 3),
@@ -167,8 +161,6 @@ def export_timm(sd: dict, cfg: Config, names: list[str], out: Path) -> Path:
 def export(source: str | Path, out: str | Path, to: str = "hf", overwrite: bool = False) -> Path:
     """Write `source` (anything `beit.load` reads) as an HF or timm folder at `out`."""
     import torch
-
-    from beit.hub import load
 
     if to not in FORMATS:
         raise ValueError(f"unknown export format '{to}'; choose one of {', '.join(FORMATS)}")

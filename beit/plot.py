@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from beit.train.metrics import read_metrics
+
 # A panel: (title, y-axis label, its series), a series being (split, key, scale, line style, legend text).
 # Every accuracy is drawn in percent: metrics.jsonl logs training accuracies as fractions (acc, mlm_acc) and
 # evaluation accuracies in percent (top1, knn_top1, mIoU, ...), so the fractions are scaled by 100.
@@ -44,8 +46,6 @@ def _series(rows: list[dict], split: str, key: str, scale: float = 1.0) -> tuple
 
 
 def read_run(run: str | Path) -> list[dict]:
-    from beit.train.metrics import read_metrics
-
     path = Path(run) / "metrics.jsonl" if Path(run).is_dir() else Path(run)
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in '{run}' (pass a run directory or a metrics.jsonl file)")

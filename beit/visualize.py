@@ -6,46 +6,28 @@ Pretraining (MIM) checkpoints:
 so one can see whether the model fills the masked blocks with plausible content. Needs a tokenizer with a
 decoder (the shipped `fmnist_dvae` has one; DALL-E needs `decoder_weights`).
 
-Segmentation runs (`data.dataset` ade20k / seg_folder / fmnist_scenes, model.pretrained = a `beit segment` run):
+Segmentation checkpoints (a `beit segment` run, or any whole segmenter `beit.load` reads):
     input | ground truth | prediction, labels drawn with a fixed palette (0 black, ignored pixels white) and a
     legend naming the class of each colour shown.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from beit.attention import attention_grid
+from beit.builders import build_mim_dataset, build_model, build_tokenizer
 from beit.config import SEG_DATASETS, Config, ConfigError
-
-if TYPE_CHECKING:  # annotations only
-    import numpy as np
-    import torch
-
-# numpy/torch are imported inside the functions: `register` runs for every `beit` command, `--help` included.
+from beit.data.segmentation import build_seg_dataset
+from beit.train.segment import build_eval_loader, build_segmenter, evaluate_segmenter
 
 
-def _no_grad(fn):
-    """`torch.no_grad()` as a decorator that imports torch only when the function runs."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        import torch
-
-        with torch.no_grad():
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-@_no_grad
+@torch.no_grad()
 def prediction_grid(cfg: Config, out: Path, num: int = 8, seed: int = 0) -> dict:
-    import numpy as np
-    import torch
-
-    from beit.builders import build_mim_dataset, build_model, build_tokenizer  # lazy: `beit --help` stays light
-
     model = build_model(cfg, need_pretrained=True).eval()  # first: what the checkpoint is decides the message
     if getattr(model, "lm_head", None) is None:
         raise ConfigError(f"{cfg.model.pretrained} is a {'classifier' if model.num_classes else 'backbone'} "
@@ -115,7 +97,6 @@ def _save_grid(columns: list, out: Path, titles: list[str]):
 def palette(num: int = 256) -> np.ndarray:
     """Fixed label colours [num, 3] in [0, 1]: 0 black, 1-10 matplotlib's tab10, then seeded random colours;
     255 (the usual ignore index) white."""
-    import numpy as np
     from matplotlib import colormaps
 
     colours = np.random.default_rng(0).uniform(0.15, 1.0, (max(num, 256), 3))
@@ -127,22 +108,14 @@ def palette(num: int = 256) -> np.ndarray:
 
 def colourize(labels: torch.Tensor) -> torch.Tensor:
     """Label map [H, W] -> RGB [3, H, W] with `palette`."""
-    import torch
-
     return torch.from_numpy(palette()[labels.clamp(0, 255).numpy()]).permute(2, 0, 1).float()
 
 
-@_no_grad
+@torch.no_grad()
 def segmentation_columns(cfg: Config, num: int = 8, label: str = "") -> tuple[dict[str, list], list[str]]:
     """({"input": [C, H, W] images, "ground truth": [H, W] label maps, "<label> prediction": [H, W] label maps},
     the class names) for the first `num` test images of a segmentation run (`model.pretrained`: a
     `beit segment` run directory or checkpoint)."""
-    import torch
-    from torch.utils.data import Subset
-
-    from beit.data.segmentation import build_seg_dataset
-    from beit.train.segment import build_eval_loader, build_segmenter, evaluate_segmenter
-
     test = build_seg_dataset(cfg, "test")
     model = build_segmenter(cfg, len(test.classes), load="all")
     loader = build_eval_loader(cfg, Subset(test, range(min(num, len(test)))))
@@ -157,7 +130,6 @@ def segmentation_columns(cfg: Config, num: int = 8, label: str = "") -> tuple[di
 def class_legend_handles(label_maps: list, classes: list[str]) -> list:
     """Legend entries (a patch of `palette` colour each) for the labels that occur in `label_maps`, in label
     order; the ignore index 255 as "ignored"."""
-    import torch
     from matplotlib.patches import Patch
 
     present = torch.unique(torch.cat([m.flatten().long() for m in label_maps])).tolist()
@@ -182,8 +154,6 @@ def save_segmentation_grid(columns: dict[str, list], out: Path, classes: list[st
 def predict(cfg: Config, out: str | Path, num: int = 8, attention: bool = False) -> str:
     """`beit predict`: the PNG for `model.pretrained` (label maps for segmentation data, else `attention_grid`
     with `attention`, else `prediction_grid`); returns the line that says what was written."""
-    from beit.attention import attention_grid
-
     out = Path(out)
     if cfg.data.dataset in SEG_DATASETS:
         columns, classes = segmentation_columns(cfg, num)

@@ -22,6 +22,15 @@ from pathlib import Path
 from typing import Callable
 
 from beit.config import load_config
+from beit.train.checkpoint import list_checkpoints
+from beit.train.finetune import run_finetune
+from beit.train.knn import run_knn
+from beit.train.linprobe import run_linprobe
+from beit.train.metrics import read_metrics
+from beit.train.pretrain import run_pretrain
+from beit.train.runner import setup_logging
+from beit.train.segment import run_segment
+from beit.train.tokenizer import train_tokenizer
 
 log = logging.getLogger("beit")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # a link to the repository's configs/, shipped in the wheel
@@ -39,20 +48,9 @@ class Stage:
     label_fraction: float | None = None  # fine-tuning: data.label_fraction
 
 
-def _runner(command: str) -> Callable:
-    if command == "pretrain":
-        from beit.train.pretrain import run_pretrain as fn
-    elif command == "finetune":
-        from beit.train.finetune import run_finetune as fn
-    elif command == "linprobe":
-        from beit.train.linprobe import run_linprobe as fn
-    elif command == "knn":
-        from beit.train.knn import run_knn as fn
-    elif command == "segment":
-        from beit.train.segment import run_segment as fn
-    else:
-        raise ValueError(command)
-    return fn
+# The command a stage runs (the tokenizer stage calls `train_tokenizer` with its run directory).
+RUNNERS: dict[str, Callable] = {"pretrain": run_pretrain, "finetune": run_finetune, "linprobe": run_linprobe,
+                                "knn": run_knn, "segment": run_segment}
 
 
 # What each variant runs: overrides per stage. Wall times are measured on a 2-core CPU (docs/results).
@@ -135,21 +133,17 @@ def _pct(frac: float) -> str:
 
 
 def run_stage(stage: Stage, out: Path) -> None:
-    from beit.train.checkpoint import list_checkpoints
-
     run_dir = out / stage.name
 
     has_ckpt = run_dir.is_dir() and bool(list_checkpoints(run_dir))
     if stage.command == "tokenizer":  # on the shared loop too: a stopped stage resumes
-        from beit.train.tokenizer import train_tokenizer
-
         train_tokenizer(load_config(stage.config, stage.overrides), run_dir, overwrite=not has_ckpt, resume=has_ckpt)
         return
     cfg = load_config(stage.config, stage.overrides, command=stage.command)
     log.info(f"[{stage.name}] {'resuming' if has_ckpt else 'starting'}: beit {stage.command} {stage.config} "
              + " ".join(stage.overrides))
     # A directory without a checkpoint holds nothing worth keeping: the stage restarts it.
-    _runner(stage.command)(cfg, resume=has_ckpt, overwrite=not has_ckpt)
+    RUNNERS[stage.command](cfg, resume=has_ckpt, overwrite=not has_ckpt)
 
 
 def collect(out: Path, stages: list[Stage], variant: str, wall: dict[str, float]) -> dict:
@@ -229,8 +223,6 @@ def two_panel_figure(path: Path):
 
 
 def _plot_curves(out: Path):
-    from beit.train.metrics import read_metrics
-
     with two_panel_figure(out / "curves.png") as axes:
         pt = out / "pretrain" / "metrics.jsonl"
         if pt.exists():
@@ -275,8 +267,6 @@ def _report(out: Path, stages: list[Stage], variant: str, wall: dict[str, float]
 
 def reproduce(out: Path, variant: str, retrain_tokenizer: bool = False, only: list[str] | None = None) -> dict:
     """Run the variant's stages (or only the named ones, in plan order), then report what has finished."""
-    from beit.train.runner import setup_logging
-
     stages = plan(out, variant, retrain_tokenizer)
     if only:
         names = [st.name for st in stages]
@@ -294,8 +284,6 @@ def reproduce(out: Path, variant: str, retrain_tokenizer: bool = False, only: li
 def run_stages(out: Path, stages: list[Stage], wall: dict[str, float]):
     """Run the stages in order, skipping finished ones. Each one's wall time is added to `wall` and WALL_TIME,
     also when it is stopped: a stage resumed over several calls counts all of them."""
-    from beit.train.runner import setup_logging
-
     for i, stage in enumerate(stages, 1):
         log.info(f"=== stage {i}/{len(stages)}: {stage.name}")
         if (out / stage.name / stage.done_file).exists():

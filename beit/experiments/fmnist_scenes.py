@@ -14,8 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from beit.config import load_config
 from beit.experiments.fashion_mnist import (CONFIGS, Stage, _read_wall, run_stages, two_panel_figure,
                                            write_results_md)
+from beit.train.metrics import read_metrics
+from beit.train.runner import setup_logging
+from beit.visualize import save_segmentation_grid, segmentation_columns
 
 # Overrides per variant. `full` is sized from measured step times on a 2-core CPU (docs/results/segmentation.md);
 # `smoke` checks the whole driver in a minute or two.
@@ -80,8 +84,6 @@ def write_scenes_report(out: Path, results: dict) -> str:
 
 
 def _plot_scene_curves(out: Path):
-    from beit.train.metrics import read_metrics
-
     with two_panel_figure(out / "curves.png") as axes:
         for init, style in zip(INITS, ("-", "--")):
             path = out / f"segment_{init}" / "metrics.jsonl"
@@ -102,9 +104,6 @@ def _plot_scene_curves(out: Path):
 def _draw_predictions(out: Path, stages: list[Stage], num: int = 6):
     """predictions.png: input | ground truth | pretrained | scratch on the first `num` test scenes, with a legend
     of the classes."""
-    from beit.config import load_config
-    from beit.visualize import save_segmentation_grid, segmentation_columns
-
     seg = {s.init: s for s in stages if s.command == "segment"}
     if not all((out / seg[i].name / seg[i].done_file).exists() for i in INITS):
         return
@@ -119,8 +118,6 @@ def _draw_predictions(out: Path, stages: list[Stage], num: int = 6):
 
 def reproduce_scenes(out: Path, variant: str = "full", pretrained: str | None = None,
                      report_only: bool = False) -> dict:
-    from beit.train.runner import setup_logging
-
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(None, True)
     stages, wall = plan_scenes(out, variant, pretrained), _read_wall(out)

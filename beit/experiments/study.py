@@ -37,6 +37,7 @@ from beit.data.segmentation import build_seg_dataset
 from beit.experiments.fashion_mnist import Stage, run_stages, two_panel_figure
 from beit.train.distributed import resolve_device
 from beit.train.evaluate import accuracy, run_over
+from beit.train.runner import setup_logging
 from beit.train.segment import build_eval_loader as seg_loader
 from beit.train.segment import build_segmenter, evaluate_segmenter
 
@@ -397,8 +398,6 @@ def report(study: StudyConfig, out: Path) -> dict:
 
 def run_study(study: StudyConfig, out: Path, only: list[float] | None = None, report_only: bool = False) -> dict:
     """Run (or continue) the study in `out`, then report what has finished. `only`: these label fractions."""
-    from beit.train.runner import setup_logging
-
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(None, True)
     if not report_only:

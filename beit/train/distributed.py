@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from beit.models.vit import Block
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -78,8 +80,6 @@ def wrap_fsdp(model: nn.Module, info: DistInfo, bf16: bool = False, cpu_offload:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard,
                                         register_fsdp_forward_method)
-
-    from beit.models.vit import Block
 
     if cpu_offload and info.device.type != "cuda":
         raise ValueError(f"dist.fsdp_cpu_offload=true offloads from a GPU, but train.device is {info.device}")
