@@ -21,6 +21,7 @@ from beit.convert import (
     read_checkpoint,
     save_checkpoint_as,
     to_official,
+    unwrap_checkpoint,
     unwrap_state_dict,
 )
 from beit.cli import main as cli_main
@@ -263,6 +264,9 @@ def test_unwrap_prefixes_and_detection():
     wrapped["state_dict"]["module.blocks.0.attn.relative_position_index"] = torch.zeros(5, 5, dtype=torch.long)
     assert_same_tensors(unwrap_state_dict(wrapped), sd)
     assert_same_tensors(unwrap_state_dict({"model": sd, "config": {"a": 1}, "step": 7}), sd)
+    # the one unwrapper (tokenizer files use it too): any nesting of the three wrappers, the mapping untouched
+    assert unwrap_checkpoint({"model": {"state_dict": {"module": sd}}, "step": 7}) is sd
+    assert unwrap_checkpoint(sd) is sd and unwrap_checkpoint([1]) == [1]
     mm = {"backbone.cls_token": torch.zeros(1, 1, 4), "target_generator.encoder.blocks.w": torch.zeros(1)}
     assert detect_layout(mm) == "mmpretrain" and "target_generator.encoder.blocks.w" not in to_official(mm)
     with pytest.raises(ValueError, match="unrecognised checkpoint layout.*encoder.weird"):

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from beit.convert.layouts import LAYOUTS, detect_layout, from_official, to_official, unwrap_state_dict
+from beit.convert.layouts import LAYOUTS, detect_layout, from_official, to_official, unwrap_checkpoint, unwrap_state_dict
 from beit.convert.segmentation import load_segmenter
 from beit.convert.weights import LoadReport, hf_config_from_state_dict, load_vit, read_checkpoint, save_checkpoint_as
 
@@ -31,6 +31,7 @@ __all__ = [
     "read_checkpoint",
     "save_checkpoint_as",
     "to_official",
+    "unwrap_checkpoint",
     "unwrap_state_dict",
 ]
 

@@ -173,18 +173,25 @@ def rename(sd: Mapping[str, torch.Tensor], table: list[tuple[str, str]]) -> dict
     return out
 
 
-def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint, whatever wraps them.
-
-    Descends into `model` / `module` / `state_dict` (official and our training checkpoints use `model`,
-    DeepSpeed and BEiT v2 `module`, OpenMMLab `state_dict`), strips `module.` (DDP) and `_orig_mod.`
-    (torch.compile) prefixes and drops `*relative_position_index` buffers (rebuilt by the model).
-    """
+def unwrap_checkpoint(obj):
+    """The one checkpoint unwrapper: descend into `model` / `module` / `state_dict`, however deep (official and
+    our training checkpoints use `model`, DeepSpeed and BEiT v2 `module`, OpenMMLab `state_dict`). Returns the
+    innermost mapping (or `obj` itself when nothing wraps it); what it holds is left to the caller."""
     while isinstance(obj, Mapping):
         inner = next((obj[k] for k in ("model", "module", "state_dict") if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             break
         obj = inner
+    return obj
+
+
+def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, whatever wraps them.
+
+    Unwraps with `unwrap_checkpoint`, strips `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes and
+    drops `*relative_position_index` buffers (rebuilt by the model).
+    """
+    obj = unwrap_checkpoint(obj)
     if not isinstance(obj, Mapping):
         raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
     out: dict[str, torch.Tensor] = {}

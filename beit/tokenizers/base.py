@@ -87,7 +87,7 @@ class FrozenTokenizer(nn.Module):
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from safetensors or a torch file, without unpickling arbitrary objects
     (the same reader as model checkpoints), unwrapping `{'state_dict': …}` / `{'model': …}` containers."""
-    from beit.convert import read_checkpoint
+    from beit.convert import read_checkpoint, unwrap_checkpoint
 
     path = Path(path)
     if not path.is_file():
@@ -99,9 +99,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         if "pickles Python objects" in str(e) or path.suffix == ".pkl":
             hint = " If it is OpenAI's pickled encoder.pkl/decoder.pkl, convert it once with `beit tokenizer convert SRC DST --trust-pickle`."
         raise TokenizerError(f"cannot read tokenizer weights '{path}': {str(e)[:300]}.{hint}") from None
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    state = unwrap_checkpoint(state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise TokenizerError(f"'{path}' does not hold a state dict of tensors (got {type(state).__name__})")
     return state

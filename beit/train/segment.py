@@ -31,6 +31,7 @@ from beit.convert.segmentation import load_pretrained_backbone, load_whole_segme
 from beit.data import collate_skip_bad
 from beit.data.segmentation import build_seg_dataset
 from beit.models.segmentation import create_segmenter, upsample_logits
+from beit.train.checkpoint import unwrap
 from beit.train.distributed import all_reduce_sum, resolve_device, sync_batchnorm
 from beit.train.evaluate import forward_share, is_main_process, is_sharded, read_summary, write_results
 from beit.train.loop import Task
@@ -234,7 +235,7 @@ def build_eval_loader(cfg: Config, dataset=None) -> DataLoader:
 @contextlib.contextmanager
 def _train_forward(model: nn.Module):
     """Route `model(x)` to `forward_train` for one call, so a DDP wrapper still runs its forward hooks."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     inner.forward = inner.forward_train  # an instance attribute shadows the class's forward
     try:
         yield model
@@ -259,7 +260,7 @@ def make_seg_step(ignore_index: int, avg_non_ignore: bool = False) -> Callable[[
         x, y = batch  # [B, C, S, S], [B, S, S]
         with _train_forward(model) as m:
             logits, aux = m(x)
-        inner = getattr(model, "module", model)
+        inner = unwrap(model)
         loss = seg_loss(logits, y, ignore_index, avg_non_ignore)
         out = {"loss_decode": loss.detach()}
         if aux is not None:
