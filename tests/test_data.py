@@ -18,8 +18,10 @@ from beit.config import Config, ConfigError, DataConfig, load_config
 from beit.data import (
     BadFileTracker,
     BadSample,
+    ImageDataset,
     MIMDataset,
     ResumableSampler,
+    SubsetDataset,
     TwoViewTransform,
     balanced_subset,
     build_dataset,
@@ -228,6 +230,41 @@ def test_decode_or_skip_names_the_sample_and_passes_its_own_verdict_through():
         ds_mod.decode_or_skip(broken, "fail", "a.png")
     with pytest.raises(ds_mod.BadFileError, match=r"^mask has PIL mode I: 'm.png'\. Fix"):
         ds_mod.decode_or_skip(lambda: ds_mod.skip_or_fail("fail", "m.png", "mask has PIL mode I"), "fail", "m.png")
+
+
+def test_one_subset_for_labelled_and_segmentation_datasets(folder):
+    """SubsetDataset (nested too) keeps its own targets and order, load_image, and the base's classes and
+    set_epoch where the base has them, but not what belongs to the whole base (an ImageFolder's `samples`)."""
+    ds = build_dataset(DataConfig(dataset="image_folder", root=str(folder)), "train")
+    sub = SubsetDataset(SubsetDataset(ds, [6, 0, 2]), [2, 0])  # 3 and 7 are the undecodable files
+    assert list(sub.targets) == [ds.targets[2], ds.targets[6]] and sub.classes == ["cat", "dog"]
+    assert sub.load_image(0).tobytes() == ds.load_image(2).tobytes() and sub[1][1] == ds[6][1] == 1
+    assert len(list(sub)) == 2  # iteration stops at the end
+    assert not hasattr(sub, "samples") and not hasattr(sub, "set_epoch")
+
+    class Scenes:  # a segmentation dataset: set_epoch, classes, no targets
+        classes, epoch = ["background", "thing"], 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    base = Scenes()
+    seg = SubsetDataset(base, [0])
+    seg.set_epoch(4)
+    assert base.epoch == 4 and seg.classes == base.classes and not hasattr(seg, "targets")
+
+
+def test_image_dataset_reads_arrays_pil_images_and_files(tmp_path):
+    """One dataset for every source: arrays, PIL images and files give the same item in the dataset's mode;
+    an undecodable file is a BadSample named by its path."""
+    pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    sources = [[pixels], [Image.fromarray(pixels)], [str(tmp_path / "a.png")]]
+    items = [ImageDataset(images, [1], "L")[0] for images in sources]
+    assert all(img.mode == "L" and img.tobytes() == items[0][0].tobytes() and y == 1 for img, y in items)
+    bad = ImageDataset([str(tmp_path / "b.png")], [0], "RGB")[0]
+    assert isinstance(bad, BadSample) and bad.path == str(tmp_path / "b.png")
 
 
 def test_on_bad_file_is_checked_once_by_the_schema():

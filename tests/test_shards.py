@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 
 from beit.config import DataConfig, load_config
-from beit.data import (ArrayImageDataset, BadFileTracker, MIMDataset, MIMItem, ShardDataset, batches_per_rank,
+from beit.data import (BadFileTracker, ImageDataset, MIMDataset, MIMItem, ShardDataset, batches_per_rank,
                        build_dataset, build_mask_generator, build_two_view_transform, collate_skip_bad, make_loader,
                        optimizer_steps_per_epoch, write_shards)
 from beit.data.shards import read_index, round_robin_taken
@@ -35,9 +35,9 @@ def beit(*args: str):
     assert exit_.value.code == 0
 
 
-def array_dataset(n: int, seed: int = 0) -> ArrayImageDataset:
+def array_dataset(n: int, seed: int = 0) -> ImageDataset:
     rng = np.random.default_rng(seed)
-    return ArrayImageDataset(rng.integers(0, 256, (n, 8, 8), dtype=np.uint8), rng.integers(0, 5, n), "L")
+    return ImageDataset(rng.integers(0, 256, (n, 8, 8), dtype=np.uint8), rng.integers(0, 5, n), "L")
 
 
 def shard_keys(path) -> set[int]:
@@ -45,7 +45,7 @@ def shard_keys(path) -> set[int]:
         return {int(name.split(".")[0]) for name in tar.getnames()}
 
 
-def shards_of(tmp_path: Path, n: int, per_shard: int, **kw) -> tuple[ShardDataset, ArrayImageDataset]:
+def shards_of(tmp_path: Path, n: int, per_shard: int, **kw) -> tuple[ShardDataset, ImageDataset]:
     src = array_dataset(n)
     write_shards(src, tmp_path, "train", per_shard, [f"c{i}" for i in range(5)])
     paths = sorted(tmp_path.glob("train-*.tar"))
@@ -235,7 +235,7 @@ def test_shard_training_augmentation_equals_map_style_items_in_any_worker(tmp_pa
     paths = sorted(tmp_path.glob("train-*.tar"))
     counts, classes = read_index(paths)
     ds = ShardDataset(paths, counts, classes, "L", LabeledItem(tf, seed=3), shuffle=True, shuffle_buffer=5)
-    ref = KeyedItems(ArrayImageDataset(src.images, src.targets, "L", tf), seed=3)
+    ref = KeyedItems(ImageDataset(src.images, src.targets, "L", tf), seed=3)
 
     def items(pairs):  # the multiset of (pixels, label): the shard order differs from the source order
         return sorted((x.numpy().tobytes(), int(y)) for x, y in pairs)
@@ -330,7 +330,7 @@ def _class_shards(out: Path, split: str, classes: list[str], n: int = 2):
     """`n` 32 px images per class, each filled with its class's grey level, written as `split` shards."""
     images = np.stack([np.full((32, 32), LEVEL[c], np.uint8) for c in classes for _ in range(n)])
     labels = np.repeat(np.arange(len(classes)), n)
-    write_shards(ArrayImageDataset(images, labels, "L"), out, split, 3, classes)
+    write_shards(ImageDataset(images, labels, "L"), out, split, 3, classes)
 
 
 def test_eval_shards_are_read_with_the_training_shards_class_index(tmp_path):

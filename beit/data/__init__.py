@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from .datasets import (
-    ArrayImageDataset,
     BadFileTracker,
     BadSample,
+    ImageDataset,
     ImageFolderDataset,
     KeyedItems,
     LabeledBatch,
@@ -55,9 +55,9 @@ def build_two_view_transform(cfg, tokenizer_size_px: int) -> TwoViewTransform:
 
 
 __all__ = [
-    "ArrayImageDataset",
     "BadFileTracker",
     "BadSample",
+    "ImageDataset",
     "ImageFolderDataset",
     "KeyedItems",
     "LabeledBatch",

@@ -11,8 +11,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from . import extra
-from .datasets import (ArrayImageDataset, ImageFolderDataset, SubsetDataset, _cifar, _scan_folder, _split_off_val,
-                       _TorchvisionDataset, balanced_subset, load_fashion_mnist)
+from .datasets import (FASHION_MNIST_CLASSES, ImageDataset, ImageFolderDataset, SubsetDataset, _scan_folder,
+                       _split_off_val, balanced_subset, load_fashion_mnist)
 from .scan_cache import cached_scan
 from .shards import build_shard_dataset
 from .transforms import pil_mode
@@ -51,7 +51,7 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
     train = split == "train"
     if cfg.dataset == "fashion_mnist":
         images, labels = load_fashion_mnist(cfg.root, split)
-        ds = ArrayImageDataset(images, labels, mode, transform)
+        ds = ImageDataset(images, labels, mode, transform, FASHION_MNIST_CLASSES)
     elif cfg.dataset == "image_folder":
         if not cfg.root:
             raise ValueError("data.root must be set for dataset 'image_folder' (root/<split>/<class>/*.jpg)")
@@ -74,16 +74,12 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
                                 getattr(cfg, "on_unknown_class", "fail"))
     elif cfg.dataset == "webdataset":  # streamed: no random access, so no subsets (the reader says so)
         return build_shard_dataset(cfg, split, transform, seed=label_seed, classes=classes)
-    elif cfg.dataset in ("cifar10", "cifar100"):
-        ds = _TorchvisionDataset(_cifar(cfg.dataset, cfg.root, train), mode, transform)
-    elif cfg.dataset == "mnist" or cfg.dataset == "hf" or cfg.dataset.startswith("torchvision:"):
-        if cfg.dataset == "mnist":
-            ds = ArrayImageDataset(*extra.load_mnist(cfg.root, split), mode, transform)
-            ds.classes = extra.MNIST_CLASSES
-        elif cfg.dataset == "hf":
-            ds = extra.hf_dataset(cfg.root, split, mode, transform)
-        else:
-            ds = extra.torchvision_dataset(cfg.dataset, cfg.root, split, mode, transform)
+    elif cfg.dataset in extra.TORCHVISION_NAMES or cfg.dataset.startswith("torchvision:"):
+        ds = extra.torchvision_dataset(cfg.dataset, cfg.root, split, mode, transform)
+    elif cfg.dataset == "mnist":
+        ds = ImageDataset(*extra.load_mnist(cfg.root, split), mode, transform, extra.MNIST_CLASSES)
+    elif cfg.dataset == "hf":
+        ds = extra.hf_dataset(cfg.root, split, mode, transform)
     else:  # unreachable through DataConfig's Literal, kept for direct callers
         raise ValueError(f"unknown data.dataset {cfg.dataset!r}")
     if held_out is not None:

@@ -1,7 +1,7 @@
-"""Datasets: Fashion-MNIST (IDX files), ImageFolder (with bad-file handling), CIFAR-10/100, label subsets
-(MNIST, torchvision:<Class> and HF `datasets` folders live in beit/data/extra.py; `build_dataset`, which picks
-one from a config, in beit/data/build.py),
-and the masked-image-modeling dataset that yields (patch view, tokenizer view, mask).
+"""Datasets: `ImageDataset`, the one dataset of every labelled image source (Fashion-MNIST IDX files and
+ImageFolder here; CIFAR, MNIST, torchvision:<Class> and HF `datasets` folders in beit/data/extra.py;
+`build_dataset`, which picks one from a config, in beit/data/build.py), `SubsetDataset` for label subsets and
+held-out splits, and the masked-image-modeling dataset that yields (patch view, tokenizer view, mask).
 
 Bad image files (ImageFolder). With `on_bad_file="fail"` the first file that cannot be decoded raises, naming
 it. With "skip" (default) `__getitem__` logs a warning with the path and returns a `BadSample(path, error)`
@@ -157,21 +157,50 @@ def load_fashion_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.nda
                           "Set data.root to the folder holding them, or data.root=null for the system copy")
 
 
-class ArrayImageDataset(Dataset):
-    """In-memory uint8 images [N, H, W] (grayscale) or [N, H, W, 3] -> (transform(PIL image), label)."""
+class ImageDataset(Dataset):
+    """One image source as a labelled dataset: item i is (transform(image i in PIL mode `mode`), targets[i]).
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mode: str, transform: Callable | None = None):
-        self.images, self.targets, self.mode, self.transform = images, labels, mode, transform
+    `images[i]` is a PIL image, a uint8 array ([H, W] grayscale or [H, W, 3]) or the path of an image file,
+    decoded here; a file that cannot be decoded gives a `BadSample` or an error under `on_bad_file`
+    (`decode_or_skip`). Every labelled source is one: Fashion-MNIST and MNIST arrays, ImageFolder files,
+    CIFAR and other torchvision datasets, HF `datasets` folders (those two through `Field`). `load_image` (the
+    image alone) is what `MIMDataset` reads; augmentation keyed by (seed, epoch, index) is `KeyedItems` around
+    the dataset a run trains on, so that the key is that dataset's index, also for a subset.
+    """
+
+    def __init__(self, images: Sequence, targets: Sequence[int], mode: str, transform: Callable | None = None,
+                 classes: Sequence[str] = (), on_bad_file: str = "skip"):
+        self.images, self.targets, self.classes = images, np.asarray(targets, dtype=np.int64), list(classes)
+        self.mode, self.transform, self.on_bad_file = mode, transform, on_bad_file
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.targets)
 
-    def load_image(self, i: int) -> Image.Image:
-        return to_mode(Image.fromarray(self.images[i]), self.mode)
+    def load_image(self, i: int) -> Image.Image | BadSample:
+        img = self.images[int(i)]
+        if isinstance(img, (str, os.PathLike)):
+            return decode_or_skip(lambda: open_image(img, self.mode), self.on_bad_file, str(img))
+        return to_mode(img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img)), self.mode)
 
     def __getitem__(self, i: int):
         img = self.load_image(i)
+        if isinstance(img, BadSample):
+            return img
         return (self.transform(img) if self.transform else img), int(self.targets[i])
+
+
+class Field:
+    """`source[i][key]` as a sequence: the images of a source whose items are (image, label) tuples (key 0)
+    or dicts (key: the image column), read one at a time."""
+
+    def __init__(self, source, key):
+        self.source, self.key = source, key
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        return self.source[i][self.key]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,7 +252,7 @@ def reindex_samples(root: Path, found: list[str], samples: list[tuple[str, int]]
     return kept, skipped
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(ImageDataset):
     """`root/<class>/**/*.jpg` -> (transform(PIL image), class index); undecodable files are skipped or fail.
 
     `classes` (the training split's class names) fixes the index: an evaluation split is read with the
@@ -232,68 +261,18 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | Path, mode: str, transform: Callable | None = None, on_bad_file: str = "skip",
                  classes: Sequence[str] | None = None, on_unknown_class: str = "fail"):
         self.root = Path(root)
-        self.classes, self.samples = cached_scan(self.root, _scan_folder)  # a 14M-file tree is listed once
+        found, samples = cached_scan(self.root, _scan_folder)  # a 14M-file tree is listed once
         self.skipped_classes: dict[str, int] = {}
-        if classes is not None and self.samples:
-            self.samples, self.skipped_classes = reindex_samples(self.root, list(self.classes), self.samples,
-                                                                 list(classes), on_unknown_class)
-            self.classes = list(classes)
-        if not self.samples:
+        if classes is not None and samples:
+            samples, self.skipped_classes = reindex_samples(self.root, list(found), samples, list(classes),
+                                                            on_unknown_class)
+            found = classes
+        if not samples:
             raise FileNotFoundError(
                 f"no images ({', '.join(IMG_EXTENSIONS)}) under '{self.root}'; expected {self.root}/<class>/*.jpg"
             )
-        self.targets = np.array([label for _, label in self.samples], dtype=np.int64)
-        self.mode, self.transform, self.on_bad_file = mode, transform, on_bad_file
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load_image(self, i: int) -> Image.Image | BadSample:
-        path = self.samples[i][0]
-        return decode_or_skip(lambda: open_image(path, self.mode), self.on_bad_file, path)
-
-    def __getitem__(self, i: int):
-        img = self.load_image(i)
-        if isinstance(img, BadSample):
-            return img
-        return (self.transform(img) if self.transform else img), int(self.targets[i])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CIFAR
-
-
-class _TorchvisionDataset(Dataset):
-    """A torchvision dataset yielding PIL images, converted to `mode` before `transform`."""
-
-    def __init__(self, base, mode: str, transform: Callable | None = None):
-        self.base, self.mode, self.transform = base, mode, transform
-        self.targets = np.asarray(base.targets, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def load_image(self, i: int) -> Image.Image:
-        return to_mode(self.base[i][0], self.mode)
-
-    def __getitem__(self, i: int):
-        img = self.load_image(i)
-        return (self.transform(img) if self.transform else img), int(self.targets[i])
-
-
-def _cifar(name: str, root: str | None, train: bool):
-    from torchvision import datasets as tvd
-
-    if not root:
-        raise ValueError(f"data.root must be set for dataset '{name}' (the directory holding the CIFAR files)")
-    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-    try:
-        return cls(root, train=train, download=False)
-    except RuntimeError as e:
-        raise FileNotFoundError(
-            f"{name} not found under '{root}' ({e}). Download it once with "
-            f"`python -c \"import torchvision; torchvision.datasets.{cls.__name__}('{root}', download=True)\"`"
-        ) from None
+        self.samples = samples  # [(path, label)]
+        super().__init__(Field(samples, 0), [label for _, label in samples], mode, transform, found, on_bad_file)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,11 +280,17 @@ def _cifar(name: str, root: str | None, train: bool):
 
 
 class SubsetDataset(Dataset):
-    """`base` restricted to `indices`, keeping `targets` and `load_image` (torch's Subset drops them)."""
+    """`base` restricted to `indices`, in that order: label subsets, held-out validation splits and the first
+    N samples, of labelled and segmentation datasets alike. It keeps `targets` (the subset's), `load_image`,
+    and the base's `classes`, `transform` and `set_epoch`, where the base has them (torch's Subset drops them).
+    """
+
+    _FROM_BASE = ("classes", "transform", "set_epoch")
 
     def __init__(self, base, indices: Sequence[int]):
         self.base, self.indices = base, np.asarray(indices, dtype=np.int64)
-        self.targets = np.asarray(base.targets)[self.indices]
+        if hasattr(base, "targets"):
+            self.targets = np.asarray(base.targets)[self.indices]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -316,9 +301,10 @@ class SubsetDataset(Dataset):
     def __getitem__(self, i: int):
         return self.base[int(self.indices[i])]
 
-    @property
-    def transform(self):
-        return self.base.transform
+    def __getattr__(self, name: str):
+        if name in SubsetDataset._FROM_BASE:  # only these: e.g. an ImageFolder's `samples` are not the subset's
+            return getattr(self.base, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
 
 def balanced_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> np.ndarray:

@@ -1,53 +1,31 @@
-"""Datasets people already have, beside Fashion-MNIST / ImageFolder / CIFAR (beit/data/datasets.py):
+"""Datasets people already have, beside Fashion-MNIST / ImageFolder (beit/data/datasets.py):
 
+    data.dataset=cifar10 | cifar100    torchvision's CIFAR-10 / CIFAR-100 files in data.root
     data.dataset=mnist                 MNIST IDX files (the Fashion-MNIST reader) in data.root
     data.dataset=torchvision:STL10     any torchvision dataset class, read from data.root (never downloads)
     data.dataset=hf                    a Hugging Face `datasets` dataset on disk at data.root: a
                                        `save_to_disk` folder, or parquet files (`<split>-*.parquet`,
                                        `<split>/*.parquet`, also under `data/`, the hub layout)
 
-Each returns a `PILDataset`; `beit.data.build.build_dataset` picks the reader from `data.dataset`.
+Each is an `ImageDataset`; `beit.data.build.build_dataset` picks the reader from `data.dataset`.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-from PIL import Image
-from torch.utils.data import Dataset
 
-from .datasets import load_idx_split
-from .transforms import to_mode
+from .datasets import Field, ImageDataset, load_idx_split
 
 log = logging.getLogger(__name__)
 
 MNIST_CLASSES = [str(i) for i in range(10)]
 # The split names each source uses for our "test" (evaluation) split, in order of preference.
 _EVAL_SPLITS = ("test", "validation", "val", "valid")
-
-
-class PILDataset(Dataset):
-    """`load_image(i)` (PIL, any mode) + `targets` -> (transform(image in `mode`), label); the interface
-    `build_dataset` gives every dataset (MIMDataset and SubsetDataset need load_image and targets)."""
-
-    def __init__(self, get_image: Callable[[int], Image.Image], targets, classes: list[str], mode: str,
-                 transform: Callable | None = None):
-        self.get_image, self.targets, self.classes = get_image, np.asarray(targets, dtype=np.int64), list(classes)
-        self.mode, self.transform = mode, transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def load_image(self, i: int) -> Image.Image:
-        img = self.get_image(int(i))
-        return to_mode(img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img)), self.mode)
-
-    def __getitem__(self, i: int):
-        img = self.load_image(i)
-        return (self.transform(img) if self.transform else img), int(self.targets[i])
+# The torchvision class each of our dataset names reads.
+TORCHVISION_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 
 # ------------------------------------------------------------------------------------------------ MNIST
@@ -61,18 +39,20 @@ def load_mnist(root: str | None, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------------ torchvision
-def torchvision_dataset(name: str, root: str | None, split: str, mode: str, transform=None) -> PILDataset:
-    """`torchvision.datasets.<Class>(root, train=... | split=..., download=False)` as a PILDataset."""
+def torchvision_dataset(name: str, root: str | None, split: str, mode: str, transform=None) -> ImageDataset:
+    """`torchvision.datasets.<Class>(root, train=... | split=..., download=False)` as an ImageDataset, for
+    data.dataset=torchvision:<Class> and for the names in TORCHVISION_NAMES (cifar10 is CIFAR10)."""
     import inspect
 
     from torchvision import datasets as tvd
 
-    cls_name = name.split(":", 1)[1]
+    cls_name = TORCHVISION_NAMES.get(name) or name.split(":", 1)[1]
     cls = getattr(tvd, cls_name, None)
     if not inspect.isclass(cls):
         raise ValueError(f"data.dataset={name}: torchvision.datasets has no class {cls_name!r}")
     if not root:
-        raise ValueError(f"data.root must be set for data.dataset={name} (the folder the dataset class reads)")
+        raise ValueError(f"data.root must be set for data.dataset={name} (the folder torchvision.datasets."
+                         f"{cls_name} reads)")
     params = inspect.signature(cls).parameters
     kwargs = {"download": False} if "download" in params else {}
     if "train" in params:
@@ -82,12 +62,14 @@ def torchvision_dataset(name: str, root: str | None, split: str, mode: str, tran
     try:
         base = cls(root, **kwargs)
     except (RuntimeError, ValueError) as e:
-        raise FileNotFoundError(f"{name} not found or incomplete under '{root}' ({e}); beit never downloads: "
-                                f"fetch it once with torchvision.datasets.{cls_name}(root, download=True)") from None
+        raise FileNotFoundError(
+            f"{name} not found or incomplete under '{root}' ({e}); beit never downloads: fetch it once with "
+            f"`python -c \"import torchvision; torchvision.datasets.{cls_name}('{root}', download=True)\"`"
+        ) from None
     targets = next((getattr(base, a) for a in ("targets", "labels", "_labels") if hasattr(base, a)), None)
     if targets is None:
         raise ValueError(f"{name}: the dataset has no targets/labels attribute, so labels are unknown")
-    return PILDataset(lambda i: base[i][0], targets, getattr(base, "classes", []), mode, transform)
+    return ImageDataset(Field(base, 0), targets, mode, transform, getattr(base, "classes", []))
 
 
 # ------------------------------------------------------------------------------------------------ HF datasets
@@ -118,7 +100,7 @@ def _hf_split(root: Path, split: str):
     return None
 
 
-def hf_dataset(root: str | None, split: str, mode: str, transform=None) -> PILDataset:
+def hf_dataset(root: str | None, split: str, mode: str, transform=None) -> ImageDataset:
     if not root:
         raise ValueError("data.root must be set for dataset 'hf' (a save_to_disk folder or parquet files)")
     try:
@@ -137,4 +119,4 @@ def hf_dataset(root: str | None, split: str, mode: str, transform=None) -> PILDa
                          f"{dict(ds.features)}")
     feature = ds.features[label_col]
     classes = list(feature.names) if isinstance(feature, datasets.ClassLabel) else []
-    return PILDataset(lambda i: ds[i][image_col], ds[label_col], classes, mode, transform)
+    return ImageDataset(Field(ds, image_col), ds[label_col], mode, transform, classes)

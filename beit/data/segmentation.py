@@ -38,8 +38,8 @@ from torchvision.transforms import InterpolationMode
 
 from beit.config import SEG_DATASETS, Config, ConfigError
 
-from .datasets import (FASHION_MNIST_CLASSES, IMG_EXTENSIONS, BadSample, decode_or_skip, load_fashion_mnist,
-                       open_image, skip_or_fail, stratified_holdout)
+from .datasets import (FASHION_MNIST_CLASSES, IMG_EXTENSIONS, BadSample, SubsetDataset, decode_or_skip,
+                       load_fashion_mnist, open_image, skip_or_fail, stratified_holdout)
 from .transforms import _check_stats, pil_mode
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ def build_seg_transform(cfg: Config, train: bool) -> SegTransform:
                         eval_rescale=s.eval_scales is None)  # multi-scale: the evaluation rescales
 
 
-def build_seg_dataset(cfg: Config, split: str, train_transform: bool | None = None) -> _SegDataset:
+def build_seg_dataset(cfg: Config, split: str, train_transform: bool | None = None) -> _SegDataset | SubsetDataset:
     """The segmentation dataset of `cfg.data.dataset` for split "train" | "val" | "test", with the train pipeline
     on "train" and the eval pipeline otherwise (or as `train_transform` says; False/True, None = by split).
     "val" (data.val_size > 0): scenes of held-out training garments, or held-out training images of a folder."""
@@ -352,30 +352,9 @@ def build_seg_dataset(cfg: Config, split: str, train_transform: bool | None = No
         raise ConfigError(f"data.dataset '{d.dataset}' is not a segmentation dataset; use one of {SEG_DATASETS}")
     if d.val_size and d.dataset != "fmnist_scenes":  # a folder's images: a fixed random draw is held out
         held = stratified_holdout(np.zeros(len(ds), np.int64), d.val_size)
-        ds = _Subset(ds, held if split == "val" else np.setdiff1d(np.arange(len(ds)), held))
+        ds = SubsetDataset(ds, held if split == "val" else np.setdiff1d(np.arange(len(ds)), held))
     n = d.train_subset if split == "train" else d.eval_subset
     if n is not None and n < len(ds):
-        ds = _Subset(ds, np.arange(n))
+        ds = SubsetDataset(ds, np.arange(n))
     return ds
 
-
-class _Subset(Dataset):
-    """A segmentation dataset restricted to `indices` (held-out validation, smoke-run heads), keeping `classes`,
-    `set_epoch` and `load_image`."""
-
-    def __init__(self, base: _SegDataset, indices):
-        self.base, self.indices, self.classes = base, np.asarray(indices, dtype=np.int64), base.classes
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < len(self.indices):
-            raise IndexError(i)
-        return self.base[int(self.indices[i])]
-
-    def load_image(self, i: int):
-        return self.base.load_image(int(self.indices[i]))
