@@ -32,8 +32,8 @@ from beit.convert import hf_config_from_state_dict, load_pretrained, read_checkp
 from beit.convert.runs import run_weights
 from beit.convert.segmentation import load_whole_segmenter, segmenter_kwargs_from_hf_config
 from beit.data.datasets import FASHION_MNIST_CLASSES
-from beit.data.extra import hf_dataset
-from beit.data.segmentation import ADE20K_CLASSES, read_class_names
+from beit.data.extra import MNIST_CLASSES, hf_dataset
+from beit.data.segmentation import ADE20K_CLASSES, FMNIST_SCENES_CLASSES, read_class_names
 from beit.models import create_model
 from beit.models.presets import PRESETS, SEG_PRESETS
 from beit.models.segmentation import create_segmenter
@@ -226,7 +226,7 @@ def dataset_class_names(cfg: Config) -> list[str]:
     if d.dataset == "fashion_mnist":
         return list(FASHION_MNIST_CLASSES)
     if d.dataset == "mnist":
-        return [str(i) for i in range(10)]
+        return list(MNIST_CLASSES)
     if d.dataset == "hf" and d.root and Path(d.root).expanduser().exists():
         return hf_dataset(d.root, "train", "RGB").classes  # memory-mapped: reads the features, not the images
     if d.dataset == "image_folder" and d.root:
@@ -239,7 +239,7 @@ def dataset_class_names(cfg: Config) -> list[str]:
 
 def _seg_class_names(cfg: Config) -> list[str]:
     if cfg.data.dataset == "fmnist_scenes":
-        return ["background", *FASHION_MNIST_CLASSES]
+        return list(FMNIST_SCENES_CLASSES)
     if cfg.data.dataset == "ade20k":
         return list(ADE20K_CLASSES)
     s, root = cfg.seg, cfg.data.root

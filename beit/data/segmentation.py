@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MASK_MODES = ("L", "P")  # 8-bit single-channel label maps
 ADE20K_CLASSES = (Path(__file__).resolve().parent.parent / "assets" / "ade20k_classes.txt").read_text().splitlines()
+FMNIST_SCENES_CLASSES = ["background", *FASHION_MNIST_CLASSES]  # label 0, then garment class + 1
 
 # ------------------------------------------------------------------------------------------------ transforms
 def rescale_size(h: int, w: int, scale: Sequence[int], ratio: float = 1.0) -> tuple[int, int]:
@@ -267,7 +268,7 @@ class FashionScenes(_SegDataset):
     the 10k test images; with `val_size`, validation scenes use only that many held-out training images and
     train scenes the rest. Scene i is a function of (seed, split, i)."""
 
-    classes = ["background", *FASHION_MNIST_CLASSES]
+    classes = FMNIST_SCENES_CLASSES
     canvas, threshold, sizes, max_items = 64, 40, (18, 40), 4
 
     def __init__(self, root: str | None, split: str, num: int, transform=None, on_bad_file: str = "skip",

@@ -32,7 +32,7 @@ def class_names(dataset, cfg: Config) -> list[str]:
     if cfg.data.dataset == "fashion_mnist":
         return list(FASHION_MNIST_CLASSES)
     while not hasattr(dataset, "classes") and hasattr(dataset, "base"):
-        dataset = dataset.base  # SubsetDataset / torchvision wrapper
+        dataset = dataset.base  # a wrapper whose base holds the class names (e.g. MIMDataset)
     names = getattr(dataset, "classes", None)
     return list(names) if names else []
 
