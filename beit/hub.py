@@ -153,6 +153,19 @@ def model_kind(sd: dict) -> str:
     return "classifier" if "head.weight" in sd else "backbone"
 
 
+def _kind_of(raw: dict) -> str:
+    """`model_kind` of a checkpoint as read (any layout, any wrapper)."""
+    return model_kind(to_official(unwrap_state_dict(raw)))
+
+
+def checkpoint_kind(model: ModelConfig) -> str | None:
+    """What `model.pretrained` holds ('classifier', 'mim', 'segmenter' or 'backbone'), read from its tensors, so
+    that a command picks what to do from the checkpoint, never from the data's name; None without a checkpoint.
+    A preset tag (`pretrained: fmnist`) names its shipped model."""
+    source = PRETRAINED_TAGS.get((model.name, model.pretrained), model.pretrained)
+    return _kind_of(read_checkpoint(resolve_path(source))) if source else None
+
+
 def infer_config(raw: dict, path: Path, hf: dict | None = None) -> Config:
     """A `Config` whose model section rebuilds the checkpoint: every size from the tensors (and from `hf`, an HF
     folder's config.json: layer-norm eps; a segmenter's out_indices and heads), on the preset of the same kind
@@ -309,7 +322,7 @@ def load(source: str | Path, **model_overrides) -> nn.Module:
     """
     src = read_source(source)
     check_model_overrides(src.config.model, model_overrides, str(source))
-    kind = model_kind(to_official(unwrap_state_dict(src.raw)))
+    kind = _kind_of(src.raw)
     model = KINDS[kind](src)
     model.beit_config = src.config
     model.class_names = list(src.class_names)
@@ -343,9 +356,9 @@ def command_config(source: str, overrides: list[str], command: str) -> Config:
     """
     if str(source).endswith((".yaml", ".yml")):
         cfg = load_config(source, overrides)
-        if cfg.data.dataset in SEG_DATASETS:  # a segmenter checkpoint is checked against the config on load
-            return cfg
         if cfg.model.pretrained and Path(cfg.model.pretrained).exists() or cfg.model.pretrained in ZOO:
+            if checkpoint_kind(cfg.model) == "segmenter":  # checked against the config when it is loaded
+                return cfg
             src = read_source(cfg.model.pretrained)
             if not src.inferred:  # the YAML's model section, preset included, must describe the checkpoint
                 fields = set(ModelConfig.model_fields) - {"name", "pretrained", "grad_checkpointing"}

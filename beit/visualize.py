@@ -21,8 +21,9 @@ from torch.utils.data import Subset
 
 from beit.attention import attention_grid
 from beit.builders import build_mim_dataset, build_model, build_tokenizer
-from beit.config import SEG_DATASETS, Config, ConfigError
+from beit.config import Config, ConfigError
 from beit.data.segmentation import build_seg_dataset
+from beit.hub import checkpoint_kind
 from beit.train.segment import build_eval_loader, build_segmenter, evaluate_segmenter
 
 
@@ -152,10 +153,10 @@ def save_segmentation_grid(columns: dict[str, list], out: Path, classes: list[st
 
 
 def predict(cfg: Config, out: str | Path, num: int = 8, attention: bool = False) -> str:
-    """`beit predict`: the PNG for `model.pretrained` (label maps for segmentation data, else `attention_grid`
-    with `attention`, else `prediction_grid`); returns the line that says what was written."""
+    """`beit predict`: the PNG for `model.pretrained`, by what the checkpoint holds (a segmenter: label maps;
+    else `attention_grid` with `attention`, else `prediction_grid`); returns the line that says what was written."""
     out = Path(out)
-    if cfg.data.dataset in SEG_DATASETS:
+    if checkpoint_kind(cfg.model) == "segmenter":
         columns, classes = segmentation_columns(cfg, num)
         save_segmentation_grid(columns, out, classes)
         return f"wrote {out} (input | ground truth | prediction, with a legend of the classes shown)"

@@ -157,3 +157,31 @@ def test_the_local_import_check_sees_absolute_relative_and_nested_imports(tmp_pa
     path.write_text("import beit.config\nimport os\n\ndef f():\n    import json\n    from beit.hub import load\n\n"
                     "class C:\n    def g(self):\n        def h():\n            from . import x\n            import beit\n")
     assert function_local_beit_imports(path) == ["11: .", "12: beit", "6: beit.hub"]
+
+
+# ----------------------------------------------------------------------------------------------- the task registry
+def test_every_task_names_functions_that_exist_at_or_below_its_layer():
+    """beit.tasks names its functions as strings (so `beit --help` imports none of them): each must resolve, and
+    to a module the registry's layer may import (not the CLI or the experiment drivers above it)."""
+    from beit.tasks import CHECKPOINT_CONFIG, TASKS, resolve
+
+    refs = [CHECKPOINT_CONFIG] + [ref for spec in TASKS.values() for ref in (spec.run, spec.build) if ref]
+    for ref in refs:
+        assert callable(resolve(ref)), ref
+        assert not ref.startswith(("beit.cli", "beit.experiments")), f"{ref}: above beit.tasks in the layers"
+    assert {"pretrain", "finetune", "linprobe", "knn", "segment", "tokenizer", "eval", "predict"} <= set(TASKS)
+
+
+def test_the_cli_builds_its_task_commands_from_the_registry():
+    import argparse
+
+    from beit.cli import build_parser
+    from beit.tasks import TASKS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for spec in TASKS.values():
+        parser = sub.choices[spec.words[0]]
+        if len(spec.words) > 1:
+            parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[spec.words[1]]
+        dests = {a.dest for a in parser._actions}
+        assert {"config", "overrides", *spec.options} <= dests, (spec.name, dests)

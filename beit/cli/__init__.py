@@ -8,7 +8,7 @@ import os
 import sys
 
 from beit import __version__
-from beit.cli import bench, convert, data, export, plot, predict, reproduce, study, tokenizer, train
+from beit.cli import bench, convert, data, export, plot, reproduce, study, tokenizer, train
 from beit.config import ConfigError
 
 
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beit", description="BEiT: BERT pre-training of image transformers")
     parser.add_argument("--version", action="version", version=f"beit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (train, predict, tokenizer, convert, data, export, plot, reproduce, study, bench):
+    for command in (train, tokenizer, convert, data, export, plot, reproduce, study, bench):
         command.register(sub)
     return parser
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from beit.tasks import TASKS
+
 # torch is imported inside the commands: building the parser (`beit --help`) must stay light.
+TRAIN = TASKS["tokenizer"]  # `beit tokenizer train`
 
 
 def _load_images(paths: list[str], tok, size: int | None = None):
@@ -45,12 +48,9 @@ def _tokenizer(args):
 
 
 def cmd_train(args) -> int:
-    from beit.config import load_config
-    from beit.train.tokenizer import train_tokenizer
-
-    cfg = load_config(args.config, args.overrides)
+    cfg = TRAIN.read_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.train.out_dir) / (cfg.train.run_name or Path(args.config).stem)
-    metrics = train_tokenizer(cfg, out, overwrite=args.overwrite, resume=args.resume)
+    metrics = TRAIN.runner(cfg, out, overwrite=args.overwrite, resume=args.resume)
     if not metrics:  # not the main process
         return 0
     print(f"wrote {out} (codes used {metrics['codes_used_frac']:.1%}, perplexity {metrics['perplexity']:.1f}, "
@@ -99,7 +99,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("tokenizer", help="train, apply and convert visual tokenizers")
     sub = p.add_subparsers(dest="tokenizer_cmd", required=True)
 
-    t = sub.add_parser("train", help="train a dVAE tokenizer from a config")
+    t = sub.add_parser(TRAIN.words[-1], help=TRAIN.help)
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     t.add_argument("--out", help="output directory (default: train.out_dir/run_name)")

@@ -1,97 +1,65 @@
-"""Sub-commands `pretrain`, `finetune`, `segment`, `linprobe`, `knn`, `eval`: `register(subparsers)` adds them
-to `beit`.
+"""The commands of `beit.tasks.TASKS` that stand alone (`pretrain`, `finetune`, `segment`, `linprobe`, `knn`,
+`eval`, `predict`): `register(subparsers)` adds one sub-command per entry, `add_task_command` any one of them
+(`beit tokenizer train` is added by beit/cli/tokenizer.py).
 
-Each takes `CONFIG [section.key=value ...] [--resume] [--overwrite]`. `knn` and `eval` train nothing:
---resume is accepted for symmetry and, like --overwrite, replaces their run directory. The task modules are
-imported only when a command runs, so `beit --help` does not load torch.
+Each takes `CONFIG [section.key=value ...]` and the options its entry names. `knn` and `eval` train nothing:
+--resume is accepted for symmetry and, like --overwrite, replaces their run directory.
 """
 
 from __future__ import annotations
 
-from beit.config import load_config
+import argparse
+
+from beit.cli.docs import module_doc
+from beit.tasks import TASKS, TaskSpec
+
+CONFIG_HELP = {
+    "yaml": "YAML config file (see configs/)",
+    "checkpoint": "a checkpoint (run directory, ckpt-*.pt / best.pt, exported folder, shipped name): its stored "
+                  "config describes the model and data; or a YAML config with model.pretrained",
+}
+# One flag per option a task's run function takes: name -> (flag, argparse keywords).
+OPTIONS: dict[str, tuple[str, dict]] = {
+    "resume": ("--resume", dict(action="store_true", help="continue the run in its run directory, exactly")),
+    "overwrite": ("--overwrite", dict(action="store_true", help="delete an existing run directory first")),
+    "allow_other_classes": ("--allow-other-classes", dict(
+        action="store_true",
+        help="evaluate on data whose class names differ from the checkpoint's (scored by label index)")),
+    "out": ("--out", dict(default="predictions.png")),
+    "num": ("--num", dict(type=int, default=8)),
+    "attention": ("--attention", dict(
+        action="store_true",
+        help="instead: per head, where the last block's [CLS] token attends (rel-pos bias included)")),
+}
+# Commands whose --help shows their library module's docstring (what the picture holds).
+DESCRIBED_BY_MODULE = {"predict"}
 
 
-def add_train_command(sub, name: str, help: str, run, config_loader=None, config_help=None):
-    """`beit NAME CONFIG [key=value ...] [--resume | --overwrite]` calling `run(cfg, resume=, overwrite=)`.
-
-    `config_loader(CONFIG, overrides) -> Config` reads CONFIG (default: the YAML file, with the command's
-    `COMMAND_DEFAULTS`; for commands that evaluate a checkpoint, also the checkpoint itself, see
-    `beit.hub.command_config`)."""
-    p = sub.add_parser(name, help=help, description=help)
-    p.add_argument("config", help=config_help or "YAML config file (see configs/)")
+def add_task_command(sub, spec: TaskSpec) -> argparse.ArgumentParser:
+    """`beit NAME CONFIG [key=value ...] [options]` calling `spec.runner(spec.read_config(...), **options)`."""
+    if spec.name in DESCRIBED_BY_MODULE:
+        p = sub.add_parser(spec.words[-1], help=spec.help, description=module_doc(spec.run.partition(":")[0]),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    else:
+        p = sub.add_parser(spec.words[-1], help=spec.help, description=spec.help)
+    p.add_argument("config", help=CONFIG_HELP[spec.config])
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.epochs=2")
-    p.add_argument("--resume", action="store_true", help="continue the run in its run directory, exactly")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
-    load = config_loader or (lambda path, overrides: load_config(path, overrides, command=name))
-    p.set_defaults(func=lambda a: run(load(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite))
+    for option in spec.options:
+        flag, kwargs = OPTIONS[option]
+        p.add_argument(flag, **kwargs)
+    p.set_defaults(func=lambda a: run_task(spec, a))
     return p
 
 
-def _pretrain(cfg, **kw):
-    from beit.train.pretrain import run_pretrain
-
-    return run_pretrain(cfg, **kw)
-
-
-
-def _finetune(cfg, **kw):
-    from beit.train.finetune import run_finetune
-
-    return run_finetune(cfg, **kw)
-
-
-def _segment(cfg, **kw):
-    from beit.train.segment import run_segment
-
-    return run_segment(cfg, **kw)
-
-
-def _linprobe(cfg, **kw):
-    from beit.train.linprobe import run_linprobe
-
-    return run_linprobe(cfg, **kw)
-
-
-def _knn(cfg, **kw):
-    from beit.train.knn import run_knn
-
-    return run_knn(cfg, **kw)
-
-
-def _eval(cfg, **kw):
-    from beit.train.eval_task import run_eval
-
-    return run_eval(cfg, **kw)
-
-
-CHECKPOINT_HELP = ("a checkpoint (run directory, ckpt-*.pt / best.pt, exported folder, shipped name): its stored "
-                   "config describes the model and data; or a YAML config with model.pretrained")
-
-
-def checkpoint_config_loader(command: str):
-    """Config loader for commands that evaluate a checkpoint: SOURCE may be the checkpoint itself."""
-
-    def loader(source, overrides):
-        from beit.hub import command_config
-
-        return command_config(source, overrides, command)
-
-    return loader
+def run_task(spec: TaskSpec, a: argparse.Namespace):
+    result = spec.runner(spec.read_config(a.config, a.overrides), **{o: getattr(a, o) for o in spec.options})
+    if isinstance(result, str):  # a picture command: the line saying what it wrote
+        print(result)
+        return 0
+    return result
 
 
 def register(subparsers) -> None:
-    add_train_command(subparsers, "pretrain", "masked image modeling pretraining (BEiT)", _pretrain)
-    add_train_command(subparsers, "finetune", "fine-tune a classifier from model.pretrained (or from scratch)",
-                      _finetune)
-    add_train_command(subparsers, "segment", "semantic segmentation: BEiT + UperNet from model.pretrained "
-                      "(or from scratch)", _segment)
-    for name, help, run in (("linprobe", "linear probe on every block of a frozen backbone", _linprobe),
-                            ("knn", "k-NN accuracy of frozen features (k=20, T=0.07)", _knn),
-                            ("eval", "top-1/top-5, per-class accuracy and confusion matrix of a checkpoint; mIoU, "
-                             "mAcc, aAcc and per-class IoU of a segmentation run", _eval)):
-        p = add_train_command(subparsers, name, help, run, checkpoint_config_loader(name), CHECKPOINT_HELP)
-    p.add_argument("--allow-other-classes", action="store_true",
-                   help="evaluate on data whose class names differ from the checkpoint's (scored by label index)")
-    load = checkpoint_config_loader("eval")
-    p.set_defaults(func=lambda a: _eval(load(a.config, a.overrides), resume=a.resume, overwrite=a.overwrite,
-                                        allow_other_classes=a.allow_other_classes))
+    for spec in TASKS.values():
+        if len(spec.words) == 1:
+            add_task_command(subparsers, spec)

@@ -1,5 +1,6 @@
 """`beit eval`: a checkpoint scored on the test split, read with the checkpoint's class index (classifiers:
-top-1/top-5, per-class accuracy, confusion matrix; segmenters: `beit.train.segment.run_seg_eval`)."""
+top-1/top-5, per-class accuracy, confusion matrix; segmenters: `beit.train.segment.run_seg_eval`). What the
+checkpoint holds decides which (`beit.hub.checkpoint_kind`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import logging
 from pathlib import Path
 
 from beit.builders import build_eval_loader, build_labeled_dataset, build_model
-from beit.config import SEG_DATASETS, Config, ConfigError
+from beit.config import Config, ConfigError
 from beit.convert.runs import resolve_pretrained
-from beit.hub import read_source
+from beit.hub import checkpoint_kind, read_source
 from beit.train.distributed import resolve_device
 from beit.train.evaluate import accuracy, class_names, confusion_matrix, plot_confusion, run_over, write_results
 from beit.train.runner import open_run_dir
@@ -47,10 +48,10 @@ def eval_dataset(cfg: Config, checkpoint_names: list[str], allow_other_classes: 
 
 def run_eval(cfg: Config, overwrite: bool = False, resume: bool = False, allow_other_classes: bool = False) -> Path:
     """Evaluate `model.pretrained` on the test split: results.json (top-1/top-5, per-class accuracy, confusion
-    matrix) and confusion.png in runs/<run_name>/. Segmentation data (`beit segment` runs): mIoU and friends.
+    matrix) and confusion.png in runs/<run_name>/. A segmenter (a `beit segment` run): mIoU and friends.
     The data is read with the checkpoint's class index; other class names are an error unless
     `allow_other_classes`."""
-    if cfg.data.dataset in SEG_DATASETS:
+    if checkpoint_kind(cfg.model) == "segmenter":
         return run_seg_eval(cfg, overwrite=overwrite or resume)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg, need_pretrained=True).to(device).eval()  # fails before any run directory exists
