@@ -39,6 +39,16 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
     `ShardDataset` (beit/data/shards.py) instead. An ImageFolder evaluation split is numbered by `classes`
     (default: the training folder's classes), never by its own folders.
     """
+    _check_split(cfg, split)
+    if cfg.dataset == "webdataset":  # streamed: no random access, so no subsets (the reader says so)
+        return build_shard_dataset(cfg, split, transform, seed=label_seed, classes=classes)
+    # with data.val_size, "train" and "val" are two parts of the source's training split
+    from_train = bool(cfg.val_size) and split != "test"
+    ds = _source_dataset(cfg, "train" if from_train else split, transform, classes)
+    return _subsets(cfg, ds, split, from_train, label_seed)
+
+
+def _check_split(cfg, split: str) -> None:
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if cfg.val_size and cfg.dataset == "webdataset":
@@ -46,50 +56,60 @@ def build_dataset(cfg, split: str, transform: Callable | None = None, label_seed
                          "validation images as their own shards and name them in data.val_shards")
     if split == "val" and not cfg.val_size and cfg.dataset != "webdataset":
         raise ValueError("the 'val' split needs data.val_size > 0 (training images held out for validation)")
-    split, held_out = ("train", split) if cfg.val_size and split != "test" else (split, None)
+
+
+def _source_dataset(cfg, split: str, transform: Callable | None, classes: Sequence[str] | None) -> Dataset:
+    """The whole `split` ("train" | "test") of the map-style source `cfg.dataset`."""
     mode = pil_mode(cfg.in_chans)
-    train = split == "train"
     if cfg.dataset == "fashion_mnist":
-        images, labels = load_fashion_mnist(cfg.root, split)
-        ds = ImageDataset(images, labels, mode, transform, FASHION_MNIST_CLASSES)
-    elif cfg.dataset == "image_folder":
-        if not cfg.root:
-            raise ValueError("data.root must be set for dataset 'image_folder' (root/<split>/<class>/*.jpg)")
-        root = Path(cfg.root).expanduser()
-        folder = root / split
-        if not train and not folder.is_dir() and (root / "val").is_dir():
-            folder = root / "val"  # ImageNet-style layout: val/ is the evaluation split
-        if not folder.is_dir():
-            if not train:
-                raise FileNotFoundError(
-                    f"no '{split}' (or 'val') folder under data.root '{root}' (expected {folder}/<class>/*.jpg)"
-                )
-            log.info("'%s' does not exist; using '%s' itself as the training folder", folder, root)
-            folder = root
-        if not folder.is_dir():
-            raise FileNotFoundError(f"data.root '{root}' is not a directory")
-        if not train and classes is None:
-            classes = training_classes(root)
-        ds = ImageFolderDataset(folder, mode, transform, cfg.on_bad_file, classes,
-                                getattr(cfg, "on_unknown_class", "fail"))
-    elif cfg.dataset == "webdataset":  # streamed: no random access, so no subsets (the reader says so)
-        return build_shard_dataset(cfg, split, transform, seed=label_seed, classes=classes)
-    elif cfg.dataset in extra.TORCHVISION_NAMES or cfg.dataset.startswith("torchvision:"):
-        ds = extra.torchvision_dataset(cfg.dataset, cfg.root, split, mode, transform)
-    elif cfg.dataset == "mnist":
-        ds = ImageDataset(*extra.load_mnist(cfg.root, split), mode, transform, extra.MNIST_CLASSES)
-    elif cfg.dataset == "hf":
-        ds = extra.hf_dataset(cfg.root, split, mode, transform)
-    else:  # unreachable through DataConfig's Literal, kept for direct callers
-        raise ValueError(f"unknown data.dataset {cfg.dataset!r}")
-    if held_out is not None:
-        ds = _split_off_val(ds, held_out, cfg.val_size)
-        train = held_out == "train"
+        return ImageDataset(*load_fashion_mnist(cfg.root, split), mode, transform, FASHION_MNIST_CLASSES)
+    if cfg.dataset == "image_folder":
+        return _image_folder(cfg, split, mode, transform, classes)
+    if cfg.dataset in extra.TORCHVISION_NAMES or cfg.dataset.startswith("torchvision:"):
+        return extra.torchvision_dataset(cfg.dataset, cfg.root, split, mode, transform)
+    if cfg.dataset == "mnist":
+        return ImageDataset(*extra.load_mnist(cfg.root, split), mode, transform, extra.MNIST_CLASSES)
+    if cfg.dataset == "hf":
+        return extra.hf_dataset(cfg.root, split, mode, transform)
+    raise ValueError(f"unknown data.dataset {cfg.dataset!r}")  # unreachable through DataConfig's Literal
+
+
+def _image_folder(cfg, split: str, mode: str, transform: Callable | None,
+                  classes: Sequence[str] | None) -> ImageFolderDataset:
+    """`root/<split>/<class>/*.jpg` (evaluation: `root/val` when there is no `root/test`; training: `root`
+    itself when there is no `root/train`)."""
+    if not cfg.root:
+        raise ValueError("data.root must be set for dataset 'image_folder' (root/<split>/<class>/*.jpg)")
+    root = Path(cfg.root).expanduser()
+    train = split == "train"
+    folder = root / split
+    if not train and not folder.is_dir() and (root / "val").is_dir():
+        folder = root / "val"  # ImageNet-style layout: val/ is the evaluation split
+    if not folder.is_dir():
+        if not train:
+            raise FileNotFoundError(
+                f"no '{split}' (or 'val') folder under data.root '{root}' (expected {folder}/<class>/*.jpg)"
+            )
+        log.info("'%s' does not exist; using '%s' itself as the training folder", folder, root)
+        folder = root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data.root '{root}' is not a directory")
+    if not train and classes is None:
+        classes = training_classes(root)
+    return ImageFolderDataset(folder, mode, transform, cfg.on_bad_file, classes,
+                              getattr(cfg, "on_unknown_class", "fail"))
+
+
+def _subsets(cfg, ds: Dataset, split: str, from_train: bool, label_seed: int) -> Dataset:
+    """`ds` cut to `split`: when `ds` is the training split that data.val_size divides (`from_train`), its
+    held-out part ("val") or the rest ("train"); then the training label fraction, then the first
+    train_subset / eval_subset samples."""
+    if from_train:
+        ds = _split_off_val(ds, split, cfg.val_size)
+    train = split == "train"
     if train and cfg.label_fraction < 1:
         ds = SubsetDataset(ds, balanced_subset(ds.targets, cfg.label_fraction, label_seed))
     n = cfg.train_subset if train else cfg.eval_subset
     if n is not None and n < len(ds):
         ds = SubsetDataset(ds, np.arange(n))
     return ds
-
-
