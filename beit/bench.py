@@ -4,6 +4,8 @@
     beit bench --row fmnist-mim --repeats 7 --json bench.json
     beit bench --preset beit_base_patch16_224_8k_vocab --batch 64
     beit bench --loop 60                        # + the real Fashion-MNIST pretraining loop for 60 steps
+    beit bench --row fmnist-mim --compile-scopes   # our step eager, per-block, whole-model, whole-step compiled
+    beit bench --row none --data-items 2000     # CPU ms per Fashion-MNIST pretraining item (the data alone)
 
 A *step* is what one iteration of training costs without data loading: forward, backward and AdamW on
 random input of the real shapes. The pretraining step includes the frozen tokenizer (its targets are
