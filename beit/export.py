@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from beit.config import Config
-from beit.convert import save_checkpoint_as
+from beit.convert import hf_checkpoint, write_weights
 from beit.convert.segmentation import to_hf_segmentation
 from beit.data.transforms import eval_crop_pct
 from beit.hub import effective_model_kwargs, load
@@ -70,12 +70,11 @@ def _hf_preprocessor(cfg: Config) -> dict:
 def export_hf(sd: dict, cfg: Config, names: list[str], out: Path) -> Path:
     if cfg.model.in_chans == 1 or (cfg.model.in_chans is None and cfg.data.in_chans == 1):
         sd, cfg = _as_rgb(sd, cfg)
-    save_checkpoint_as(sd, out, "hf", model_config=effective_model_kwargs(cfg.model))
-    config = json.loads((out / "config.json").read_text())
+    tensors, config = hf_checkpoint(sd, effective_model_kwargs(cfg.model))
     if "head.weight" in sd:
         config.update(_labels(names, sd["head.weight"].shape[0]))
     config["beit_config"] = cfg.to_dict()
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_weights(tensors, out, config)
     (out / "preprocessor_config.json").write_text(json.dumps(_hf_preprocessor(cfg), indent=2))
     return out
 
@@ -102,16 +101,11 @@ def _hf_seg_preprocessor(cfg: Config) -> dict:
 
 def export_hf_segmenter(sd: dict, cfg: Config, names: list[str], out: Path) -> Path:
     """A BeitSegmenter state dict -> an HF `BeitForSemanticSegmentation` folder (see the module docstring)."""
-    from safetensors.torch import save_file
-
     if cfg.model.in_chans == 1:
         sd, cfg = _as_rgb(sd, cfg, prefix="backbone.")
     hf_sd, config = to_hf_segmentation(sd, effective_model_kwargs(cfg.model))  # refuses heads HF cannot hold
     config.update(_labels(names, sd["decode_head.conv_seg.weight"].shape[0]), beit_config=cfg.to_dict())
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in hf_sd.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_weights(hf_sd, out, config)
     (out / "preprocessor_config.json").write_text(json.dumps(_hf_seg_preprocessor(cfg), indent=2))
     return out
 
@@ -131,8 +125,6 @@ def timm_model_args(cfg: Config, num_classes: int) -> dict:
 
 
 def export_timm(sd: dict, cfg: Config, names: list[str], out: Path) -> Path:
-    from safetensors.torch import save_file
-
     sd = {k: v for k, v in sd.items() if not k.startswith(("lm_head.", "mask_token"))}  # timm has no MIM head
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     args = timm_model_args(cfg, num_classes)
@@ -151,11 +143,7 @@ def export_timm(sd: dict, cfg: Config, names: list[str], out: Path) -> Path:
     config = {"architecture": arch, "num_classes": num_classes, "num_features": args["embed_dim"],
               "global_pool": args["global_pool"], "model_args": args, "pretrained_cfg": pretrained_cfg,
               "beit_config": cfg.to_dict()}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+    return write_weights(sd, out, config)
 
 
 def export(source: str | Path, out: str | Path, to: str = "hf", overwrite: bool = False) -> Path:

@@ -30,9 +30,7 @@ FILES = {"pretrain": "fmnist_backbone.safetensors", "finetune": "fmnist_classifi
 
 
 def write_asset(run: str, out: Path, want_kind: str) -> Path:
-    from safetensors.torch import save_file
-
-    from beit.convert import to_official, unwrap_state_dict
+    from beit.convert import to_official, unwrap_state_dict, write_weights
     from beit.hub import model_kind, read_source
 
     src = read_source(run)
@@ -46,10 +44,10 @@ def write_asset(run: str, out: Path, want_kind: str) -> Path:
     if want_kind == "mim" and src.config.tokenizer.name not in SHIPPED:
         raise SystemExit(f"{run}: pretrained against tokenizer '{src.config.tokenizer.name}', which is not shipped "
                          f"({', '.join(SHIPPED)}); users could not rebuild its targets")
-    half = {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
-    meta = {"format": "pt", "beit_config": json.dumps(src.config.to_dict()),
-            "class_names": json.dumps(src.class_names), "source": str(src.path)}
-    save_file(half, str(out), metadata=meta)
+    half = {k: v.to(torch.float16) for k, v in sd.items()}
+    meta = {"beit_config": json.dumps(src.config.to_dict()), "class_names": json.dumps(src.class_names),
+            "source": str(src.path)}
+    write_weights(half, out, metadata=meta)
     size = out.stat().st_size
     if size > MAX_BYTES:
         out.unlink()

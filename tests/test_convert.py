@@ -23,6 +23,7 @@ from beit.convert import (
     to_official,
     unwrap_checkpoint,
     unwrap_state_dict,
+    write_weights,
 )
 from beit.cli import main as cli_main
 from beit.convert.resize import resize_pos_embed, resize_rel_pos_table
@@ -390,6 +391,24 @@ def test_wrong_size_head_dropped_and_pt1k_800ep_variant():
     big = create_model("beit_tiny_patch16_224", img_size=384, **variant)
     assert load_pretrained(big, sd).resized == ["pos_embed"]
     assert torch.equal(big.pos_embed[:, 0], sd["pos_embed"][:, 0])
+
+
+def test_write_weights_folder_file_and_torch_wrapper(tmp_path):
+    """The one writer: a folder gets model.safetensors plus the given config.json, a file its metadata or wrapper."""
+    from safetensors import safe_open
+
+    qkv = torch.randn(6, 2)
+    sd = {"a": qkv[:3], "b": qkv[3:].t()}  # shared storage, one of them non-contiguous: safetensors refuses both
+    folder = write_weights(sd, tmp_path / "hf", {"model_type": "beit", "labels": [1, 2]})
+    assert json.loads((folder / "config.json").read_text()) == {"model_type": "beit", "labels": [1, 2]}
+    assert_same_tensors(read_checkpoint(folder), sd)
+    path = write_weights(sd, tmp_path / "sub" / "w.safetensors", metadata={"source": "x"})
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt", "source": "x"}
+    assert read_checkpoint(write_weights(sd, tmp_path / "w.pth", wrapper="model")).keys() == {"model"}
+    assert_same_tensors(read_checkpoint(write_weights(sd, tmp_path / "flat.pt")), sd)
+    with pytest.raises(ValueError, match=r"w\.npz: unknown extension"):
+        write_weights(sd, tmp_path / "w.npz")
 
 
 def test_read_checkpoint_errors_and_formats(tmp_path):

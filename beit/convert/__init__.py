@@ -4,6 +4,7 @@ the official fine-tuning surgery, and write official / HF / OpenMMLab files.
     read_checkpoint(path) -> dict                 # safetensors, or torch.load(weights_only=True); never unpickles
     load_pretrained(model, path_or_sd) -> LoadReport
     save_checkpoint_as(sd, path, layout)          # official | hf | mmpretrain
+    write_weights(tensors, path, config=None)     # the one writer of weight files (and of their config.json)
 
 The ViT loader lives in beit/convert/weights.py (its docstring lists the surgery, step by step), segmenter
 checkpoints in beit/convert/segmentation.py, key tables in beit/convert/layouts.py, resizing in
@@ -19,13 +20,15 @@ import torch
 
 from beit.convert.layouts import LAYOUTS, detect_layout, from_official, to_official, unwrap_checkpoint, unwrap_state_dict
 from beit.convert.segmentation import load_segmenter
-from beit.convert.weights import LoadReport, hf_config_from_state_dict, load_vit, read_checkpoint, save_checkpoint_as
+from beit.convert.weights import (LoadReport, hf_checkpoint, hf_config_from_state_dict, load_vit, read_checkpoint,
+                                  save_checkpoint_as, write_weights)
 
 __all__ = [
     "LAYOUTS",
     "LoadReport",
     "detect_layout",
     "from_official",
+    "hf_checkpoint",
     "hf_config_from_state_dict",
     "load_pretrained",
     "read_checkpoint",
@@ -33,6 +36,7 @@ __all__ = [
     "to_official",
     "unwrap_checkpoint",
     "unwrap_state_dict",
+    "write_weights",
 ]
 
 

@@ -35,7 +35,7 @@ import torch
 
 from beit.convert.layouts import from_official, rename, to_official, unwrap_state_dict
 from beit.convert.runs import resolve_pretrained
-from beit.convert.weights import _num_blocks, hf_config_from_state_dict, load_vit, read_checkpoint
+from beit.convert.weights import _num_blocks, hf_config_from_state_dict, load_vit, read_checkpoint, write_weights
 from beit.models.presets import SEG_PRESETS
 from beit.models.segmentation import BeitSegmenter
 
@@ -241,29 +241,14 @@ def to_hf_segmentation(sd: Mapping[str, torch.Tensor], arch: Mapping) -> tuple[d
 def save_segmenter_as(sd: Mapping, path: str | os.PathLike, layout: str, arch: Mapping | None = None) -> Path:
     """Write a segmenter state dict (any supported layout) as `layout`: mmseg/ours `.pth` (`{"state_dict"}` /
     `{"model"}`) or `.safetensors`; hf a directory with model.safetensors + config.json (needs `arch`)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
     ours = seg_to_ours(unwrap_state_dict(sd))
     if layout == "hf":
         if arch is None or "out_indices" not in arch:
             raise ValueError("converting a segmenter to HF needs its out_indices (0-based blocks): pass "
                              "--out-indices 3,5,7,11 or a checkpoint that carries its model config")
-        out, cfg = to_hf_segmentation(ours, arch)
-        out = {k: v.detach().contiguous().clone() for k, v in out.items()}
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
-        (path / "config.json").write_text(json.dumps(cfg, indent=2))
-        return path
-    out = {k: v.detach().contiguous().clone() for k, v in seg_from_ours(ours, layout).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        save_file(out, str(path), metadata={"format": "pt"})
-    elif path.suffix in (".pth", ".pt", ".bin"):
-        torch.save({"state_dict" if layout == "mmseg" else "model": out}, path)
-    else:
-        raise ValueError(f"{path}: unknown extension; use .safetensors or .pth (or a directory for hf)")
-    return path
+        tensors, config = to_hf_segmentation(ours, arch)
+        return write_weights(tensors, path, config)
+    return write_weights(seg_from_ours(ours, layout), path, wrapper="state_dict" if layout == "mmseg" else "model")
 
 
 # ------------------------------------------------------------------------------------------------ loading

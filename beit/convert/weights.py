@@ -2,7 +2,8 @@
 
     read_checkpoint(path) -> dict                 # safetensors, or torch.load(weights_only=True); never unpickles
     load_vit(model, path_or_sd) -> LoadReport     # `beit.convert.load_pretrained` for a Beit
-    save_checkpoint_as(sd, path, layout)          # official | hf | mmpretrain
+    write_weights(tensors, path, config=None)     # the one writer: a folder with config.json, .safetensors or .pth
+    save_checkpoint_as(sd, path, layout)          # official | hf | mmpretrain, through write_weights
 
 `load_vit` does, in the official order (unilm `run_class_finetuning.py`):
 unwrap `model`/`module`/`state_dict` and prefixes, drop `relative_position_index`, detect the layout and
@@ -308,6 +309,39 @@ def hf_config_from_state_dict(sd: Mapping[str, torch.Tensor], model_config: Mapp
     return out
 
 
+def hf_checkpoint(sd: Mapping[str, torch.Tensor], model_config: Mapping | None = None) -> tuple[dict, dict]:
+    """An official/our state dict (any wrapper) -> (HF hub-layout tensors, its config.json): what
+    `BeitFor*.from_pretrained` reads. Callers may add fields to the config before `write_weights` writes it."""
+    sd = to_official(unwrap_state_dict(sd))
+    return from_official(sd, "hf"), hf_config_from_state_dict(sd, model_config)
+
+
+def write_weights(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, config: Mapping | None = None,
+                  wrapper: str | None = None, metadata: Mapping[str, str] | None = None) -> Path:
+    """The one writer of weight files. With `config` (the final config.json, written once) `path` is a folder
+    holding `model.safetensors` and `config.json`; else a `.safetensors` file (its header's metadata is
+    `{"format": "pt", **metadata}`) or a `.pth`/`.pt`/`.bin` torch file (`{wrapper: tensors}`, flat without one)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    # safetensors refuses shared or non-contiguous storage (e.g. cloned views from the qkv split).
+    out = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    meta = {"format": "pt", **(metadata or {})}
+    if config is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(out, str(path / "model.safetensors"), metadata=meta)
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(out, str(path), metadata=meta)
+    elif path.suffix in (".pth", ".pt", ".bin"):
+        torch.save({wrapper: out} if wrapper else out, path)
+    else:
+        raise ValueError(f"{path}: unknown extension; use .safetensors or .pth (or a directory for hf)")
+    return path
+
+
 def save_checkpoint_as(
     sd: Mapping[str, torch.Tensor], path: str | os.PathLike, layout: str, model_config: Mapping | None = None
 ) -> Path:
@@ -321,24 +355,8 @@ def save_checkpoint_as(
     sd = to_official(unwrap_state_dict(sd))
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout '{layout}'; expected one of {LAYOUTS}")
-    out = from_official(sd, layout)
-    # safetensors refuses shared or non-contiguous storage (e.g. cloned views from the qkv split).
-    out = {k: v.detach().contiguous().clone() for k, v in out.items()}
     if layout == "hf" and path.suffix not in (".safetensors", ".bin", ".pth", ".pt"):
-        from safetensors.torch import save_file
-
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
-        (path / "config.json").write_text(json.dumps(hf_config_from_state_dict(sd, model_config), indent=2))
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(out, str(path), metadata={"format": "pt"})
-    elif path.suffix in (".pth", ".pt", ".bin"):
-        wrapper = {"official": "model", "mmpretrain": "state_dict"}.get(layout)
-        torch.save({wrapper: out} if wrapper else out, path)
-    else:
-        raise ValueError(f"{path}: unknown extension; use .safetensors or .pth (or a directory for hf)")
-    return path
+        tensors, config = hf_checkpoint(sd, model_config)
+        return write_weights(tensors, path, config)
+    return write_weights(from_official(sd, layout), path,
+                         wrapper={"official": "model", "mmpretrain": "state_dict"}.get(layout))
