@@ -286,6 +286,25 @@ def test_tokenizer_train_resume_matches_an_uninterrupted_run(tmp_path):
     assert len(losses[0]) == 8 and losses[0] == losses[1]
 
 
+def test_tokenizer_epochs_are_the_loops_optimizer_steps():
+    """train.epochs of a tokenizer run count the loop's optimizer steps per epoch (one global batch each: per
+    device x accumulation x processes), so one process without accumulation keeps N // batch_size steps, and
+    2 processes or 2 accumulation steps take half as many; a set smaller than one global batch is refused."""
+    from beit.config import ConfigError
+    from beit.train.tokenizer import _Images, _schedule_config
+
+    images = _Images(torch.zeros(100, 1, 8, 8, dtype=torch.uint8))
+
+    def steps(world_size: int, *overrides: str) -> int:
+        cfg = load_config(None, ["data.batch_size=8", "train.epochs=3", *overrides])
+        return _schedule_config(cfg, images, world_size).train.steps
+
+    assert steps(1) == 3 * (100 // 8) and steps(2) == 3 * (100 // 2 // 8) == steps(1, "optim.accum_steps=2")
+    assert steps(1, "train.steps=7") == 7 and steps(1, "train.max_steps=5") == 5
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        steps(1, "data.batch_size=128")
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def test_cli_encode_and_reconstruct(tmp_path, fmnist_tok, capsys):
     """`beit tokenizer encode/reconstruct` on image files: same ids as the library call, PNG of pairs."""

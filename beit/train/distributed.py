@@ -45,8 +45,14 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def env_world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE; 1 for a plain run), known before any process group
+    exists: what a command needs to size its run before `launch`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device_spec: str = "auto", backend: str = "auto") -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_spec, local_rank)

@@ -33,9 +33,9 @@ from safetensors.torch import save_file
 from beit.config import Config, TokenizerConfig
 from beit.data.build import build_dataset
 from beit.tokenizers.dvae import DVAE, kl_to_uniform, map_pixels, recon_nll
-from beit.train.distributed import all_reduce_sum, broadcast_
+from beit.train.distributed import all_reduce_sum, broadcast_, env_world_size
 from beit.train.evaluate import is_main_process
-from beit.train.loop import Task, autocast
+from beit.train.loop import Task, autocast, steps_per_epoch_of
 from beit.train.runner import launch
 
 # Dead-code handling is configured by TokenizerConfig (revive_*, usage_entropy_weight, final_steps); these
@@ -284,14 +284,15 @@ class _Images(torch.utils.data.Dataset):
         return {"image": self.images[i]}
 
 
-def _schedule_config(cfg: Config, num_images: int) -> Config:
+def _schedule_config(cfg: Config, dataset: torch.utils.data.Dataset, world_size: int) -> Config:
     """The run's config with the tokenizer recipe's schedule made explicit, as `train.steps`: the given
-    `train.steps` (then `train.max_steps` only stops early, as in pretraining), else `train.epochs` shortened
-    to `train.max_steps` (the recipe's meaning: the shipped config anneals over its 1000 steps); warmup is
-    `optim.warmup_steps` or 0."""
+    `train.steps` (then `train.max_steps` only stops early, as in pretraining), else `train.epochs` of the
+    loop's optimizer steps per epoch (`steps_per_epoch_of`: one step takes a global batch, per device x
+    accumulation x processes) shortened to `train.max_steps` (the recipe's meaning: the shipped config anneals
+    over its 1000 steps); warmup is `optim.warmup_steps` or 0."""
     total = cfg.train.steps
     if total is None:
-        total = int(cfg.train.epochs * max(num_images // cfg.data.batch_size, 1))
+        total = int(cfg.train.epochs * steps_per_epoch_of(cfg, dataset, world_size))
         total = min(total, cfg.train.max_steps) if cfg.train.max_steps is not None else total
     return cfg.model_copy(update={
         "train": cfg.train.model_copy(update={"steps": total}),
@@ -314,7 +315,8 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
     if train_x.shape[1] != tcfg.in_chans:
         raise ValueError(f"the data has {train_x.shape[1]} channels but tokenizer.in_chans={tcfg.in_chans}")
     log(f"data: train {tuple(train_x.shape)} ({time.time() - t0:.1f}s)")
-    cfg = _schedule_config(cfg, len(train_x))
+    dataset = _Images(train_x)
+    cfg = _schedule_config(cfg, dataset, env_world_size())  # before launch: the run's config holds its length
     cfg.train.out_dir, cfg.train.run_name = str(out_dir.parent), out_dir.name
     task_of = {}
 
@@ -323,7 +325,7 @@ def train_tokenizer(cfg: Config, out_dir: str | Path, overwrite: bool = False, l
         log(f"dVAE: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {tcfg.vocab_size}, "
             f"÷{tcfg.downsample}")
         recipe = DVAERecipe(cfg, cfg.train.steps, device)
-        task_of["task"] = Task(model=model, step=recipe.step, dataset=_Images(train_x), after_step=recipe.after_step,
+        task_of["task"] = Task(model=model, step=recipe.step, dataset=dataset, after_step=recipe.after_step,
                                extra_state=recipe)
         return task_of["task"]
 
