@@ -15,7 +15,7 @@ def create_model(name, pretrained=None, **overrides):
 
 def create_tokenizer(name_or_path, weights=None, **overrides):
     """Build a frozen visual tokenizer (DALL-E dVAE, or one trained with `beit tokenizer train`)."""
-    from beit.tokenizers import create_tokenizer as _create
+    from beit.builders import create_tokenizer as _create
 
     return _create(name_or_path, weights=weights, **overrides)
 

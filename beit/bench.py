@@ -36,9 +36,10 @@ from torch.profiler import ProfilerActivity
 from torch.utils.flop_counter import FlopCounterMode
 
 from beit import builders
+from beit.builders import create_tokenizer
 from beit.config import load_config
 from beit.models import PRESETS, Beit, create_model
-from beit.tokenizers import DalleTokenizer, create_tokenizer
+from beit.tokenizers import DalleTokenizer
 from beit.tokenizers.dalle import DalleEncoder
 from beit.train.distributed import DistInfo
 from beit.train.finetune import make_classification_step

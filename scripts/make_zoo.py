@@ -39,11 +39,11 @@ def write_asset(run: str, out: Path, want_kind: str) -> Path:
     sd = to_official(unwrap_state_dict(src.raw))
     if model_kind(sd) != want_kind:
         raise SystemExit(f"{run}: holds a {model_kind(sd)} checkpoint, expected a {want_kind}")
-    from beit.tokenizers import SHIPPED
+    from beit.builders import SHIPPED_TOKENIZERS
 
-    if want_kind == "mim" and src.config.tokenizer.name not in SHIPPED:
+    if want_kind == "mim" and src.config.tokenizer.name not in SHIPPED_TOKENIZERS:
         raise SystemExit(f"{run}: pretrained against tokenizer '{src.config.tokenizer.name}', which is not shipped "
-                         f"({', '.join(SHIPPED)}); users could not rebuild its targets")
+                         f"({', '.join(SHIPPED_TOKENIZERS)}); users could not rebuild its targets")
     half = {k: v.to(torch.float16) for k, v in sd.items()}
     meta = {"beit_config": json.dumps(src.config.to_dict()), "class_names": json.dumps(src.class_names),
             "source": str(src.path)}

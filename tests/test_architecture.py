@@ -115,10 +115,6 @@ def test_the_cycle_check_sees_module_level_and_function_local_imports(tmp_path, 
 # `create_tokenizer` and `load` may import `beit` modules inside functions; everywhere else an import sits at
 # the top of its module, where the layers contract and a reader see it.
 LAZY_IMPORTS_BY_DESIGN = ("beit/cli/", "beit/__init__.py")
-# Files whose function-local `beit` imports are still to be hoisted (each owned by work in progress).
-LAZY_IMPORTS_NOT_YET_HOISTED = {
-    "beit/tokenizers/base.py",  # read_checkpoint from beit.convert: the tokenizers sit below convert
-}
 
 
 def function_local_beit_imports(path: Path) -> list[str]:
@@ -143,13 +139,11 @@ def test_function_local_beit_imports_only_in_the_cli_and_the_package_root():
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith(LAZY_IMPORTS_BY_DESIGN) or rel in LAZY_IMPORTS_NOT_YET_HOISTED:
+        if rel.startswith(LAZY_IMPORTS_BY_DESIGN):
             continue
         if lines := function_local_beit_imports(path):
             found[rel] = lines
     assert found == {}, f"hoist these imports to the top of their module (function-local ones hide the layers): {found}"
-    left = {rel for rel in LAZY_IMPORTS_NOT_YET_HOISTED if function_local_beit_imports(ROOT / rel)}
-    assert left == LAZY_IMPORTS_NOT_YET_HOISTED, f"hoisted already: drop {LAZY_IMPORTS_NOT_YET_HOISTED - left} from the list"
 
 
 def test_the_local_import_check_sees_absolute_relative_and_nested_imports(tmp_path):

@@ -87,7 +87,7 @@ def test_channels_last_tokenizer_gives_the_nchw_tokens():
     """The shipped tokenizer in NHWC (as `freeze` leaves it) against the same weights in NCHW, on 512 real
     training images: at least 99.5% of tokens equal (only the convolutions' summation order differs)."""
     from beit.data.datasets import load_fashion_mnist
-    from beit.tokenizers import create_tokenizer
+    from beit.builders import create_tokenizer
 
     images, _ = load_fashion_mnist(FMNIST, "train")
     x = torch.nn.functional.interpolate(torch.from_numpy(images[:512]).float()[:, None] / 255, size=32,

@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 
 from beit.config import load_config
 from beit.data.datasets import read_idx
-from beit.tokenizers import SHIPPED, TokenizerError, convert_dalle_pickle, create_tokenizer
+from beit.builders import SHIPPED_TOKENIZERS as SHIPPED
+from beit.builders import convert_dalle_pickle, create_tokenizer
+from beit.tokenizers import TokenizerError
 from beit.tokenizers.dalle import DalleTokenizer
 
 FMNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")

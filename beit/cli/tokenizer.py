@@ -42,7 +42,7 @@ def _load_images(paths: list[str], tok, size: int | None = None):
 
 
 def _tokenizer(args):
-    from beit.tokenizers import create_tokenizer
+    from beit.builders import create_tokenizer
 
     return create_tokenizer(args.tokenizer, weights=args.weights)
 
@@ -87,7 +87,7 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from beit.tokenizers.dalle import convert_dalle_pickle
+    from beit.builders import convert_dalle_pickle
 
     dst = convert_dalle_pickle(args.src, args.dst, trust_pickle=args.trust_pickle)
     print(f"wrote {dst}; load it with create_tokenizer('dall-e', weights='{dst}')")

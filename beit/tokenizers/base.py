@@ -1,8 +1,6 @@
-"""What every tokenizer shares: frozen-module behaviour, input checks, safe weight-file reading."""
+"""What every tokenizer shares: frozen-module behaviour, input checks, state-dict checks."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -82,27 +80,6 @@ class FrozenTokenizer(nn.Module):
 
     def _decode(self, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from safetensors or a torch file, without unpickling arbitrary objects
-    (the same reader as model checkpoints), unwrapping `{'state_dict': …}` / `{'model': …}` containers."""
-    from beit.convert import read_checkpoint, unwrap_checkpoint
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer weight file '{path}' does not exist")
-    try:
-        state = read_checkpoint(path)
-    except ValueError as e:  # corrupt, truncated, or a pickled module rather than a state dict
-        hint = ""
-        if "pickles Python objects" in str(e) or path.suffix == ".pkl":
-            hint = " If it is OpenAI's pickled encoder.pkl/decoder.pkl, convert it once with `beit tokenizer convert SRC DST --trust-pickle`."
-        raise TokenizerError(f"cannot read tokenizer weights '{path}': {str(e)[:300]}.{hint}") from None
-    state = unwrap_checkpoint(state)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise TokenizerError(f"'{path}' does not hold a state dict of tensors (got {type(state).__name__})")
-    return state
 
 
 def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -7,7 +7,7 @@ the parameter names differ (`weight`/`bias` here, `w`/`b` there), so a rename is
 Weights load from a state dict, never from a pickled module:
 - OpenMMLab's `dalle_encoder.pth` (keys `blocks.….w/b`, possibly under `target_generator.`);
 - a `dall_e.Encoder().state_dict()` / `dall_e.Decoder().state_dict()` (the same `w`/`b` layout);
-- safetensors, e.g. written by `convert_dalle_pickle` (keys `encoder.…`, `decoder.…` or bare).
+- safetensors, e.g. written by `beit.builders.convert_dalle_pickle` (keys `encoder.…`, `decoder.…` or bare).
 
 Numerics: dall_e's convs run in fp16 on CUDA; we run fp32 everywhere, so GPU fp16 tokens of the
 original can differ from ours in a few near-tied positions.
@@ -16,13 +16,12 @@ original can differ from ours in a few near-tied positions.
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from beit.tokenizers.base import FrozenTokenizer, check_state_dict, load_state_dict_file
+from beit.tokenizers.base import FrozenTokenizer, check_state_dict
 from beit.tokenizers.dvae import map_pixels, unmap_pixels
 
 N_HID, N_INIT, N_BLK, GROUPS, VOCAB = 256, 128, 2, 4, 8192
@@ -157,43 +156,16 @@ class DalleTokenizer(FrozenTokenizer):
         return unmap_pixels(torch.sigmoid(stats[:, :3]))
 
 
-def load_dalle(weights: str | Path, decoder_weights: str | Path | None = None) -> DalleTokenizer:
-    state = dalle_to_ours(load_state_dict_file(weights))
-    enc, dec = split_encoder_decoder(state, str(weights))
-    if decoder_weights is not None:
-        _, dec2 = split_encoder_decoder(dalle_to_ours(load_state_dict_file(decoder_weights)), str(decoder_weights))
+def dalle_tokenizer(state: dict, source: str, decoder_state: dict | None = None,
+                    decoder_source: str = "") -> DalleTokenizer:
+    """A DalleTokenizer from the state dict read from `source` (the encoder, or encoder and decoder) and, for
+    decoding, a separate decoder's (read from `decoder_source`)."""
+    enc, dec = split_encoder_decoder(dalle_to_ours(state), source)
+    if decoder_state is not None:
+        _, dec2 = split_encoder_decoder(dalle_to_ours(decoder_state), decoder_source)
         if not dec2:
-            raise KeyError(f"decoder_weights '{decoder_weights}' holds no decoder keys (its input conv is not 8192 -> 128)")
+            raise KeyError(f"decoder_weights '{decoder_source}' holds no decoder keys (its input conv is not 8192 -> 128)")
         dec = dec2
     if not enc:
-        raise KeyError(f"'{weights}' holds no DALL-E encoder keys (only a decoder); pass the encoder file as weights=")
-    return DalleTokenizer(enc, dec or None, source=str(weights))
-
-
-def convert_dalle_pickle(src: str | Path, dst: str | Path, trust_pickle: bool = False) -> Path:
-    """Convert OpenAI's pickled `encoder.pkl` / `decoder.pkl` into a safetensors state dict, once.
-
-    Unpickling runs arbitrary code from the file, so it only happens when `trust_pickle=True` (CLI:
-    `beit tokenizer convert SRC DST --trust-pickle`). It needs the `dall_e` package importable.
-    The output holds our key names under `encoder.` or `decoder.`; load it with
-    `create_tokenizer("dall-e", weights=DST)`.
-    """
-    from safetensors.torch import save_file
-
-    src, dst = Path(src), Path(dst)
-    if not trust_pickle:
-        raise PermissionError(f"refusing to unpickle '{src}': a pickle can run arbitrary code. If you trust the file "
-                              "(e.g. downloaded from cdn.openai.com), pass trust_pickle=True (CLI: --trust-pickle)")
-    if not src.is_file():
-        raise FileNotFoundError(f"'{src}' does not exist; download it from https://cdn.openai.com/dall-e/{src.name} (use wget -O, capital O)")
-    try:
-        import dall_e  # noqa: F401  (the pickle refers to dall_e.encoder.Encoder)
-    except ImportError as e:
-        raise ImportError("unpickling DALL-E's module needs `pip install DALL-E attrs`") from e
-    obj = torch.load(src, map_location="cpu", weights_only=False)  # explicit, user-trusted pickle
-    state = obj.state_dict() if isinstance(obj, nn.Module) else obj
-    enc, dec = split_encoder_decoder(dalle_to_ours(state), str(src))
-    out = {f"encoder.{k}": v for k, v in enc.items()} | {f"decoder.{k}": v for k, v in dec.items()}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in out.items()}, str(dst), metadata={"format": "beit-dalle", "source": src.name})
-    return dst
+        raise KeyError(f"'{source}' holds no DALL-E encoder keys (only a decoder); pass the encoder file as weights=")
+    return DalleTokenizer(enc, dec or None, source=source)
