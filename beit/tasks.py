@@ -14,6 +14,7 @@ this layer or one below it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -22,6 +23,7 @@ from beit.config import Config, load_config
 
 # How `beit eval|knn|linprobe|predict SOURCE` read SOURCE: a checkpoint (its stored config is the base) or a YAML file.
 CHECKPOINT_CONFIG = "beit.hub:command_config"
+LOOP = "beit.train.runner:run_task"  # launch + the loop + report: every training command
 
 
 def resolve(ref: str) -> Callable:
@@ -38,10 +40,12 @@ class TaskSpec:
     name: str  # the command (`beit NAME`); also its key in config.COMMAND_DEFAULTS
     help: str
     config: Literal["yaml", "checkpoint"]  # what CONFIG names: a YAML file, or a checkpoint (a YAML file too)
-    run: str  # "module:function": (Config, **options) -> Path | str
-    # "module:function": (Config, torch.device) -> loop Task; None for commands that train nothing, and for the
-    # tokenizer, whose Task is built inside `train_tokenizer` around the images it loads first.
-    build: str | None = None
+    # A training command is its loop Task and its report; the loop itself (`beit.train.runner.run_task`) is shared:
+    build: str | None = None  # "module:function": (Config, torch.device) -> loop Task
+    report: str | None = None  # "module:function": (Config, run directory) -> None, on the main process at the end
+    # Any other command (evaluation, pictures; the tokenizer, whose Task is built around the images it loads
+    # first) names its own function: (Config, **options) -> Path | str.
+    run: str | None = None
     options: tuple[str, ...] = ("resume", "overwrite")
     command: tuple[str, ...] = ()  # the words after `beit` when they are not just NAME
 
@@ -51,11 +55,11 @@ class TaskSpec:
 
     @property
     def runner(self) -> Callable:
-        return resolve(self.run)
-
-    @property
-    def builder(self) -> Callable | None:
-        return resolve(self.build) if self.build else None
+        """(Config, **options) -> what the command returns (a training command: its run directory)."""
+        if self.run is not None:
+            return resolve(self.run)
+        build, report = resolve(self.build), resolve(self.report) if self.report else None
+        return functools.partial(resolve(LOOP), build_task=build, report=report)
 
     def read_config(self, source: str, overrides: list[str]) -> Config:
         """The run's config: the YAML file with this command's defaults, or a checkpoint's stored config."""
@@ -70,13 +74,13 @@ _PREDICT_HELP = "draw what a model predicts: masked tokens (pretraining) or labe
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("pretrain", "masked image modeling pretraining (BEiT)", "yaml",
-             run="beit.train.pretrain:run_pretrain", build="beit.train.pretrain:build_pretrain_task"),
+             build="beit.train.pretrain:build_pretrain_task", report="beit.train.pretrain:report_pretrain"),
     TaskSpec("finetune", "fine-tune a classifier from model.pretrained (or from scratch)", "yaml",
-             run="beit.train.finetune:run_finetune", build="beit.train.finetune:build_finetune_task"),
+             build="beit.train.finetune:build_finetune_task", report="beit.train.finetune:report_finetune"),
     TaskSpec("segment", "semantic segmentation: BEiT + UperNet from model.pretrained (or from scratch)", "yaml",
-             run="beit.train.segment:run_segment", build="beit.train.segment:build_segment_task"),
+             build="beit.train.segment:build_segment_task", report="beit.train.segment:report_segment"),
     TaskSpec("linprobe", "linear probe on every block of a frozen backbone", "checkpoint",
-             run="beit.train.linprobe:run_linprobe", build="beit.train.linprobe:build_linprobe_task"),
+             build="beit.train.linprobe:build_linprobe_task", report="beit.train.linprobe:report_linprobe"),
     TaskSpec("knn", "k-NN accuracy of frozen features (k=20, T=0.07)", "checkpoint", run="beit.train.knn:run_knn"),
     TaskSpec("eval", _EVAL_HELP, "checkpoint", run="beit.train.eval_task:run_eval",
              options=("resume", "overwrite", "allow_other_classes")),
@@ -85,3 +89,8 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("tokenizer", "train a dVAE tokenizer from a config", "yaml", run="beit.train.tokenizer:train_tokenizer",
              options=("overwrite", "resume"), command=("tokenizer", "train")),
 )}
+
+
+def run(name: str, cfg: Config, **options):
+    """Run command `name` on a config as `beit NAME` does: `run("finetune", cfg, resume=True)`."""
+    return TASKS[name].runner(cfg, **options)

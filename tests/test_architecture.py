@@ -157,9 +157,11 @@ def test_the_local_import_check_sees_absolute_relative_and_nested_imports(tmp_pa
 def test_every_task_names_functions_that_exist_at_or_below_its_layer():
     """beit.tasks names its functions as strings (so `beit --help` imports none of them): each must resolve, and
     to a module the registry's layer may import (not the CLI or the experiment drivers above it)."""
-    from beit.tasks import CHECKPOINT_CONFIG, TASKS, resolve
+    from beit.tasks import CHECKPOINT_CONFIG, LOOP, TASKS, resolve
 
-    refs = [CHECKPOINT_CONFIG] + [ref for spec in TASKS.values() for ref in (spec.run, spec.build) if ref]
+    for spec in TASKS.values():  # a training command is a builder (+ report) for the one loop, or names its runner
+        assert (spec.run is None) == (spec.build is not None), spec.name
+    refs = [CHECKPOINT_CONFIG, LOOP] + [ref for spec in TASKS.values() for ref in (spec.run, spec.build, spec.report) if ref]
     for ref in refs:
         assert callable(resolve(ref)), ref
         assert not ref.startswith(("beit.cli", "beit.experiments")), f"{ref}: above beit.tasks in the layers"

@@ -64,9 +64,9 @@ def _finetune_cfg(folder: Path, out: Path, name: str, *extra: str):
 @pytest.fixture(scope="module")
 def full_finetune(folder, tmp_path_factory) -> Path:
     """The uninterrupted fine-tune (12 steps, main-process loading) the resumed runs are compared with."""
-    from beit.train.finetune import run_finetune
+    from beit.tasks import run
 
-    return run_finetune(_finetune_cfg(folder, tmp_path_factory.mktemp("finetune"), "full"))
+    return run("finetune", _finetune_cfg(folder, tmp_path_factory.mktemp("finetune"), "full"))
 
 
 def test_finetune_resumes_bit_for_bit_with_mixing_and_ema_and_keeps_the_last_checkpoints(folder, full_finetune,
@@ -74,7 +74,7 @@ def test_finetune_resumes_bit_for_bit_with_mixing_and_ema_and_keeps_the_last_che
     """12 steps (2 epochs of 6) with mixup/cutmix, random erasing, drop path and EMA: stopped after step 6 (the
     end of the first epoch) and resumed, the run ends with the uninterrupted run's weights and EMA weights, bit
     for bit, and its losses."""
-    from beit.train.finetune import run_finetune
+    from beit.tasks import run
 
     full = full_finetune
     # the global batch of 6 differs from the recipe's 128: the run's log says so, loudly, with the fix
@@ -84,11 +84,11 @@ def test_finetune_resumes_bit_for_bit_with_mixing_and_ema_and_keeps_the_last_che
     # keep_last=2: only the two newest of the checkpoints saved every 2 steps remain
     assert [p.name for p in sorted(full.glob("ckpt-*.pt"))] == ["ckpt-00000010.pt", "ckpt-00000012.pt"]
 
-    part = run_finetune(_finetune_cfg(folder, tmp_path, "part", "train.max_steps=6"))
+    part = run("finetune", _finetune_cfg(folder, tmp_path, "part", "train.max_steps=6"))
     assert [p.name for p in sorted(part.glob("ckpt-*.pt"))] == ["ckpt-00000004.pt", "ckpt-00000006.pt"]
     np.random.seed(123)  # the caller's global numpy state differs from the first run's: mixing must not care
     torch.manual_seed(123)
-    run_finetune(_finetune_cfg(folder, tmp_path, "part"), resume=True)
+    run("finetune", _finetune_cfg(folder, tmp_path, "part"), resume=True)
     _assert_same_run(full, part, 12, keys=("model", "ema"))
     # EMA: updated (not the model, not its start) and evaluated
     ema, model = _weights(full, 12, "ema"), _weights(full, 12)
@@ -105,18 +105,18 @@ def test_finetune_resumed_inside_an_epoch_with_other_workers_is_bit_for_bit(fold
     seeded by (seed, e, i), not from a stream whose position depends on the samples a process drew before.
     And the evaluation the stopped run makes at step 5 (the uninterrupted run makes none there) leaves the
     RNG states that drive drop path and mixing as they were, so its checkpoint holds the uninterrupted run's."""
-    from beit.train.finetune import run_finetune
+    from beit.tasks import run
 
-    part = run_finetune(_finetune_cfg(folder, tmp_path, "part", "train.max_steps=5", "data.num_workers=1"))
+    part = run("finetune", _finetune_cfg(folder, tmp_path, "part", "train.max_steps=5", "data.num_workers=1"))
     assert [r["step"] for r in read_metrics(part / "metrics.jsonl", "eval")] == [5]  # the evaluation at the stop
-    run_finetune(_finetune_cfg(folder, tmp_path, "part"), resume=True)
+    run("finetune", _finetune_cfg(folder, tmp_path, "part"), resume=True)
     _assert_same_run(full_finetune, part, 12, keys=("model", "ema"))
 
 
 def test_matching_recipe_batch_gives_no_warning(folder, tmp_path):
-    from beit.train.finetune import run_finetune
+    from beit.tasks import run
 
-    run_dir = run_finetune(_finetune_cfg(folder, tmp_path, "ok", "optim.recipe_batch_size=6", "train.max_steps=1",
+    run_dir = run("finetune", _finetune_cfg(folder, tmp_path, "ok", "optim.recipe_batch_size=6", "train.max_steps=1",
                                          "train.ema_decay=null"))
     log = (run_dir / "log.txt").read_text()
     assert "1 steps to go" in log and "GLOBAL BATCH" not in log
@@ -125,9 +125,9 @@ def test_matching_recipe_batch_gives_no_warning(folder, tmp_path):
 def test_tensorboard_logs_hold_the_logged_scalars(folder, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from beit.train.finetune import run_finetune
+    from beit.tasks import run
 
-    run_dir = run_finetune(_finetune_cfg(folder, tmp_path, "tb", "train.max_steps=3", "train.ema_decay=null"))
+    run_dir = run("finetune", _finetune_cfg(folder, tmp_path, "tb", "train.max_steps=3", "train.ema_decay=null"))
     events = EventAccumulator(str(run_dir / "tb")).Reload()
     want = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl", "train")]
     got = events.Scalars("train/loss")
@@ -143,7 +143,7 @@ def test_linprobe_resumes_bit_for_bit(folder, tmp_path, cached):
     official one with crop and flip per step (`train.probe_cache_features=false`), stopped while loading in
     one worker and resumed loading in the main process, which sees the same crops (keyed by seed, epoch and
     sample)."""
-    from beit.train.linprobe import run_linprobe
+    from beit.tasks import run
 
     def cfg(name, *extra):
         return load_config("configs/linprobe/fmnist.yaml", MODEL + [
@@ -153,10 +153,10 @@ def test_linprobe_resumes_bit_for_bit(folder, tmp_path, cached):
             "train.log_every=1", "train.eval_every_epochs=1", f"train.out_dir={tmp_path}", f"train.run_name={name}",
             f"train.probe_cache_features={str(cached).lower()}", "data.num_workers=0", *extra])
 
-    full = run_linprobe(cfg("full"))
-    part = run_linprobe(cfg("part", "train.max_steps=3", *([] if cached else ["data.num_workers=1"])))
+    full = run("linprobe", cfg("full"))
+    part = run("linprobe", cfg("part", "train.max_steps=3", *([] if cached else ["data.num_workers=1"])))
     torch.manual_seed(7)
-    run_linprobe(cfg("part"), resume=True)
+    run("linprobe", cfg("part"), resume=True)
     _assert_same_run(full, part, 12)
 
 
@@ -165,9 +165,9 @@ def test_linprobe_resumes_bit_for_bit(folder, tmp_path, cached):
 def test_knn_every_epochs_evaluates_during_pretraining(tmp_path):
     from test_pretrain import write_config
 
-    from beit.train.pretrain import run_pretrain
+    from beit.tasks import run
 
-    run_dir = run_pretrain(load_config(write_config(
+    run_dir = run("pretrain", load_config(write_config(
         tmp_path, data={"train_subset": 64, "eval_subset": 20}, train={"epochs": 2, "knn_every_epochs": 1})))
     rows = read_metrics(run_dir / "metrics.jsonl", "eval")
     assert [r["step"] for r in rows] == [2, 4]  # 64 images / batch 32 = 2 steps per epoch

@@ -46,7 +46,7 @@ def make_folder(root: Path, per_class: dict[str, int], gray: bool = False, seed:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished fine-tuning run (2 epochs, 18 steps, ~2 s) with its automatic export."""
-    from beit.train.finetune import run_finetune
+    from beit.tasks import run
 
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("eco")
@@ -58,7 +58,7 @@ def run(tmp_path_factory):
         "data.mixup=0", "data.cutmix=0", "data.auto_augment=null", "data.reprob=0", "train.epochs=2",
         "train.progress=false", f"train.out_dir={tmp / 'runs'}", "train.run_name=ft", "optim.warmup_epochs=0",
         "optim.layer_decay=null"])
-    return run_finetune(cfg)
+    return run("finetune", cfg)
 
 
 def reference(run_dir: Path) -> torch.nn.Module:

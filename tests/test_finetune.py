@@ -191,14 +191,14 @@ def finetuned(tmp_path_factory):
     """Fine-tune the tiny model from scratch: 6 epochs of 512 images (96 steps, ~5 s). Without pretraining the
     rel-pos tables start at zero and mean pooling makes the model a bag of patches, so it learns slowly: over
     seeds 0-3 this reaches 25-32% top-1 and ~89% top-5 (chance 10% / 50%)."""
-    from beit.train.finetune import run_finetune
+    from beit.tasks import run
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config("configs/finetune/fmnist_scratch.yaml", TINY + [
         f"train.out_dir={out}", "train.epochs=6", "train.eval_every_epochs=3", "optim.warmup_epochs=0.5", "optim.lr=2e-3", "optim.clip_grad=1",
         "optim.layer_decay=null", "data.auto_augment=null", "data.reprob=0", "data.mixup=0", "data.cutmix=0"])
-    return run_finetune(cfg)
+    return run("finetune", cfg)
 
 
 @needs_fmnist
@@ -216,13 +216,14 @@ def test_finetune_smoke_learns(finetuned):
 @needs_fmnist
 @pytest.mark.parametrize("cached", [True, False])
 def test_linprobe_smoke_reports_every_layer(finetuned, tmp_path, cached):
-    from beit.train.linprobe import LinearProbe, run_linprobe
+    from beit.tasks import run
+    from beit.train.linprobe import LinearProbe
 
     cfg = load_config("configs/linprobe/fmnist.yaml", TINY + [
         "model.name=beit_fmnist_patch4_32", f"model.pretrained={finetuned / 'best.pt'}", f"train.out_dir={tmp_path}",
         f"train.probe_cache_features={cached}", "train.epochs=4" if cached else "train.max_steps=4",
         "train.eval_every_epochs=2", "optim.lr=1e-2"])
-    run_dir = run_linprobe(cfg)
+    run_dir = run("linprobe", cfg)
     res = json.loads((run_dir / "results.json").read_text())
     assert set(res["per_layer_top1"]) == {"1", "2"} and res["best_layer"] in (1, 2)
     assert res["top1"] == max(res["per_layer_top1"].values())

@@ -55,10 +55,10 @@ def test_fused_adamw_takes_the_for_each_step(tmp_path):
     from test_pretrain import write_config
 
     from beit.config import load_config
-    from beit.train.pretrain import run_pretrain
+    from beit.tasks import run
 
     cfg = load_config(write_config(tmp_path, data={"train_subset": 64}, train={"max_steps": 2}))
-    run_dir = run_pretrain(cfg)
+    run_dir = run("pretrain", cfg)
     groups = torch.load(run_dir / "ckpt-00000002.pt", weights_only=True)["optimizer"]["param_groups"]
     assert len(groups) >= 2 and all(g["fused"] is True for g in groups), [g.get("fused") for g in groups]
 

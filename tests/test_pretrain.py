@@ -64,10 +64,10 @@ def test_schedule_is_a_function_of_the_step():
 @pytest.mark.fmnist
 def test_smoke_pretraining_learns(tmp_path):
     """Loss falls and masked-token accuracy beats chance (1/512) within a couple of minutes on CPU."""
-    from beit.train.pretrain import run_pretrain
+    from beit.tasks import run
 
     cfg = load_config(write_config(tmp_path, data={"train_subset": 2048}, train={"epochs": 2}))
-    run_dir = run_pretrain(cfg)
+    run_dir = run("pretrain", cfg)
     rows = read_metrics(run_dir / "metrics.jsonl", "train")
     assert len(rows) >= 10
     first, last = rows[0], rows[-1]
@@ -84,13 +84,13 @@ def test_smoke_pretraining_learns(tmp_path):
 @pytest.mark.fmnist
 def test_existing_run_is_never_overwritten(tmp_path):
     from beit.train.checkpoint import RunDirError
-    from beit.train.pretrain import run_pretrain
+    from beit.tasks import run
 
     cfg = load_config(write_config(tmp_path, train={"max_steps": 1}))
-    run_dir = run_pretrain(cfg)
+    run_dir = run("pretrain", cfg)
     before = sorted(p.name for p in run_dir.iterdir())
     with pytest.raises(RunDirError, match="already exists"):
-        run_pretrain(cfg)
+        run("pretrain", cfg)
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 

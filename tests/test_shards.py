@@ -276,7 +276,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def test_pretraining_from_shards_resumes_exactly_and_tracks_idx(tmp_path, fmnist_shards):
-    from beit.train.pretrain import run_pretrain
+    from beit.tasks import run
 
     shards = {"dataset": "webdataset", "root": str(fmnist_shards), "shards": "train-{000000..000003}.tar",
               "train_subset": None, "num_workers": 2}
@@ -284,9 +284,9 @@ def test_pretraining_from_shards_resumes_exactly_and_tracks_idx(tmp_path, fmnist
     for name, data in (("idx", {}), ("full", shards), ("cut", shards)):
         (tmp_path / name).mkdir()
         extra = {"max_steps": 7} if name == "cut" else {}
-        run_pretrain(load_config(write_config(tmp_path / name, data=data, train={**over["train"], **extra})))
+        run("pretrain", load_config(write_config(tmp_path / name, data=data, train={**over["train"], **extra})))
     cut = tmp_path / "cut" / "runs" / "cfg"
-    run_pretrain(load_config(write_config(tmp_path / "cut", data=shards, train=over["train"])), resume=True)
+    run("pretrain", load_config(write_config(tmp_path / "cut", data=shards, train=over["train"])), resume=True)
     a = torch.load(tmp_path / "full" / "runs" / "cfg" / "ckpt-00000024.pt", weights_only=True)["model"]
     b = torch.load(cut / "ckpt-00000024.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # resumed 7 steps into epoch 0: bitwise identical
@@ -297,7 +297,7 @@ def test_pretraining_from_shards_resumes_exactly_and_tracks_idx(tmp_path, fmnist
 
 
 def test_finetuning_from_shards(tmp_path, fmnist_shards):
-    from beit.train.finetune import run_finetune
+    from beit.tasks import run
 
     cfg = write_config(tmp_path, model={"name": "beit_fmnist_patch4_32", "depth": 2, "embed_dim": 64,
                                         "num_heads": 2},
@@ -305,7 +305,7 @@ def test_finetuning_from_shards(tmp_path, fmnist_shards):
                              "shards": "train-{000000..000003}.tar", "eval_shards": "test-{000000..000001}.tar",
                              "train_subset": None, "auto_augment": None, "mixup": 0, "cutmix": 0, "reprob": 0},
                        train={"max_steps": 8, "eval_every_epochs": 100})
-    run_dir = run_finetune(load_config(cfg))
+    run_dir = run("finetune", load_config(cfg))
     results = json.loads((run_dir / "results.json").read_text())
     # above chance (10% / 50%) after 8 steps: 19-21% top-1, 78-82% top-5 over seeds 0-1
     assert results["steps"] == 8 and results["top1"] > 15 and results["top5"] > 65, results

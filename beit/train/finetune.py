@@ -27,9 +27,8 @@ from beit.builders import build_labeled_dataset, build_model
 from beit.config import Config, ConfigError
 from beit.data import collate_skip_bad, num_labels
 from beit.export import export_run
-from beit.train.evaluate import class_names, classifier_evaluate, is_main_process, read_summary, write_results
+from beit.train.evaluate import class_names, classifier_evaluate, read_summary, write_results
 from beit.train.loop import Task
-from beit.train.runner import launch
 
 log = logging.getLogger("beit")
 
@@ -94,14 +93,12 @@ def build_finetune_task(cfg: Config, device: torch.device):
                 class_names=class_names(dataset, cfg) or None)
 
 
-def run_finetune(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
-    run_dir = launch(cfg, build_finetune_task, resume=resume, overwrite=overwrite)
-    if is_main_process():
-        export_run(cfg, run_dir)
-        summary = read_summary(run_dir)
-        last = summary.get("eval", {})
-        write_results(run_dir, {"command": "finetune", "pretrained": cfg.model.pretrained,
-                                "label_fraction": cfg.data.label_fraction, "steps": summary.get("steps"),
-                                "top1": last.get("top1"), "top5": last.get("top5"), "best_top1": summary.get("best"),
-                                **{k: v for k, v in last.items() if k.startswith("ema_")}})
-    return run_dir
+def report_finetune(cfg: Config, run_dir: Path) -> None:
+    """After `beit finetune`: the exports and results.json (last evaluation, best top-1, EMA scores)."""
+    export_run(cfg, run_dir)
+    summary = read_summary(run_dir)
+    last = summary.get("eval", {})
+    write_results(run_dir, {"command": "finetune", "pretrained": cfg.model.pretrained,
+                            "label_fraction": cfg.data.label_fraction, "steps": summary.get("steps"),
+                            "top1": last.get("top1"), "top5": last.get("top5"), "best_top1": summary.get("best"),
+                            **{k: v for k, v in last.items() if k.startswith("ema_")}})

@@ -30,9 +30,8 @@ from beit.builders import build_eval_loader, build_labeled_dataset, build_model
 from beit.config import Config, ConfigError
 from beit.data import build_dataset, collate_skip_bad, keyed_items, num_labels
 from beit.data.transforms import pil_mode, to_mode
-from beit.train.evaluate import accuracy, is_main_process, read_summary, run_over, write_results
+from beit.train.evaluate import accuracy, read_summary, run_over, write_results
 from beit.train.loop import Task
-from beit.train.runner import launch
 
 log = logging.getLogger("beit")
 
@@ -146,18 +145,16 @@ def build_linprobe_task(cfg: Config, device: torch.device):
                 best_metric="top1")
 
 
-def run_linprobe(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
-    run_dir = launch(cfg, build_linprobe_task, resume=resume, overwrite=overwrite)
-    if is_main_process():
-        summary = read_summary(run_dir)
-        last = summary.get("eval", {})
-        layers = sorted(int(k[len("top1_layer"):]) for k in last if k.startswith("top1_layer"))
-        write_results(run_dir, {
-            "command": "linprobe", "pretrained": cfg.model.pretrained, "label_fraction": cfg.data.label_fraction,
-            "cached_features": cfg.train.probe_cache_features, "steps": summary.get("steps"),
-            "per_layer_top1": {str(i): last[f"top1_layer{i}"] for i in layers},
-            "per_layer_top5": {str(i): last[f"top5_layer{i}"] for i in layers},
-            "best_layer": last.get("best_layer"), "top1": last.get("top1"), "top5": last.get("top5"),
-            "best_top1_over_evals": summary.get("best"),
-        })
-    return run_dir
+def report_linprobe(cfg: Config, run_dir: Path) -> None:
+    """After `beit linprobe`: results.json with every block's top-1/top-5 and the best block."""
+    summary = read_summary(run_dir)
+    last = summary.get("eval", {})
+    layers = sorted(int(k[len("top1_layer"):]) for k in last if k.startswith("top1_layer"))
+    write_results(run_dir, {
+        "command": "linprobe", "pretrained": cfg.model.pretrained, "label_fraction": cfg.data.label_fraction,
+        "cached_features": cfg.train.probe_cache_features, "steps": summary.get("steps"),
+        "per_layer_top1": {str(i): last[f"top1_layer{i}"] for i in layers},
+        "per_layer_top5": {str(i): last[f"top5_layer{i}"] for i in layers},
+        "best_layer": last.get("best_layer"), "top1": last.get("top1"), "top5": last.get("top5"),
+        "best_top1_over_evals": summary.get("best"),
+    })

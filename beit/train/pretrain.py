@@ -20,10 +20,8 @@ from beit.builders import build_mim_dataset, build_model, build_tokenizer
 from beit.config import Config, ConfigError
 from beit.data import collate_mim_skip_bad
 from beit.export import export_run
-from beit.train.evaluate import is_main_process
 from beit.train.knn import knn_evaluate
 from beit.train.loop import Task
-from beit.train.runner import launch
 
 log = logging.getLogger("beit")
 
@@ -79,8 +77,6 @@ def build_pretrain_task(cfg: Config, device: torch.device) -> Task:
                 evaluate=evaluate, best_metric=None, eval_every_epochs=cfg.train.knn_every_epochs)
 
 
-def run_pretrain(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
-    run_dir = launch(cfg, build_pretrain_task, resume=resume, overwrite=overwrite)
-    if is_main_process():
-        export_run(cfg, run_dir)
-    return run_dir
+def report_pretrain(cfg: Config, run_dir: Path) -> None:
+    """After `beit pretrain`: the exports (train.export)."""
+    export_run(cfg, run_dir)

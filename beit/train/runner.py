@@ -15,6 +15,7 @@ import yaml
 from beit.config import Config, check_resume_config
 from beit.train import checkpoint as ckpt_io
 from beit.train.distributed import barrier, cleanup, init_distributed
+from beit.train.evaluate import is_main_process
 from beit.train.loop import Task, fit, steps_per_epoch_of
 
 log = logging.getLogger("beit")
@@ -99,3 +100,13 @@ def launch(cfg: Config, build_task: Callable[[Config, torch.device], Task], resu
         return run_dir
     finally:
         cleanup()
+
+
+def run_task(cfg: Config, build_task: Callable[[Config, torch.device], Task],
+             report: Callable[[Config, Path], None] | None = None, resume=False, overwrite=False) -> Path:
+    """A training command (`beit.tasks.TASKS`): `launch`, then the main process's `report(cfg, run_dir)` writes
+    what the run produced beyond its checkpoints (results.json, exports). Returns the run directory."""
+    run_dir = launch(cfg, build_task, resume=resume, overwrite=overwrite)
+    if report is not None and is_main_process():
+        report(cfg, run_dir)
+    return run_dir

@@ -33,9 +33,9 @@ from beit.data.segmentation import build_seg_dataset
 from beit.models.segmentation import create_segmenter, upsample_logits
 from beit.train.checkpoint import unwrap
 from beit.train.distributed import all_reduce_sum, resolve_device, sync_batchnorm
-from beit.train.evaluate import forward_share, is_main_process, is_sharded, read_summary, write_results
+from beit.train.evaluate import forward_share, is_sharded, read_summary, write_results
 from beit.train.loop import Task
-from beit.train.runner import launch, open_run_dir
+from beit.train.runner import open_run_dir
 
 log = logging.getLogger("beit")
 
@@ -292,14 +292,12 @@ def build_segment_task(cfg: Config, device: torch.device):
                 best_metric="mIoU", class_names=names)
 
 
-def run_segment(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
-    run_dir = launch(cfg, build_segment_task, resume=resume, overwrite=overwrite)
-    if is_main_process():
-        summary = read_summary(run_dir)
-        last = summary.get("eval", {})
-        write_results(run_dir, {"command": "segment", "pretrained": cfg.model.pretrained, "steps": summary.get("steps"),
-                                **eval_settings(cfg), "best_mIoU": summary.get("best"), **last})
-    return run_dir
+def report_segment(cfg: Config, run_dir: Path) -> None:
+    """After `beit segment`: results.json (the last evaluation, best mIoU and how it was evaluated)."""
+    summary = read_summary(run_dir)
+    last = summary.get("eval", {})
+    write_results(run_dir, {"command": "segment", "pretrained": cfg.model.pretrained, "steps": summary.get("steps"),
+                            **eval_settings(cfg), "best_mIoU": summary.get("best"), **last})
 
 
 # ------------------------------------------------------------------------------------------------ beit eval
