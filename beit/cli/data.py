@@ -8,34 +8,11 @@ import argparse
 from pathlib import Path
 
 
-def _source_dataset(src: str, dataset: str | None, split: str, in_chans: int | None):
-    """(dataset of PIL images, class names, dataset name) for SRC read as `dataset` (guessed when None)."""
-    from beit.config import DataConfig
-    from beit.data.build import build_dataset
-
-    root = Path(src).expanduser()
-    if dataset is None:  # a folder holding Fashion-MNIST's IDX files, else an ImageFolder
-        dataset = "fashion_mnist" if root.is_dir() and any(root.glob("*-idx3-ubyte*")) else "image_folder"
-    if dataset == "webdataset":
-        raise ValueError("--dataset webdataset: SRC is already shards")
-    in_chans = in_chans or (1 if dataset in ("fashion_mnist", "mnist") else 3)
-    ds = build_dataset(DataConfig(dataset=dataset, root=str(root), in_chans=in_chans), split)
-    if dataset == "fashion_mnist":
-        from beit.data.datasets import FASHION_MNIST_CLASSES
-
-        classes = list(FASHION_MNIST_CLASSES)
-    else:
-        base = ds
-        while not hasattr(base, "classes") and hasattr(base, "base"):
-            base = base.base
-        classes = list(getattr(base, "classes", [])) or [str(c) for c in range(int(max(ds.targets)) + 1)]
-    return ds, classes, dataset
-
-
 def cmd_shard(args) -> int:
+    from beit.data.build import shard_source
     from beit.data.shards import write_shards
 
-    ds, classes, name = _source_dataset(args.src, args.dataset, args.split, args.in_chans)
+    ds, classes, name = shard_source(args.src, args.dataset, args.split, args.in_chans)
     out = Path(args.out)
     written = write_shards(ds, out, args.split, args.images_per_shard, classes,
                            shuffle_seed=None if args.no_shuffle else args.seed, overwrite=args.overwrite)

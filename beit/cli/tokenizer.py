@@ -12,33 +12,9 @@ from beit.tasks import TASKS
 TRAIN = TASKS["tokenizer"]  # `beit tokenizer train`
 
 
-def _load_images(paths: list[str], tok, size: int | None = None):
-    """Image files -> [B, C, S, S] in [0, 1], in the tokenizer's channels. S: `size`, else the size a trained
-    tokenizer was trained at (32 for fmnist_dvae), else the first image's short side rounded down to a
-    multiple of the downsample factor."""
-    import torch
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor, resize
-
-    from beit.data.transforms import pil_mode
-
-    mode = pil_mode(tok.in_chans)
-    imgs = []
-    size = size or getattr(getattr(tok, "cfg", None), "image_size", None)
-    for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"image '{p}' does not exist")
-        try:
-            with Image.open(p) as f:
-                img = f.convert(mode)  # a full decode: a truncated file fails here, not later
-        except Exception as e:  # PIL: UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError, ...
-            raise ValueError(f"'{p}' is not an image PIL can read ({type(e).__name__}: {e}); pass image files "
-                             f"(.png, .jpg, ...)") from None
-        if size is None:
-            size = max(min(img.size) // tok.downsample * tok.downsample, tok.downsample)
-        img = resize(img, [size, size], antialias=True)
-        imgs.append(pil_to_tensor(img).float() / 255)
-    return torch.stack(imgs)  # [B, C, S, S]
+def _size(args, tok) -> int | None:
+    """--size, else the size a trained tokenizer was trained at (32 for fmnist_dvae), else None (the images')."""
+    return args.size or getattr(getattr(tok, "cfg", None), "image_size", None)
 
 
 def _tokenizer(args):
@@ -61,8 +37,10 @@ def cmd_train(args) -> int:
 def cmd_encode(args) -> int:
     import torch
 
+    from beit.data.datasets import load_image_files
+
     tok = _tokenizer(args)
-    ids = tok.encode(_load_images(args.images, tok, args.size))  # [B, h, w]
+    ids = tok.encode(load_image_files(args.images, tok.in_chans, _size(args, tok), tok.downsample))  # [B, h, w]
     if args.out:
         torch.save({"ids": ids, "images": args.images}, args.out)
         print(f"wrote token maps {tuple(ids.shape)} to {args.out}")
@@ -77,8 +55,10 @@ def cmd_reconstruct(args) -> int:
     import torch
     from torchvision.utils import save_image
 
+    from beit.data.datasets import load_image_files
+
     tok = _tokenizer(args)
-    x = _load_images(args.images, tok, args.size)
+    x = load_image_files(args.images, tok.in_chans, _size(args, tok), tok.downsample)
     rec = tok.decode(tok.encode(x))
     pairs = torch.stack([x, rec], 1).flatten(0, 1)  # original, reconstruction, original, ...
     save_image(pairs, args.out, nrow=2, padding=2, pad_value=0.5)

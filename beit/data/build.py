@@ -11,6 +11,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from . import extra
+from beit.config import DataConfig
+
 from .datasets import (FASHION_MNIST_CLASSES, ImageDataset, ImageFolderDataset, SubsetDataset, _scan_folder,
                        _split_off_val, balanced_subset, load_fashion_mnist)
 from .scan_cache import cached_scan
@@ -113,3 +115,21 @@ def _subsets(cfg, ds: Dataset, split: str, from_train: bool, label_seed: int) ->
     if n is not None and n < len(ds):
         ds = SubsetDataset(ds, np.arange(n))
     return ds
+
+
+
+def shard_source(src: str, dataset: str | None, split: str, in_chans: int | None):
+    """What `beit data shard SRC` writes: (dataset of PIL images, class names, dataset name) for SRC read as
+    `dataset` (None: Fashion-MNIST if SRC holds its IDX files, else an ImageFolder)."""
+    root = Path(src).expanduser()
+    if dataset is None:
+        dataset = "fashion_mnist" if root.is_dir() and any(root.glob("*-idx3-ubyte*")) else "image_folder"
+    if dataset == "webdataset":
+        raise ValueError("--dataset webdataset: SRC is already shards")
+    in_chans = in_chans or (1 if dataset in ("fashion_mnist", "mnist") else 3)
+    ds = build_dataset(DataConfig(dataset=dataset, root=str(root), in_chans=in_chans), split)
+    base = ds
+    while not getattr(base, "classes", None) and hasattr(base, "base"):
+        base = base.base
+    classes = list(getattr(base, "classes", None) or []) or [str(c) for c in range(int(max(ds.targets)) + 1)]
+    return ds, classes, dataset

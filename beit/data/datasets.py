@@ -24,12 +24,13 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
 from .masking import MaskingGenerator
 from .scan_cache import cached_scan
-from .transforms import TwoViewTransform, to_mode
+from .transforms import TwoViewTransform, pil_mode, to_mode
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,24 @@ def open_image(src, mode: str) -> Image.Image:
     with Image.open(src) as f:
         return f.convert(mode)
 
+
+
+def load_image_files(paths: list[str], in_chans: int, size: int | None = None, multiple: int = 1) -> torch.Tensor:
+    """Image files -> [B, C, S, S] floats in [0, 1] with `in_chans` channels, resized (antialiased) to S = `size`,
+    else the first image's short side rounded down to a multiple of `multiple` (a tokenizer's downsample)."""
+    imgs = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"image '{p}' does not exist")
+        try:
+            img = open_image(p, pil_mode(in_chans))
+        except Exception as e:  # PIL: UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError, ...
+            raise ValueError(f"'{p}' is not an image PIL can read ({type(e).__name__}: {e}); pass image files "
+                             f"(.png, .jpg, ...)") from None
+        if size is None:
+            size = max(min(img.size) // multiple * multiple, multiple)
+        imgs.append(TF.pil_to_tensor(TF.resize(img, [size, size], antialias=True)).float() / 255)
+    return torch.stack(imgs)  # [B, C, S, S]
 
 _WARNED: set[str] = set()  # bad files this process has warned about
 
