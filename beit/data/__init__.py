@@ -20,9 +20,8 @@ from .datasets import (
     num_labels,
 )
 from .build import build_dataset
-from .loader import batches_per_rank, make_loader, optimizer_steps_per_epoch
+from .loader import ResumableSampler, batches_per_rank, make_loader, optimizer_steps_per_epoch
 from .masking import MaskingGenerator, proportional_min_patches
-from .sampler import ResumableSampler
 from .shards import ShardDataset, write_shards
 from .transforms import TwoViewTransform, build_finetune_transform, eval_crop_pct, random_resized_crop_box
 
