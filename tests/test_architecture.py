@@ -181,3 +181,34 @@ def test_the_cli_builds_its_task_commands_from_the_registry():
             parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[spec.words[1]]
         dests = {a.dest for a in parser._actions}
         assert {"config", "overrides", *spec.options} <= dests, (spec.name, dests)
+
+
+# ----------------------------------------------------------------------------------------------- function length
+MAX_FUNCTION_LINES = 60  # a function longer than a screen is several steps that want names of their own
+
+
+def long_functions(package: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'path:line name (N lines)' for every function or method (nested ones too) over `limit` lines, counting
+    from its `def` (decorators aside) to its last line."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    found.append((str(path.relative_to(package.parent)), node.lineno, f"{node.name} ({n} lines)"))
+    return [f"{path}:{line} {what}" for path, line, what in sorted(found)]
+
+
+def test_no_function_in_beit_is_longer_than_60_lines():
+    assert long_functions(PACKAGE) == []
+
+
+def test_the_length_check_counts_methods_and_nested_functions(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    lines = lambda n, indent: "".join(f"{indent}x{i} = {i}\n" for i in range(n))  # noqa: E731
+    (pkg / "m.py").write_text("class C:\n    def method(self):\n" + lines(60, " " * 8)       # 61 lines: too long
+                              + "def outer():\n    def inner():\n" + lines(59, " " * 8)     # 60 and 61 lines
+                              + "    return inner\n" + "def fits():\n" + lines(59, " " * 4))  # 60 lines: fine
+    assert long_functions(pkg) == ["pkg/m.py:2 method (61 lines)", "pkg/m.py:63 outer (62 lines)"]
