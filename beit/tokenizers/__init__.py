@@ -13,9 +13,8 @@ and `encode` runs under `torch.inference_mode()`. Preprocessing (DALL-E's map_pi
 
 from __future__ import annotations
 
-from beit.tokenizers.base import FrozenTokenizer, TokenizerError
 from beit.tokenizers.dalle import DalleTokenizer, dalle_tokenizer
-from beit.tokenizers.trained import DVAETokenizer, dvae_tokenizer, tokenizer_config
+from beit.tokenizers.frozen import DVAETokenizer, FrozenTokenizer, TokenizerError, dvae_tokenizer, tokenizer_config
 
 __all__ = ["FrozenTokenizer", "DalleTokenizer", "DVAETokenizer", "TokenizerError", "dalle_tokenizer",
            "dvae_tokenizer", "tokenizer_config"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from beit.tokenizers.base import FrozenTokenizer, check_state_dict
+from beit.tokenizers.frozen import FrozenTokenizer, check_state_dict
 from beit.tokenizers.dvae import map_pixels, unmap_pixels
 
 N_HID, N_INIT, N_BLK, GROUPS, VOCAB = 256, 128, 2, 4, 8192
