@@ -12,7 +12,7 @@ import yaml
 
 from beit.config import ConfigError, OptimConfig, load_config
 from beit.models import create_model
-from beit.train.optim import param_groups
+from beit.train.loop import param_groups
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 needs_fmnist = pytest.mark.skipif(not os.path.isfile(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")),

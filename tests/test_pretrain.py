@@ -15,7 +15,7 @@ import yaml
 
 from beit.config import load_config
 from beit.train.metrics import read_metrics
-from beit.train.optim import lr_at
+from beit.train.loop import lr_at
 
 # A small but real setup: the shipped tokenizer, the Fashion-MNIST preset shrunk to 2 blocks.
 TINY = {

@@ -16,7 +16,7 @@ from beit.config import ConfigError, load_config
 from beit.data.datasets import BadSample
 from beit.data.segmentation import (FashionScenes, SegTransform, build_seg_dataset, crop_box, photometric_distortion,
                                     rescale_size)
-from beit.train.optim import lr_at
+from beit.train.loop import lr_at
 from beit.train.segment import intersect_and_union, seg_metrics, window_starts
 
 FMNIST = "/usr/share/datasets/fashion-mnist"

@@ -266,8 +266,7 @@ def _mmcv_poly_lr(it: int, base: float, warmup: int, max_iters: int) -> float:
 
 def test_large_config_counts_the_official_updates_and_scale():
     from beit.train.distributed import DistInfo
-    from beit.train.loop import Task, _setup
-    from beit.train.optim import lr_at
+    from beit.train.loop import Task, _setup, lr_at
 
     cfg = load_config("configs/segment/beit_large_p16_ade20k_upernet.yaml", ["train.device=cpu"])
     assert (cfg.data.batch_size, cfg.optim.accum_steps, cfg.global_batch(8)) == (1, 2, 16)  # update_interval 2

@@ -95,7 +95,7 @@ def test_fmnist_preset_shapes_and_upsample():
 
 def test_patch16_neck_strides_and_layer_decay_groups():
     from beit.config import OptimConfig
-    from beit.train.optim import param_groups
+    from beit.train.loop import param_groups
 
     model = BeitSegmenter(**TINY, out_indices=(1, 2, 4, 5))
     maps = model.features(torch.randn(1, 3, 64, 64))

@@ -168,7 +168,7 @@ class BeitSegmenter(nn.Module):
     def no_weight_decay(self) -> set[str]:
         # None: the official segmentation constructor (unilm mmcv_custom LayerDecayOptimizerConstructor) exempts
         # names equal to 'pos_embed' / 'cls_token', but its names carry the "backbone." prefix, so both are
-        # decayed there; we match it. 1-D parameters and biases are exempt as everywhere (beit/train/optim.py).
+        # decayed there; we match it. 1-D parameters and biases are exempt as everywhere (beit/train/loop.py).
         return set()
 
     def layer_id(self, name: str) -> int:

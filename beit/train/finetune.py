@@ -7,9 +7,9 @@ mixup off: loss = LabelSmoothingCrossEntropy(model(images), labels)   (plain CE 
 
 The model starts from `model.pretrained` (any checkpoint layout, or a run directory: its newest ckpt-*.pt;
 the shared rel-pos table is cloned into every layer on load) or from scratch with `model.pretrained: null`
-and the identical recipe. Layer-wise lr decay comes from `optim.layer_decay` (see beit/train/optim.py),
-drop path from `model.drop_path_rate`, EMA from `train.ema_decay`; the loop evaluates top-1/top-5 every
-`train.eval_every_epochs` and keeps best.pt (max test top-1) and the last checkpoints.
+and the identical recipe. Layer-wise lr decay comes from `optim.layer_decay` (see `param_groups` in
+beit/train/loop.py), drop path from `model.drop_path_rate`, EMA from `train.ema_decay`; the loop evaluates
+top-1/top-5 every `train.eval_every_epochs` and keeps best.pt (max test top-1) and the last checkpoints.
 """
 
 from __future__ import annotations
