@@ -35,7 +35,7 @@ from beit.data.datasets import FASHION_MNIST_CLASSES
 from beit.data.extra import MNIST_CLASSES, hf_dataset
 from beit.data.segmentation import ADE20K_CLASSES, FMNIST_SCENES_CLASSES, read_class_names
 from beit.models import create_model
-from beit.models.presets import PRESETS, SEG_PRESETS
+from beit.models.presets import CNN_PRESETS, PRESETS, SEG_PRESETS
 from beit.models.segmentation import create_segmenter
 
 log = logging.getLogger("beit")
@@ -161,9 +161,12 @@ def _kind_of(raw: dict) -> str:
 def checkpoint_kind(model: ModelConfig) -> str | None:
     """What `model.pretrained` holds ('classifier', 'mim', 'segmenter' or 'backbone'), read from its tensors, so
     that a command picks what to do from the checkpoint, never from the data's name; None without a checkpoint.
-    A preset tag (`pretrained: fmnist`) names its shipped model."""
+    A preset tag (`pretrained: fmnist`) names its shipped model; a CNN preset (the reference baseline of
+    `beit study`) is a classifier whatever its tensors."""
     source = PRETRAINED_TAGS.get((model.name, model.pretrained), model.pretrained)
-    return _kind_of(read_checkpoint(resolve_path(source))) if source else None
+    if source is None:
+        return None
+    return "classifier" if model.name in CNN_PRESETS else _kind_of(read_checkpoint(resolve_path(source)))
 
 
 def infer_config(raw: dict, path: Path, hf: dict | None = None) -> Config:

@@ -114,11 +114,11 @@ def test_study_runs_end_to_end_on_an_image_folder_and_resumes(tmp_path):
         best = half["arms"][arm]["selected"]
         assert best == max(half["arms"][arm]["grid"], key=lambda g: g["val"])["point"]
         assert half["arms"][arm]["test"]["n"] == 2
-        # the grid never read the test split; the selected runs read it once, into test.json
+        # the grid never read the test split; the selected runs read it once, by `beit eval` into test/
         for g in half["arms"][arm]["grid"]:
             run = out / g["run"]
             assert yaml_split(run) == "val"
-            assert (run / "test.json").exists() == (g["point"] == best)
+            assert (run / "test" / "results.json").exists() == (g["point"] == best)
         assert full["arms"][arm].get("test") is None  # not run yet: reported as pending
     assert set(half["gains"]) == {"scratch", "cnn", "pixel_knn"}
     gain = half["gains"]["scratch"]

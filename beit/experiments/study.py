@@ -31,15 +31,11 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from beit.builders import build_eval_loader, build_model
+from beit.builders import build_eval_loader
 from beit.config import Config, ConfigError, load_config, parse_overrides, read_yaml_mapping
-from beit.data.segmentation import build_seg_dataset
 from beit.experiments.fashion_mnist import Stage, run_stages, two_panel_figure
-from beit.train.distributed import resolve_device
-from beit.train.evaluate import accuracy, run_over
 from beit.train.runner import setup_logging
-from beit.train.segment import build_eval_loader as seg_loader
-from beit.train.segment import build_segmenter, evaluate_segmenter
+from beit.tasks import run
 
 log = logging.getLogger("beit")
 ARMS = ("pretrained", "scratch")  # + "cnn" when the study names a reference CNN
@@ -147,26 +143,18 @@ def val_score(run_dir: Path, key: str) -> float:
     return json.loads((run_dir / "results.json").read_text())[key]
 
 
-@torch.no_grad()
+TEST_RESULTS = "test/results.json"  # in a final run's directory: its one `beit eval` on the test split
+
+
 def test_score(cfg: Config, run_dir: Path, key: str) -> float:
-    """The run's final weights scored on the test split (top-1 % or mIoU), computed once and kept in test.json."""
-    path = run_dir / "test.json"
-    if path.exists():
-        return json.loads(path.read_text())[key]
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": str(run_dir)})})
-    device = resolve_device(cfg.train.device)
-    if key == "mIoU":
-        test = build_seg_dataset(cfg, "test")
-        model = build_segmenter(cfg, len(test.classes), load="all").to(device)
-        score = evaluate_segmenter(model, seg_loader(cfg, test), cfg, device, list(test.classes))[0]["mIoU"]
-        n = len(test)
-    else:
-        model = build_model(cfg).to(device).eval()
-        logits, labels = run_over(build_eval_loader(cfg, "test"), model, device, cfg.train.amp, "test",
-                                  cfg.train.progress)
-        score, n = accuracy(logits, labels)["top1"], len(labels)
-    path.write_text(json.dumps({"split": "test", "num_samples": n, key: score}, indent=2))
-    return score
+    """The run's final weights scored on the test split (top-1 % or mIoU) by `beit eval`, once: the evaluation
+    lives in <run>/test/ (results.json, and the confusion matrix of a classifier) and is read from there after."""
+    path = run_dir / TEST_RESULTS
+    if not path.exists():
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": str(run_dir)}),
+                                     "train": cfg.train.model_copy(update={"out_dir": str(run_dir), "run_name": "test"})})
+        run("eval", cfg, overwrite=True)  # overwrite: an evaluation stopped half-way is redone, not numbered -2
+    return json.loads(path.read_text())[key]
 
 
 def _pixels(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +258,7 @@ def collect(study: StudyConfig, out: Path) -> dict:
         for arm in arms(study):
             grid, best = select(study, arm, frac, out)
             row["arms"][arm] = {"grid": grid, "selected": best}
-            files = [out / run_name(arm, frac, best, s) / "test.json" for s in range(study.seeds)] if best else []
+            files = [out / run_name(arm, frac, best, s) / TEST_RESULTS for s in range(study.seeds)] if best else []
             if files and all(f.exists() for f in files):
                 tests[arm] = [json.loads(f.read_text())[metric(study)] for f in files]
                 row["arms"][arm]["test"] = mean_std(tests[arm])
