@@ -22,13 +22,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BACKBONE = "model.pretrained=beit/assets/fmnist_backbone.safetensors"  # the shipped file: older trees know no zoo names
 COMMON = ["train.max_steps=12", "train.log_every=2", "train.progress=false", "data.num_workers=0",
           "train.compile=false", "train.save_every_steps=1000"]
 RUNS = {  # name -> beit arguments (the output folder is appended by `command`)
     "pretrain": ["pretrain", "configs/pretrain/fmnist.yaml", *COMMON],
-    "finetune": ["finetune", "configs/finetune/fmnist.yaml", "model.pretrained=fmnist-backbone", "data.val_size=5000",
+    "finetune": ["finetune", "configs/finetune/fmnist.yaml", BACKBONE, "data.val_size=5000",
                  "train.eval_split=val", "train.export=[]", *COMMON],
-    "segment": ["segment", "configs/segment/fmnist_scenes.yaml", "model.pretrained=fmnist-backbone",
+    "segment": ["segment", "configs/segment/fmnist_scenes.yaml", BACKBONE,
                 "seg.scenes=[256,64]", "train.export=[]", *COMMON],
     "tokenizer": ["tokenizer", "train", "configs/tokenizer/fmnist_dvae.yaml", *COMMON],
 }
