@@ -184,10 +184,14 @@ class BeitSegmenter(nn.Module):
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images [B, C, H, W] -> the neck's four maps [B, D, H/4, W/4] … [B, D, H/32, W/32]."""
         bb = self.backbone
-        # later blocks cannot change the output: stop after the last one read
-        outs = bb.forward_intermediates(images, self.out_indices, stop_early=True).outputs  # 4 x [B, N+1, D]
         B, gh, gw = images.shape[0], *bb.grid
-        return self.neck([x[:, 1:].transpose(1, 2).reshape(B, -1, gh, gw) for x in outs])  # drop cls: [B, D, gh, gw]
+
+        def patch_map(x: torch.Tensor) -> torch.Tensor:  # [B, N+1, D] -> drop cls -> [B, D, gh, gw]
+            return x[:, 1:].transpose(1, 2).reshape(B, -1, gh, gw)
+
+        # later blocks cannot change the output: stop after the last one read
+        maps = bb.forward_intermediates(images, self.out_indices, stop_early=True, output_fn=patch_map).outputs
+        return self.neck(maps)
 
     def forward_train(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits [B, K, H/4, W/4], aux logits [B, K, H/16, W/16] or None without an auxiliary head)."""

@@ -12,7 +12,7 @@ timm checkpoints load with no key mapping: `blocks.i.attn.qkv.weight`, `q_bias`,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -349,12 +349,16 @@ class Beit(nn.Module):
         bool_masked_pos: torch.Tensor | None = None,
         attention: bool = False,
         stop_early: bool = False,
+        output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Intermediates:
         """The one block loop (after timm's `forward_intermediates`): images [B, C, H, W] through embed and the
         blocks, keeping the raw outputs of the blocks in `indices` (0-based, negative from the end; None = every
         block) and, with `attention`, those blocks' softmax weights. `stop_early` skips the blocks after the
-        last one asked for (their output could not change what is returned). Everything else that runs
-        the blocks (features, MIM, the segmenter's neck, attention maps) calls this."""
+        last one asked for (their output could not change what is returned). `output_fn` maps each kept output
+        as soon as its block has run (the segmenter's patch maps): made there, the map's gradient meets the
+        next block's in backward in the same order as ever, so gradients stay bitwise those of earlier
+        versions. Everything else that runs the blocks (features, MIM, the segmenter's neck, attention maps)
+        calls this."""
         take = self._block_indices(indices)
         last = max(take, default=-1) if stop_early else self.depth - 1
         x = self.embed(x, bool_masked_pos)  # [B, N+1, D]
@@ -365,7 +369,7 @@ class Beit(nn.Module):
                 attentions.append(blk.attn.attention_probs(blk.norm1(x), shared_bias))  # [B, H, N+1, N+1]
             x = self._run_block(blk, x, shared_bias)
             if i in take:
-                outputs.append(x)
+                outputs.append(x if output_fn is None else output_fn(x))
         return Intermediates(self.norm(x), outputs, attentions)
 
     def _block_indices(self, indices: Sequence[int] | None) -> list[int]:
