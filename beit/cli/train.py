@@ -38,7 +38,8 @@ DESCRIBED_BY_MODULE = {"predict"}
 def add_task_command(sub, spec: TaskSpec) -> argparse.ArgumentParser:
     """`beit NAME CONFIG [key=value ...] [options]` calling `spec.runner(spec.read_config(...), **options)`."""
     if spec.name in DESCRIBED_BY_MODULE:
-        p = sub.add_parser(spec.words[-1], help=spec.help, description=module_doc((spec.run or spec.build).partition(":")[0]),
+        module = (spec.run or spec.build).partition(":")[0]
+        p = sub.add_parser(spec.words[-1], help=spec.help, description=module_doc(module),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     else:
         p = sub.add_parser(spec.words[-1], help=spec.help, description=spec.help)
