@@ -1,7 +1,7 @@
 """Claims about `torchrun` runs, observed on 2 real gloo processes (tiny pretraining on Fashion-MNIST, CPU):
 a signal that reaches one rank stops every rank after the same step with a checkpoint of it, and the resumed run
 ends bit for bit where an uninterrupted one does (docs/reliability.md); a DDP run resumes under FSDP and ends
-where the uninterrupted DDP run does (docs/distributed.md)."""
+where the uninterrupted DDP run does (docs/distributed.md); `beit eval` on 2 processes writes what one writes."""
 
 import json
 import os
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from test_pretrain import write_config
+from test_seg_load import _main, seg_run  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.fmnist,
               pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the torchrun workers in /proc")]
@@ -150,3 +151,27 @@ def test_a_ddp_run_resumes_under_fsdp(tmp_path, reference):
     for i, s in want["optimizer"]["state"].items():
         for m in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(last["optimizer"]["state"][i][m], s[m], rtol=1e-3, atol=1e-8)
+
+
+def test_a_multi_scale_flip_segmentation_eval_on_2_processes_writes_what_one_process_writes(tmp_path, seg_run):  # noqa: F811
+    """`torchrun -m beit eval SEG_RUN` with multi-scale + flip: each rank scores half of the images, rank 0 alone
+    writes, and results.json is the one-process one (the per-class pixel counts are summed exactly)."""
+    run, _ = seg_run
+    args = ["eval", str(run), "seg.eval_scales=[0.75,1.0,1.25]", "seg.eval_flip=true", "seg.eval_batch_size=1",
+            f"train.out_dir={tmp_path}"]
+    assert _main([*args, "train.run_name=one"]) == 0
+    _run2(*args, "train.run_name=two")
+    one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    assert two == one and one["num_images"] == 2 and one["eval_flip"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["one", "two"]  # no second writer
+
+
+def test_knn_on_2_processes_writes_what_one_process_writes(tmp_path, reference):
+    """`torchrun -m beit knn RUN`: the ranks split both feature passes (uneven shares of 101 and 37 images),
+    rank 0 alone writes, and top-1 / top-5 are the one-process ones."""
+    args = ["knn", str(reference), "data.train_subset=101", "data.eval_subset=37", f"train.out_dir={tmp_path}"]
+    assert _main([*args, "train.run_name=one"]) == 0
+    _run2(*args, "train.run_name=two")
+    one, two = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
+    assert (two["top1"], two["top5"]) == (one["top1"], one["top5"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["one", "two"]

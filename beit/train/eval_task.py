@@ -11,9 +11,9 @@ from beit.builders import build_eval_loader, build_labeled_dataset, build_model
 from beit.config import Config, ConfigError
 from beit.convert.runs import resolve_pretrained
 from beit.hub import checkpoint_kind, read_source
-from beit.train.distributed import resolve_device
+from beit.train.distributed import DistInfo
 from beit.train.evaluate import accuracy, class_names, confusion_matrix, plot_confusion, run_over, write_results
-from beit.train.runner import open_run_dir
+from beit.train.runner import evaluation_processes, open_run_dir
 from beit.train.segment import run_seg_eval
 
 log = logging.getLogger("beit")
@@ -46,25 +46,33 @@ def eval_dataset(cfg: Config, checkpoint_names: list[str], allow_other_classes: 
     return dataset
 
 
-def run_eval(cfg: Config, overwrite: bool = False, resume: bool = False, allow_other_classes: bool = False) -> Path:
+def run_eval(cfg: Config, overwrite: bool = False, resume: bool = False,
+             allow_other_classes: bool = False) -> Path | None:
     """Evaluate `model.pretrained` on the test split: results.json (top-1/top-5, per-class accuracy, confusion
     matrix) and confusion.png in runs/<run_name>/. A segmenter (a `beit segment` run): mIoU and friends.
     The data is read with the checkpoint's class index; other class names are an error unless
-    `allow_other_classes`."""
-    if checkpoint_kind(cfg.model) == "segmenter":
-        return run_seg_eval(cfg, overwrite=overwrite or resume)
-    device = resolve_device(cfg.train.device)
+    `allow_other_classes`. Under torchrun the ranks split the images and rank 0 writes (the others return None)."""
+    with evaluation_processes(cfg) as info:
+        if checkpoint_kind(cfg.model) == "segmenter":
+            return run_seg_eval(cfg, info, overwrite=overwrite or resume)
+        return _eval_classifier(cfg, info, overwrite or resume, allow_other_classes)
+
+
+def _eval_classifier(cfg: Config, info: DistInfo, overwrite: bool, allow_other_classes: bool) -> Path | None:
+    device = info.device
     model = build_model(cfg, need_pretrained=True).to(device).eval()  # fails before any run directory exists
     if model.num_classes <= 0:
         raise ConfigError(f"model {cfg.model.name} has no classification head (num_classes=0); `beit eval` needs "
                           f"a fine-tuned classifier — use `beit knn` or `beit linprobe` for a pretrained backbone")
     own = checkpoint_class_names(cfg.model.pretrained)
     loader = build_eval_loader(cfg, "test", eval_dataset(cfg, own, allow_other_classes))
-    run_dir = open_run_dir(cfg, overwrite=overwrite or resume)
+    run_dir = open_run_dir(cfg, overwrite=overwrite) if info.is_main else None
     logits, labels = run_over(loader, model, device, cfg.train.amp, "eval (test)", cfg.train.progress)
     k = model.num_classes
     if int(labels.max()) >= k:
         raise ConfigError(f"the data has label {int(labels.max())} but the model has {k} classes")
+    if run_dir is None:
+        return None
     cm = confusion_matrix(logits.argmax(-1), labels, k)
     names = own if own and not allow_other_classes else class_names(loader.dataset, cfg)
     names = names if len(names) == k else [str(i) for i in range(k)]

@@ -24,9 +24,8 @@ from tqdm import tqdm
 from beit.builders import build_eval_loader, build_model
 from beit.config import Config
 from beit.train.checkpoint import unwrap
-from beit.train.distributed import resolve_device
 from beit.train.evaluate import accuracy, pooled_features, run_over, write_results
-from beit.train.runner import open_run_dir
+from beit.train.runner import evaluation_processes, open_run_dir
 
 log = logging.getLogger("beit")
 
@@ -73,15 +72,19 @@ def knn_evaluate(model: nn.Module, cfg: Config) -> dict[str, float]:
     return {f"knn_{k}": v for k, v in res.items()}
 
 
-def run_knn(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path:
-    """`beit knn`: k-NN accuracy of `model.pretrained` (or a random init, as a floor) -> results.json."""
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg).to(resolve_device(cfg.train.device))  # fails before any run directory exists
-    run_dir = open_run_dir(cfg, overwrite=overwrite or resume)
-    if not cfg.model.pretrained:
-        log.warning("model.pretrained is null: k-NN on a randomly initialised model (a floor, not a result)")
-    t0 = time.time()
-    res = knn_evaluate(model, cfg)
+def run_knn(cfg: Config, overwrite: bool = False, resume: bool = False) -> Path | None:
+    """`beit knn`: k-NN accuracy of `model.pretrained` (or a random init, as a floor) -> results.json. Under
+    torchrun the ranks split the feature passes and rank 0 writes (the others return None)."""
+    with evaluation_processes(cfg) as info:
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg).to(info.device)  # fails before any run directory exists
+        run_dir = open_run_dir(cfg, overwrite=overwrite or resume) if info.is_main else None
+        if not cfg.model.pretrained:
+            log.warning("model.pretrained is null: k-NN on a randomly initialised model (a floor, not a result)")
+        t0 = time.time()
+        res = knn_evaluate(model, cfg)
+    if run_dir is None:
+        return None
     results = {"command": "knn", "pretrained": cfg.model.pretrained, "k": cfg.train.knn_k,
                "temperature": cfg.train.knn_temperature, "label_fraction": cfg.data.label_fraction,
                "features": "fc_norm(mean patch tokens)" if model.fc_norm is not None else "mean of final normed "

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import yaml
 
 from beit.config import Config, check_resume_config
 from beit.train import checkpoint as ckpt_io
-from beit.train.distributed import barrier, cleanup, init_distributed
+from beit.train.distributed import DistInfo, barrier, cleanup, init_distributed
 from beit.train.evaluate import is_main_process
 from beit.train.loop import Task, fit, steps_per_epoch_of
 
@@ -52,6 +53,20 @@ def open_run_dir(cfg: Config, overwrite: bool) -> Path:
     setup_logging(run_dir, True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     return run_dir
+
+
+@contextlib.contextmanager
+def evaluation_processes(cfg: Config) -> Iterator[DistInfo]:
+    """The processes of a command that trains nothing: one, or torchrun's (`torchrun -m beit eval ...`). Under
+    torchrun each rank scores its share of the images (`beit.train.evaluate.forward_share`), every rank gets the
+    combined result, and the caller lets rank 0 alone open the run directory and write."""
+    info = init_distributed(cfg.train.device, cfg.dist.backend)
+    if not info.is_main:
+        setup_logging(None, False)  # warnings only; rank 0 logs as one process does
+    try:
+        yield info
+    finally:
+        cleanup()
 
 
 def remove_if_unstarted(run_dir: Path):

@@ -32,7 +32,7 @@ from beit.data import collate_skip_bad
 from beit.data.segmentation import build_seg_dataset
 from beit.models.segmentation import create_segmenter, upsample_logits
 from beit.train.checkpoint import unwrap
-from beit.train.distributed import all_reduce_sum, resolve_device, sync_batchnorm
+from beit.train.distributed import DistInfo, all_reduce_sum, sync_batchnorm
 from beit.train.evaluate import forward_share, is_sharded, read_summary, write_results
 from beit.train.loop import Task
 from beit.train.runner import open_run_dir
@@ -301,13 +301,15 @@ def report_segment(cfg: Config, run_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ beit eval
-def run_seg_eval(cfg: Config, overwrite: bool = False) -> Path:
-    """`beit eval` of a segmentation checkpoint: results.json (mIoU, mAcc, aAcc, per-class IoU / accuracy)."""
-    device = resolve_device(cfg.train.device)
+def run_seg_eval(cfg: Config, info: DistInfo, overwrite: bool = False) -> Path | None:
+    """`beit eval` of a segmentation checkpoint: results.json (mIoU, mAcc, aAcc, per-class IoU / accuracy), in
+    the processes of `info` (rank 0 writes; the others return None)."""
     test = build_seg_dataset(cfg, "test")
-    model = build_segmenter(cfg, len(test.classes), load="all").to(device)  # fails before any run directory
-    run_dir = open_run_dir(cfg, overwrite=overwrite)
-    metrics, _ = evaluate_segmenter(model, build_eval_loader(cfg, test), cfg, device, list(test.classes))
+    model = build_segmenter(cfg, len(test.classes), load="all").to(info.device)  # fails before any run directory
+    run_dir = open_run_dir(cfg, overwrite=overwrite) if info.is_main else None
+    metrics, _ = evaluate_segmenter(model, build_eval_loader(cfg, test), cfg, info.device, list(test.classes))
+    if run_dir is None:
+        return None
     write_results(run_dir, {"checkpoint": resolve_pretrained(cfg.model.pretrained), "split": "test",
                             "num_images": len(test), **eval_settings(cfg), **metrics})
     log.info(f"mIoU {metrics['mIoU']:.2f}  mAcc {metrics['mAcc']:.2f}  aAcc {metrics['aAcc']:.2f}  "
