@@ -59,7 +59,7 @@ def write_asset(run: str, out: Path, want_kind: str) -> Path:
 def evaluate(classifier: Path) -> dict:
     """`beit eval` of the classifier file on the full Fashion-MNIST test split."""
     from beit.hub import command_config
-    from beit.train.evaluate import run_eval
+    from beit.train.eval_task import run_eval
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = command_config(str(classifier), [f"train.out_dir={tmp}", "train.run_name=zoo_eval",

@@ -212,3 +212,30 @@ def test_the_length_check_counts_methods_and_nested_functions(tmp_path):
                               + "def outer():\n    def inner():\n" + lines(59, " " * 8)     # 60 and 61 lines
                               + "    return inner\n" + "def fits():\n" + lines(59, " " * 4))  # 60 lines: fine
     assert long_functions(pkg) == ["pkg/m.py:2 method (61 lines)", "pkg/m.py:63 outer (62 lines)"]
+
+
+def unresolved_beit_imports(path: Path) -> list[str]:
+    """`from beit.x import y` anywhere in `path` (scripts import inside functions) whose `y` is not in `beit.x`."""
+    import importlib.util
+
+    missing = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "beit":
+            module = importlib.import_module(node.module)
+            submodules = hasattr(module, "__path__")  # a package: `from pkg import sub` names a submodule
+            missing += [f"{node.module}.{a.name}" for a in node.names if not hasattr(module, a.name)
+                        and not (submodules and importlib.util.find_spec(f"{node.module}.{a.name}"))]
+    return missing
+
+
+def test_every_beit_name_the_scripts_import_exists():
+    """Scripts are not imported by any test: a name moved out of a module would break them silently."""
+    scripts = sorted((ROOT / "scripts").glob("*.py"))
+    assert scripts
+    assert {p.name: m for p in scripts if (m := unresolved_beit_imports(p))} == {}
+
+
+def test_the_script_import_check_sees_a_moved_name(tmp_path):
+    script = tmp_path / "s.py"
+    script.write_text("def f():\n    from beit.train.evaluate import run_eval, run_over\n")
+    assert unresolved_beit_imports(script) == ["beit.train.evaluate.run_eval"]
