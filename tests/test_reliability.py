@@ -104,22 +104,26 @@ def test_model_data_tokenizer_mismatch_fails_before_the_run_directory(tmp_path, 
 
 
 
-def test_a_sigterm_while_exiting_after_a_stop_still_exits_75(tmp_path):
-    """Under torchrun the first rank to exit makes the agent SIGTERM the rest, which may be tearing down after
+@pytest.mark.parametrize("world, code", [("2", 75), ("1", -signal.SIGTERM)])
+def test_a_torchrun_worker_sigtermed_while_exiting_after_a_stop_still_exits_75(world, code):
+    """Under torchrun the first worker to exit makes the agent SIGTERM the rest, which may be tearing down after
     writing the same checkpoint: they must still exit 75 ("resume me"), not -15. The SIGTERM is sent from an
-    atexit hook, i.e. during the interpreter's teardown after the stop was reported."""
+    atexit hook, i.e. during the interpreter's teardown after the stop. A plain process (WORLD_SIZE 1) gets
+    its handlers back as they were, so there the SIGTERM still kills it."""
     script = (
-        "import atexit, os, signal\n"
-        "from beit.cli import main, train\n"
-        "from beit.train.loop import Preempted\n"
-        "def stop(args):\n"
-        "    raise Preempted('SIGTERM', 4, None)\n"
-        "train.run_task = lambda spec, a: stop(a)\n"
+        "import atexit, os, signal, sys\n"
+        "from beit.train.loop import Preempted, _StopSignals\n"
+        "try:\n"
+        "    with _StopSignals():\n"
+        "        raise Preempted('SIGTERM', 4, None)\n"
+        "except Preempted:\n"
+        "    pass\n"
         "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
-        f"main(['pretrain', {CONFIG!r}, 'train.out_dir={tmp_path}'])\n")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=120)
-    assert res.returncode == 75, res.stderr
-    assert "stopped by SIGTERM after step 4" in res.stderr
+        "sys.exit(75)\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**_env(), "WORLD_SIZE": world})
+    assert res.returncode == code, res.stderr
+
 
 # ------------------------------------------------------------------------------------------------ 2. preemption
 @needs_fmnist

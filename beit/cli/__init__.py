@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 from beit import __version__
@@ -72,11 +71,7 @@ def main(argv: list[str] | None = None):
             argv = sys.argv[1:] if argv is None else argv
             again = _resume_line(argv) if hasattr(args, "resume") else "beit " + " ".join(argv)  # drivers resume
             print(f"beit {args.command}: {e}. Resume with: {again}", file=sys.stderr, flush=True)
-            # Under torchrun, the first rank to exit makes the agent SIGTERM the others, possibly while they
-            # tear down after writing the same checkpoint: such a rank still exits "resume me", not -15.
-            code = e.exit_code
-            signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
-            sys.exit(code)
+            sys.exit(e.exit_code)
         if not isinstance(e, _user_errors()):
             raise
         if os.environ.get("BEIT_DEBUG"):

@@ -37,8 +37,8 @@ from beit.data.datasets import BadFileTracker
 from beit.models.vit import Block
 from beit.data.loader import make_loader, optimizer_steps_per_epoch
 from beit.train import checkpoint as ckpt_io
-from beit.train.distributed import (DistInfo, all_reduce_sum, barrier, full_state, full_tensor, load_full_state,
-                                    no_sync, wrap_ddp, wrap_fsdp)
+from beit.train.distributed import (DistInfo, all_reduce_sum, barrier, env_world_size, full_state, full_tensor,
+                                    load_full_state, no_sync, wrap_ddp, wrap_fsdp)
 from beit.train.metrics import MetricLogger, MetricWindow
 
 log = logging.getLogger("beit")
@@ -265,9 +265,13 @@ class _StopSignals:
         all_reduce_sum(flag)
         return bool(flag.item() > 0)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        # Under torchrun the first worker to exit makes the agent SIGTERM the others, which may still be on their
+        # way out after writing the same checkpoint: they ignore it and exit 75 ("resume me"), not -15. SIG_IGN,
+        # unlike a Python handler, holds until the process ends (Python resets its own handlers as it finalises).
+        stopping = exc_type is Preempted and env_world_size() > 1
         for s, h in self.previous.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if stopping and s == signal.SIGTERM else h)
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
