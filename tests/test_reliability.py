@@ -103,7 +103,6 @@ def test_model_data_tokenizer_mismatch_fails_before_the_run_directory(tmp_path, 
     assert not any(tmp_path.iterdir())
 
 
-
 @pytest.mark.parametrize("world, code", [("2", 75), ("1", -signal.SIGTERM)])
 def test_a_torchrun_worker_sigtermed_while_exiting_after_a_stop_still_exits_75(world, code):
     """Under torchrun the first worker to exit makes the agent SIGTERM the rest, which may be tearing down after

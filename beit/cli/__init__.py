@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None):
         if type(e).__name__ == "Preempted":  # beit.train.loop.Preempted (not imported here: --help stays light)
             argv = sys.argv[1:] if argv is None else argv
             again = _resume_line(argv) if hasattr(args, "resume") else "beit " + " ".join(argv)  # drivers resume
-            print(f"beit {args.command}: {e}. Resume with: {again}", file=sys.stderr, flush=True)
+            print(f"beit {args.command}: {e}. Resume with: {again}", file=sys.stderr)
             sys.exit(e.exit_code)
         if not isinstance(e, _user_errors()):
             raise
