@@ -132,6 +132,12 @@ def test_study_runs_end_to_end_on_an_image_folder_and_resumes(tmp_path):
     assert (out / "study.png").stat().st_size > 10_000
     md = (out / "results.md").read_text()
     assert "| 50% |" in md and "pending" in md and "small CNN" in md
+    # --arms: only the named arm runs now (a second process may take the others).
+    cnn_only = subprocess.run(cmd + ["--arms", "cnn"], capture_output=True, text=True, timeout=600)
+    assert cnn_only.returncode == 0, cnn_only.stderr[-3000:]
+    assert {p.name.split("_")[1] for p in out.glob("100pct_*")} == {"cnn"}
+    bad = subprocess.run(cmd + ["--arms", "cnnn"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--arms cnnn: the study has the arms pretrained, scratch, cnn" in bad.stderr
     # Rerun: finished runs are skipped (their metrics are not appended to), the other fraction runs.
     before = (out / half["arms"]["scratch"]["grid"][0]["run"] / "metrics.jsonl").read_text()
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

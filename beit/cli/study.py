@@ -18,15 +18,20 @@ def register(subparsers):
     p.add_argument("--out", default=None, help="output folder (default runs/study_<file stem>)")
     p.add_argument("--fractions", default=None, type=lambda s: [float(x) for x in s.split(",")],
                    help="run only these label fractions now (e.g. 0.01); the report covers all")
+    p.add_argument("--arms", default=None, type=lambda s: s.split(","),
+                   help="run only these arms now (e.g. scratch; pretrained, scratch, cnn): two processes can share "
+                   "the work; the report covers all")
     p.add_argument("--report-only", action="store_true", help="run nothing; tabulate what has finished")
     p.set_defaults(func=_study)
 
 
 def _study(a) -> int:
-    from beit.experiments.study import load_study, run_study
+    from beit.experiments.study import arms, load_study, run_study
 
     study = load_study(a.study, a.overrides)
     if a.fractions and not set(a.fractions) <= set(study.fractions):
         raise ConfigError(f"--fractions {a.fractions}: the study has {sorted(study.fractions)}")
-    run_study(study, Path(a.out or f"runs/study_{Path(a.study).stem}"), a.fractions, a.report_only)
+    if a.arms and not set(a.arms) <= set(arms(study)):
+        raise ConfigError(f"--arms {','.join(a.arms)}: the study has the arms {', '.join(arms(study))}")
+    run_study(study, Path(a.out or f"runs/study_{Path(a.study).stem}"), a.fractions, a.report_only, a.arms)
     return 0

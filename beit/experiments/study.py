@@ -236,11 +236,12 @@ def select(study: StudyConfig, arm: str, frac: float, out: Path) -> tuple[list[d
     return grid, max(grid, key=lambda g: g["val"])["point"]  # ties: the first in grid order
 
 
-def run_fraction(study: StudyConfig, frac: float, out: Path, wall: dict[str, float]):
-    """Pixel k-NN, then every arm's grid (seed 0), then each selected recipe's other seeds and its test scores."""
+def run_fraction(study: StudyConfig, frac: float, out: Path, wall: dict[str, float], only_arms=None):
+    """Pixel k-NN, then every arm's grid (seed 0), then each selected recipe's other seeds and its test scores.
+    `only_arms`: run these arms now (another process may run the others: an arm's runs depend on no other arm)."""
     if study.task == "finetune":
         pixel_knn(study, frac, out)
-    for arm in arms(study):
+    for arm in only_arms or arms(study):
         run_stages(out, [_stage(study, arm, frac, p, 0, out) for p in grid_points(study, arm)], wall)
         best = select(study, arm, frac, out)[1]
         run_stages(out, [_stage(study, arm, frac, best, s, out) for s in range(1, study.seeds)], wall)
@@ -384,8 +385,10 @@ def report(study: StudyConfig, out: Path) -> dict:
     return results
 
 
-def run_study(study: StudyConfig, out: Path, only: list[float] | None = None, report_only: bool = False) -> dict:
-    """Run (or continue) the study in `out`, then report what has finished. `only`: these label fractions."""
+def run_study(study: StudyConfig, out: Path, only: list[float] | None = None, report_only: bool = False,
+              only_arms: list[str] | None = None) -> dict:
+    """Run (or continue) the study in `out`, then report what has finished. `only`: these label fractions;
+    `only_arms`: these arms."""
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(None, True)
     if not report_only:
@@ -396,6 +399,6 @@ def run_study(study: StudyConfig, out: Path, only: list[float] | None = None, re
                 f"train.out_dir={out}", "train.run_name=pretrain"])], wall)
         for frac in sorted(study.fractions):
             if only is None or frac in only:
-                run_fraction(study, frac, out, wall)
+                run_fraction(study, frac, out, wall, only_arms)
     return report(study, out)
 
