@@ -363,9 +363,10 @@ def plot_study(results: dict, path: Path):
         ax.minorticks_off()
         ax.set_xlabel("labelled training images")
         ax.set_ylabel(f"test {_label(results)}, mean ± std over seeds")
-        ax.set_title("test accuracy by label fraction")
+        ax.set_title(f"test {_label(results).removesuffix(' (%)')} by label fraction")
         ax.legend(fontsize=8)
         ax2.set_xticks(range(len(rows)), [f"{r['label_fraction'] * 100:g}%" for r in rows])
+        ax2.set_xlim(-0.5, len(rows) - 0.5)  # each row's points centred on its tick, also for one row
         ax2.set_xlabel("labelled training images")
         ax2.set_ylabel(f"validation {_label(results)}")
         ax2.set_title("validation grid points (seed 0); each arm keeps its best")
