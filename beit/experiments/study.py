@@ -236,7 +236,8 @@ def select(study: StudyConfig, arm: str, frac: float, out: Path) -> tuple[list[d
     return grid, max(grid, key=lambda g: g["val"])["point"]  # ties: the first in grid order
 
 
-def run_fraction(study: StudyConfig, frac: float, out: Path, wall: dict[str, float], only_arms=None):
+def run_fraction(study: StudyConfig, frac: float, out: Path, wall: dict[str, float],
+                 only_arms: list[str] | None = None):
     """Pixel k-NN, then every arm's grid (seed 0), then each selected recipe's other seeds and its test scores.
     `only_arms`: run these arms now (another process may run the others: an arm's runs depend on no other arm)."""
     if study.task == "finetune":
