@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from beit.config import ConfigError
-
 
 def register(subparsers):
     p = subparsers.add_parser(
@@ -26,12 +24,8 @@ def register(subparsers):
 
 
 def _study(a) -> int:
-    from beit.experiments.study import arms, load_study, run_study
+    from beit.experiments.study import load_study, run_study
 
     study = load_study(a.study, a.overrides)
-    if a.fractions and not set(a.fractions) <= set(study.fractions):
-        raise ConfigError(f"--fractions {a.fractions}: the study has {sorted(study.fractions)}")
-    if a.arms and not set(a.arms) <= set(arms(study)):
-        raise ConfigError(f"--arms {','.join(a.arms)}: the study has the arms {', '.join(arms(study))}")
     run_study(study, Path(a.out or f"runs/study_{Path(a.study).stem}"), a.fractions, a.report_only, a.arms)
     return 0

@@ -390,7 +390,11 @@ def report(study: StudyConfig, out: Path) -> dict:
 def run_study(study: StudyConfig, out: Path, only: list[float] | None = None, report_only: bool = False,
               only_arms: list[str] | None = None) -> dict:
     """Run (or continue) the study in `out`, then report what has finished. `only`: these label fractions;
-    `only_arms`: these arms."""
+    `only_arms`: these arms. A fraction or arm the study lacks is an error before any work."""
+    if only and not set(only) <= set(study.fractions):
+        raise ConfigError(f"--fractions {only}: the study has {sorted(study.fractions)}")
+    if only_arms and not set(only_arms) <= set(arms(study)):
+        raise ConfigError(f"--arms {','.join(only_arms)}: the study has the arms {', '.join(arms(study))}")
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(None, True)
     if not report_only:
