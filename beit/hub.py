@@ -44,8 +44,9 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 # Shipped models: name -> safetensors file whose metadata holds the run config and class names
 # (written by scripts/make_zoo.py; docs/model_zoo.md says how each was made).
 ZOO = {
-    "fmnist-backbone": ASSETS / "fmnist_backbone.safetensors",
-    "fmnist-classifier": ASSETS / "fmnist_classifier.safetensors",
+    "fmnist-backbone": ASSETS / "fmnist_backbone.safetensors",  # 20 pretraining epochs
+    "fmnist-backbone-4ep": ASSETS / "fmnist_backbone_4ep.safetensors",  # 4 epochs: the earlier results' backbone
+    "fmnist-classifier": ASSETS / "fmnist_classifier.safetensors",  # fmnist-backbone-4ep fine-tuned on 100% labels
 }
 # `create_model(name, pretrained=TAG)`: (preset, tag) -> zoo entry.
 PRETRAINED_TAGS = {

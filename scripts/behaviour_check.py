@@ -22,7 +22,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKBONE = "model.pretrained=beit/assets/fmnist_backbone.safetensors"  # the shipped file: older trees know no zoo names
+# This checkout's file by absolute path, so both trees fine-tune the same weights (older trees know no zoo names,
+# and the file behind a name can change between commits).
+BACKBONE = f"model.pretrained={ROOT}/beit/assets/fmnist_backbone.safetensors"
 COMMON = ["train.max_steps=12", "train.log_every=2", "train.progress=false", "data.num_workers=0",
           "train.compile=false", "train.save_every_steps=1000"]
 RUNS = {  # name -> beit arguments (the output folder is appended by `command`)

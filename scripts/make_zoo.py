@@ -1,10 +1,13 @@
-"""Write the shipped Fashion-MNIST models (beit/assets/fmnist_{backbone,classifier}.safetensors) from two runs.
+"""Write the shipped Fashion-MNIST models (beit/assets/fmnist_*.safetensors) from training runs.
 
-    OMP_NUM_THREADS=2 python scripts/make_zoo.py --pretrain runs/reproduce_fmnist_full/pretrain \\
-        --finetune runs/reproduce_fmnist_full/finetune_pretrained_100pct_seed0 [--out beit/assets]
+    OMP_NUM_THREADS=2 python scripts/make_zoo.py --pretrain runs/fmnist_pretrain_20ep \\
+        --pretrain-4ep runs/reproduce_fmnist_full/pretrain \\
+        --finetune runs/reproduce_fmnist_full/finetune_pretrained_100pct_seed0
 
-Each file holds the run's final weights in fp16 (official key layout) and, in its safetensors metadata, the
-run's config (`beit_config`) and class names, so `beit.load("fmnist-classifier")` and
+writes `fmnist-backbone` (--pretrain), `fmnist-backbone-4ep` (--pretrain-4ep, the shorter pretraining that
+earlier results start from) and `fmnist-classifier` (--finetune). Each option is optional: a file not asked
+for is left as it is. Each file holds the run's final weights in fp16 (official key layout) and, in its
+safetensors metadata, the run's config (`beit_config`) and class names, so `beit.load("fmnist-classifier")` and
 `beit.create_model("beit_fmnist_patch4_32", pretrained="fmnist")` rebuild them with nothing restated.
 Then the classifier file is evaluated with `beit eval` on the full Fashion-MNIST test split; its top-1, top-5
 and the files' sizes are printed and written to --json (docs/results/model_zoo.json), from which
@@ -26,7 +29,10 @@ import torch
 
 MAX_BYTES = 6 * 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
-FILES = {"pretrain": "fmnist_backbone.safetensors", "finetune": "fmnist_classifier.safetensors"}
+# option -> (zoo name, file, kind of checkpoint it must hold)
+FILES = {"pretrain": ("fmnist-backbone", "fmnist_backbone.safetensors", "mim"),
+         "finetune": ("fmnist-classifier", "fmnist_classifier.safetensors", "classifier"),
+         "pretrain_4ep": ("fmnist-backbone-4ep", "fmnist_backbone_4ep.safetensors", "mim")}
 
 
 def write_asset(run: str, out: Path, want_kind: str) -> Path:
@@ -69,32 +75,32 @@ def evaluate(classifier: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrain", help="pretraining run directory (or checkpoint)")
-    p.add_argument("--finetune", help="100%%-label fine-tuning run directory (or checkpoint)")
+    p.add_argument("--pretrain", help="pretraining run directory (or checkpoint) for fmnist-backbone")
+    p.add_argument("--finetune", help="fine-tuning run directory (or checkpoint) for fmnist-classifier")
+    p.add_argument("--pretrain-4ep", help="pretraining run directory (or checkpoint) for fmnist-backbone-4ep")
     p.add_argument("--out", default=str(ROOT / "beit" / "assets"))
     p.add_argument("--json", default=str(ROOT / "docs" / "results" / "model_zoo.json"),
                    help="where the measured numbers go (default docs/results/model_zoo.json)")
     p.add_argument("--eval-only", action="store_true", help="write nothing to --out; evaluate the files there")
     args = p.parse_args()
     out = Path(args.out)
-    if not args.eval_only:
-        if not (args.pretrain and args.finetune):
-            p.error("--pretrain and --finetune are required (or --eval-only)")
-        out.mkdir(parents=True, exist_ok=True)
-        write_asset(args.pretrain, out / FILES["pretrain"], "mim")
-        write_asset(args.finetune, out / FILES["finetune"], "classifier")
-    classifier = out / FILES["finetune"]
+    runs = {opt: getattr(args, opt) for opt in FILES if getattr(args, opt)}
+    if bool(runs) == args.eval_only:
+        p.error("give --pretrain, --finetune and/or --pretrain-4ep, or --eval-only (not both)")
+    out.mkdir(parents=True, exist_ok=True)
+    for opt, run in runs.items():
+        write_asset(run, out / FILES[opt][1], FILES[opt][2])
+    classifier = out / FILES["finetune"][1]
     res = evaluate(classifier)
-    files = {"backbone": FILES["pretrain"], "classifier": FILES["finetune"]}
     record = {"command": "python scripts/make_zoo.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
-              "files": {k: {"file": f, "size_mib": (out / f).stat().st_size / 2**20} for k, f in files.items()},
+              "files": {name: {"file": f, "size_mib": (out / f).stat().st_size / 2**20}
+                        for name, f, _ in FILES.values() if (out / f).is_file()},
               "classifier_eval": {k: res[k] for k in ("top1", "top5", "num_samples")}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     print(f"beit eval {classifier.name}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
           f"({res['num_samples']} Fashion-MNIST test images) -> {args.json}; "
           f"then python scripts/render_docs.py writes it into docs/model_zoo.md")
-
 
 if __name__ == "__main__":
     main()
