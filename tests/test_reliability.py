@@ -137,10 +137,14 @@ def test_signal_checkpoints_then_resume_is_bitwise(tmp_path, reference, sig):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     assert "Resume with: beit pretrain" in err and "--resume" in err and signal.Signals(sig).name in err
-    stopped_at = torch.load(ckpt_io.list_checkpoints(tmp_path / "fmnist_quick")[-1], weights_only=True)["step"]
-    assert 3 <= stopped_at < 16
+    stopped = torch.load(ckpt_io.list_checkpoints(tmp_path / "fmnist_quick")[-1], weights_only=True)
+    assert 3 <= stopped["step"] < 16
     res = _run(tmp_path, "--resume")
     assert res.returncode == 0, res.stderr
+    # the summary's training time counts the stopped process (up to its checkpoint) and the resumed one
+    summary = json.loads((tmp_path / "fmnist_quick" / "summary.json").read_text())
+    assert stopped["wall_time_s"] > 0 and summary["wall_time_before_resume_s"] == stopped["wall_time_s"]
+    assert summary["wall_time_s"] > stopped["wall_time_s"]
     got, want = _weights(tmp_path / "fmnist_quick"), _weights(reference)
     assert all(torch.equal(got[k], want[k]) for k in want)
     # 5. the first window after the resume averages the same steps as the uninterrupted run's

@@ -139,6 +139,14 @@ class _Run:
     bad_files: BadFileTracker = field(default_factory=BadFileTracker)
     last_eval: dict = field(default_factory=dict)
     throughput: Throughput = field(default_factory=lambda: Throughput())
+    # Training time across resumes: the earlier processes' seconds up to the checkpoint this one resumed from
+    # (time a killed process spent after its last checkpoint is redone, so it is not counted), plus this one's.
+    # None: resumed from a checkpoint that predates the record, so only this process's time is known.
+    wall_before: float | None = 0.0
+    t_start: float = 0.0
+
+    def wall(self) -> float:
+        return (self.wall_before or 0.0) + time.time() - self.t_start
 
     @property
     def model(self) -> nn.Module:
@@ -197,7 +205,7 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
                  f"{run.global_batch}, warmup {run.warmup}, amp {cfg.train.amp}, device {info.device}, "
                  f"{info.world_size} process(es))")
 
-    t_start = time.time()
+    run.t_start = time.time()
     run.model.train()
     with _StopSignals() as stop:
         while run.step < run.stop_step:
@@ -213,7 +221,7 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
                 logger.close()
                 raise Preempted(stop.name, run.step, ckpt_io.list_checkpoints(run_dir)[-1] if run_dir else None)
     bar.close()
-    return _finish(run, logger, time.time() - t_start)
+    return _finish(run, logger)
 
 
 class Preempted(Exception):
@@ -370,6 +378,7 @@ def _resume(run: _Run):
         run.ema.module.load_state_dict(state["ema"])
     ckpt_io.set_rng_state(state["rng"])
     run.step, run.best = state["step"], state.get("best")
+    run.wall_before = state.get("wall_time_s")
     run.checked_step = run.step
     if state.get("metric_window") is not None:
         run.window.load_state_dict(state["metric_window"])
@@ -498,7 +507,7 @@ def _save(run: _Run):
         ckpt_io.save_training_checkpoint(run.run_dir, {
             "model": model_sd, "optimizer": optim_sd,
             "scaler": run.scaler.state_dict(), "ema": run.ema.module.state_dict() if run.ema is not None else None,
-            "rng": ckpt_io.rng_state(), "best": run.best, "config": run.cfg.to_dict(),
+            "rng": ckpt_io.rng_state(), "best": run.best, "config": run.cfg.to_dict(), "wall_time_s": run.wall(),
             "metric_window": run.window.state_dict(), "global_batch": run.global_batch,
             "class_names": run.task.class_names,
             "task_state": run.task.extra_state.state_dict() if run.task.extra_state is not None else None,
@@ -506,9 +515,10 @@ def _save(run: _Run):
     barrier()
 
 
-def _finish(run: _Run, logger: MetricLogger, wall: float) -> dict:
+def _finish(run: _Run, logger: MetricLogger) -> dict:
     summary = {"steps": run.step, "total_steps": run.total_steps, "epochs": run.step / run.steps_per_epoch,
-               "global_batch": run.global_batch, "wall_time_s": wall, **run.bad_files.summary(),
+               "global_batch": run.global_batch, "wall_time_s": run.wall(),
+               "wall_time_before_resume_s": run.wall_before, **run.bad_files.summary(),
                "skipped_steps": run.skipped, "eval": run.last_eval, "best": run.best}
     if run.bad_files.paths and run.info.is_main:
         paths = sorted(run.bad_files.paths)
