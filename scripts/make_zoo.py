@@ -29,10 +29,9 @@ import torch
 
 MAX_BYTES = 6 * 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
-# option -> (zoo name, file, kind of checkpoint it must hold)
-FILES = {"pretrain": ("fmnist-backbone", "fmnist_backbone.safetensors", "mim"),
-         "finetune": ("fmnist-classifier", "fmnist_classifier.safetensors", "classifier"),
-         "pretrain_4ep": ("fmnist-backbone-4ep", "fmnist_backbone_4ep.safetensors", "mim")}
+# option -> (zoo name, the kind of checkpoint it must hold); the file names are beit.hub.ZOO's
+FILES = {"pretrain": ("fmnist-backbone", "mim"), "finetune": ("fmnist-classifier", "classifier"),
+         "pretrain_4ep": ("fmnist-backbone-4ep", "mim")}
 
 
 def write_asset(run: str, out: Path, want_kind: str) -> Path:
@@ -88,19 +87,24 @@ def main() -> None:
     if bool(runs) == args.eval_only:
         p.error("give --pretrain, --finetune and/or --pretrain-4ep, or --eval-only (not both)")
     out.mkdir(parents=True, exist_ok=True)
+    from beit.hub import ZOO
+
+    files = {name: ZOO[name].name for name, _ in FILES.values()}
     for opt, run in runs.items():
-        write_asset(run, out / FILES[opt][1], FILES[opt][2])
-    classifier = out / FILES["finetune"][1]
+        name, kind = FILES[opt]
+        write_asset(run, out / files[name], kind)
+    classifier = out / files["fmnist-classifier"]
     res = evaluate(classifier)
     record = {"command": "python scripts/make_zoo.py " + " ".join(sys.argv[1:]), "torch": torch.__version__,
               "files": {name: {"file": f, "size_mib": (out / f).stat().st_size / 2**20}
-                        for name, f, _ in FILES.values() if (out / f).is_file()},
+                        for name, f in files.items() if (out / f).is_file()},
               "classifier_eval": {k: res[k] for k in ("top1", "top5", "num_samples")}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     print(f"beit eval {classifier.name}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
           f"({res['num_samples']} Fashion-MNIST test images) -> {args.json}; "
           f"then python scripts/render_docs.py writes it into docs/model_zoo.md")
+
 
 if __name__ == "__main__":
     main()
