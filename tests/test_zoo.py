@@ -15,6 +15,7 @@ from beit import hub
 from beit.config import load_config
 from beit.builders import create_model
 from beit.train import checkpoint as ckpt_io
+from beit.train.runner import run_dir_of
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,15 +101,12 @@ def test_shipped_files_are_the_runs_docs_name():
     def results(path: str) -> dict:
         return json.loads((ROOT / "docs" / "results" / path).read_text())
 
-    def run_dir(cfg) -> Path:
-        return Path(cfg.train.out_dir) / cfg.train.run_name
-
     assert all(p.stat().st_size <= 6 * 2**20 for p in hub.ZOO.values())
     backbone, backbone_4ep, clf = (beit.load(n).beit_config for n in ("fmnist-backbone", "fmnist-backbone-4ep",
                                                                      "fmnist-classifier"))
     assert backbone.train.epochs == results("fmnist_study_20ep/pretrain_summary.json")["epochs"]
-    assert Path(results("fmnist_study_20ep/results.json")["study"]["pretrained"]) == run_dir(backbone)
+    assert Path(results("fmnist_study_20ep/results.json")["study"]["pretrained"]) == run_dir_of(backbone)
     assert backbone_4ep.train.epochs == results("fmnist_full_rerun/results.json")["pretrain"]["epochs"]
     # the classifier: the full reproduction's 100%-label stage, fine-tuned from fmnist-backbone-4ep
-    assert Path(clf.model.pretrained) == run_dir(backbone_4ep)
+    assert Path(clf.model.pretrained) == run_dir_of(backbone_4ep)
     assert (clf.data.label_fraction, clf.train.epochs) == (1.0, 6)
