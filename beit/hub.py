@@ -46,7 +46,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 ZOO = {
     "fmnist-backbone": ASSETS / "fmnist_backbone.safetensors",  # 20 pretraining epochs
     "fmnist-backbone-4ep": ASSETS / "fmnist_backbone_4ep.safetensors",  # 4 epochs: the earlier results' backbone
-    "fmnist-classifier": ASSETS / "fmnist_classifier.safetensors",  # fmnist-backbone-4ep fine-tuned on 100% labels
+    "fmnist-classifier": ASSETS / "fmnist_classifier.safetensors",  # fmnist-backbone fine-tuned, recipe chosen on validation
 }
 # `create_model(name, pretrained=TAG)`: (preset, tag) -> zoo entry.
 PRETRAINED_TAGS = {

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 python scripts/make_zoo.py --pretrain runs/fmnist_pretrain_20ep \\
         --pretrain-4ep runs/reproduce_fmnist_full/pretrain \\
-        --finetune runs/reproduce_fmnist_full/finetune_pretrained_100pct_seed0
+        --finetune runs/study_fmnist_20ep_full/100pct_pretrained_lr0.002_ld0.75_seed0
 
 writes `fmnist-backbone` (--pretrain), `fmnist-backbone-4ep` (--pretrain-4ep, the shorter pretraining that
 earlier results start from) and `fmnist-classifier` (--finetune). Each option is optional: a file not asked

@@ -107,6 +107,10 @@ def test_shipped_files_are_the_runs_docs_name():
     assert backbone.train.epochs == results("fmnist_study_20ep/pretrain_summary.json")["epochs"]
     assert Path(results("fmnist_study_20ep/results.json")["study"]["pretrained"]) == run_dir_of(backbone)
     assert backbone_4ep.train.epochs == results("fmnist_full_rerun/results.json")["pretrain"]["epochs"]
-    # the classifier: the full reproduction's 100%-label stage, fine-tuned from fmnist-backbone-4ep
-    assert Path(clf.model.pretrained) == run_dir_of(backbone_4ep)
-    assert (clf.data.label_fraction, clf.train.epochs) == (1.0, 6)
+    # the classifier: the 100%-label study's run at the pretrained arm's validation-selected point, fine-tuned
+    # from fmnist-backbone on the 55,000 labels outside the validation split
+    full = results("fmnist_study_20ep_full/results.json")
+    selected = full["rows"]["100pct"]["arms"]["pretrained"]["selected"]
+    assert Path(clf.model.pretrained) == run_dir_of(backbone) == Path(full["study"]["pretrained"])
+    assert (clf.optim.lr, clf.optim.layer_decay) == (selected["optim.lr"], selected["optim.layer_decay"])
+    assert (clf.data.label_fraction, clf.data.val_size, clf.train.seed) == (1.0, 5000, 0)
