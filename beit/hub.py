@@ -35,7 +35,7 @@ from beit.data.datasets import FASHION_MNIST_CLASSES
 from beit.data.extra import MNIST_CLASSES, hf_dataset
 from beit.data.segmentation import ADE20K_CLASSES, FMNIST_SCENES_CLASSES, read_class_names
 from beit.models import create_model
-from beit.models.presets import CNN_PRESETS, PRESETS, SEG_PRESETS
+from beit.models.presets import CNN_PRESETS, PRESETS, SEG_CNN_PRESETS, SEG_PRESETS
 from beit.models.segmentation import create_segmenter
 
 log = logging.getLogger("beit")
@@ -163,11 +163,13 @@ def checkpoint_kind(model: ModelConfig) -> str | None:
     """What `model.pretrained` holds ('classifier', 'mim', 'segmenter' or 'backbone'), read from its tensors, so
     that a command picks what to do from the checkpoint, never from the data's name; None without a checkpoint.
     A preset tag (`pretrained: fmnist`) names its shipped model; a CNN preset (the reference baseline of
-    `beit study`) is a classifier whatever its tensors."""
+    `beit study`) is a classifier, a U-Net preset a segmenter, whatever its tensors."""
     source = PRETRAINED_TAGS.get((model.name, model.pretrained), model.pretrained)
     if source is None:
         return None
-    return "classifier" if model.name in CNN_PRESETS else _kind_of(read_checkpoint(resolve_path(source)))
+    if model.name in CNN_PRESETS or model.name in SEG_CNN_PRESETS:
+        return "classifier" if model.name in CNN_PRESETS else "segmenter"
+    return _kind_of(read_checkpoint(resolve_path(source)))
 
 
 def infer_config(raw: dict, path: Path, hf: dict | None = None) -> Config:
@@ -266,8 +268,9 @@ def _seg_class_names(cfg: Config) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ building
 def effective_model_kwargs(m: ModelConfig) -> dict[str, Any]:
-    """Our `Beit` (or `BeitSegmenter`) kwargs for a model section: the preset with its overrides applied."""
-    presets = {**PRESETS, **SEG_PRESETS}
+    """The model's kwargs for a model section (`Beit`, `BeitSegmenter` or a reference CNN): the preset with its
+    overrides applied."""
+    presets = {**PRESETS, **SEG_PRESETS, **CNN_PRESETS, **SEG_CNN_PRESETS}
     if m.name not in presets:
         raise ConfigError(f"unknown model preset '{m.name}'")
     return {**presets[m.name], **m.overrides()}

@@ -93,6 +93,29 @@ def test_fmnist_preset_shapes_and_upsample():
         create_segmenter("beit_fmnist_patch4_64_upernet", out_indices=(1, 2, 3, 6))
 
 
+def test_reference_unet_segments_at_full_resolution_and_refuses_a_backbone():
+    """The segmentation study's reference CNN: logits [B, K, S, S] from the segmenter interface, its own
+    checkpoints only (a ViT backbone is a config error), and no ViT keys."""
+    from beit.config import ConfigError, load_config
+    from beit.train.segment import build_segmenter
+
+    model = create_segmenter("unet_fmnist_64").eval()
+    assert (model.num_classes, model.img_size, model.in_chans) == (11, 64, 1)
+    assert 400_000 < sum(p.numel() for p in model.parameters()) < 500_000  # "0.47M parameters" in the docs
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        logits, aux = model.forward_train(x)
+        assert logits.shape == (2, 11, 64, 64) and aux is None and torch.equal(model(x), logits)
+    with pytest.raises(ValueError, match="model.drop_path_rate=null"):
+        create_segmenter("unet_fmnist_64", drop_path_rate=0.1)
+    with pytest.raises(KeyError, match="create_segmenter"):
+        create_model("unet_fmnist_64")
+    cfg = load_config("configs/segment/fmnist_scenes.yaml", ["model.name=unet_fmnist_64", "model.drop_path_rate=null",
+                      "model.pretrained=beit/assets/fmnist_backbone.safetensors"], command="segment")
+    with pytest.raises(ConfigError, match="CNN trained from scratch: set model.pretrained=null"):
+        build_segmenter(cfg, 11)
+
+
 def test_patch16_neck_strides_and_layer_decay_groups():
     from beit.config import OptimConfig
     from beit.train.loop import param_groups

@@ -14,7 +14,7 @@ from PIL import Image
 from beit.config import ConfigError, load_config
 from beit.data.build import build_dataset
 from beit.data.datasets import stratified_holdout
-from beit.experiments.study import knn_predict, load_study, paired_interval
+from beit.experiments.study import knn_predict, load_study, paired_interval, run_study
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
@@ -235,23 +235,68 @@ def test_segmentation_study_selects_on_validation_miou_and_tests_once(tmp_path):
     study = {"config": "configs/segment/fmnist_scenes.yaml", "task": "segment",
              "pretrained": "beit/assets/fmnist_backbone.safetensors",
              "val_size": 500, "seeds": 2, "grid": {"optim.lr": [1e-4, 1e-3]}, "fractions": {1.0: []},
-             "overrides": tiny}
-    path = tmp_path / "seg.yaml"
+             "overrides": tiny, "cnn": "unet_fmnist_64",
+             "cnn_overrides": ["model.drop_path_rate=null", "optim.layer_decay=null", "train.amp=none"],
+             "cnn_grid": {"optim.lr": [1e-3, 3e-3]}, "knn_ks": [1, 3], "knn_windows": [4, 8], "knn_bank": 2000}
+    path, out = tmp_path / "seg.yaml", tmp_path / "out"
     path.write_text(json.dumps(study))
-    r = subprocess.run([sys.executable, "-m", "beit", "study", str(path), "--out", str(tmp_path / "out")],
+    r = subprocess.run([sys.executable, "-m", "beit", "study", str(path), "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text())
     row = res["rows"]["100pct"]
-    assert res["metric"] == "mIoU" and set(row["arms"]) == {"pretrained", "scratch"} and "pixel_knn" not in row
-    for arm in ("pretrained", "scratch"):
+    assert res["metric"] == "mIoU" and set(row["arms"]) == {"pretrained", "scratch", "cnn"}
+    for arm in ("pretrained", "scratch", "cnn"):
         grid = row["arms"][arm]["grid"]
-        assert all(yaml_split(tmp_path / "out" / g["run"]) == "val" for g in grid)
-        val = json.loads((tmp_path / "out" / grid[0]["run"] / "results.json").read_text())
+        assert all(yaml_split(out / g["run"]) == "val" for g in grid)
+        val = json.loads((out / grid[0]["run"] / "results.json").read_text())
         assert grid[0]["val"] == val["mIoU"]
         assert row["arms"][arm]["test"]["n"] == 2
-    assert row["gains"]["scratch"]["n"] == 2
+    assert set(row["gains"]) == {"scratch", "cnn", "pixel_knn"} and row["gains"]["cnn"]["n"] == 2
+    knn = row["pixel_knn"]
+    assert knn["window"] in (4, 8) and knn["k"] in (1, 3) and knn["bank_cells"] == 2000 and knn["test"]["n"] == 2
+    # 11 classes; the pixel k-NN gets the all-black background right, so its mIoU is well above a constant guess
+    assert knn["test"]["mean"] > 100 / 11 + 5
+    assert knn["val_mIoU_by_window_k"][str(knn["window"])][str(knn["k"])] == max(
+        v for by_k in knn["val_mIoU_by_window_k"].values() for v in by_k.values())
+    assert "Pixel k-NN (2,000 training patches)" in (out / "results.md").read_text()
+
+    # Another folder holding only this report (run directories deleted, or a committed study copied in to add an
+    # arm): the report reuses each arm unchanged, and refuses an arm whose settings changed.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "results.json").write_text((out / "results.json").read_text())
+    (copy / "pixel_knn_100pct.json").write_text((out / "pixel_knn_100pct.json").read_text())
+    again = run_study(load_study(path), copy, report_only=True)["rows"]["100pct"]
+    assert all(again["arms"][a]["carried"] and again["arms"][a]["test"] == row["arms"][a]["test"] for a in row["arms"])
+    assert again["gains"] == row["gains"]
+    assert "reused from this folder's earlier results.json" in (copy / "results.md").read_text()
+    changed = run_study(load_study(path, ["cnn_grid={optim.lr: [1.0e-2, 3.0e-3]}"]), copy, report_only=True)
+    cnn = changed["rows"]["100pct"]["arms"]["cnn"]
+    assert "carried" not in cnn and cnn["selected"] is None and "cnn" not in changed["rows"]["100pct"]["gains"]
+    assert changed["rows"]["100pct"]["arms"]["scratch"]["carried"]
+
     bad = dict(study, fractions={0.1: []})
     path.write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match="task segment"):
         load_study(path)
+
+
+def test_segmentation_pixel_knn_cells_are_the_patch_neighbourhoods():
+    """`cell_windows` cuts each patch's centred neighbourhood (replicate-padded) and labels it by its majority
+    class; a bank of exactly the test image's cells predicts it perfectly, at every window."""
+    from beit.experiments.study import _centre, cell_windows, knn_votes
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 8, 12, generator=g)
+    mask = torch.zeros(8, 12, dtype=torch.long)
+    mask[:3, :4] = 2  # cell (0, 0): 12 of 16 pixels are class 2
+    mask[4:, 8:] = 255  # cell (1, 2): all ignored
+    feats, labels = cell_windows(image, mask, cell=4, window=8, num_classes=3, ignore_index=255)
+    assert feats.shape == (6, 2, 8, 8) and labels.tolist() == [2, 0, 0, 0, 0, 255]
+    padded = torch.nn.functional.pad(image[None], (2, 2, 2, 2), mode="replicate")[0]
+    assert torch.equal(feats[4], padded[:, 4:12, 4:12])  # row 1, column 1 of the grid
+    assert torch.equal(_centre(feats, 4).reshape(6, 2, 4, 4)[5], image[:, 4:8, 8:12])  # window 4 = the patch
+    keep = labels != 255
+    bank, bank_labels = _centre(feats, 8)[keep], labels[keep]
+    assert torch.equal(knn_votes(bank, bank_labels, bank, [1])[1], bank_labels)

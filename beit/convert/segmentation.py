@@ -35,7 +35,7 @@ import torch
 
 from beit.convert.layouts import from_official, rename, to_official, unwrap_state_dict
 from beit.convert.runs import resolve_pretrained
-from beit.convert.weights import _num_blocks, hf_config_from_state_dict, load_vit, read_checkpoint, write_weights
+from beit.convert.weights import LoadReport, _num_blocks, hf_config_from_state_dict, load_vit, read_checkpoint, write_weights
 from beit.models.presets import SEG_PRESETS
 from beit.models.segmentation import BeitSegmenter
 
@@ -274,6 +274,9 @@ def load_segmenter(model, path_or_sd, strict_shapes: bool = True):
     """
     raw, hf_cfg = _read(path_or_sd)
     sd = unwrap_state_dict(raw)
+    if not hasattr(model, "backbone"):  # not a ViT (a segmentation study's reference CNN): our checkpoints, exactly
+        model.load_state_dict(sd)
+        return LoadReport(layout="ours")
     layout = detect_seg_layout(sd)
     if layout is None:  # a backbone: classifier, MIM model, run directory, any layout
         return load_vit(model.backbone, sd, strict_shapes)

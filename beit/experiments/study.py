@@ -11,7 +11,8 @@ For each label fraction:
 The report gives each arm's validation grid, its recipe, test mean ± std over seeds, and the pretrained arm's
 paired gain over every other arm and the pixel k-NN with its 95% t-interval -> results.json, results.md, study.png.
 
-Segmentation (`task: segment`) runs the same protocol on mIoU, without label fractions, CNN or pixel k-NN.
+Segmentation (`task: segment`) runs the same protocol on mIoU, without label fractions: the CNN is a small U-Net
+and the pixel k-NN classifies each patch of the token grid by its pixel neighbourhood (`seg_pixel_knn`).
 
 Every run is an ordinary `beit finetune` (or `beit segment`) run in its own directory under the output folder; rerunning the
 command skips finished runs and resumes a stopped one.
@@ -29,12 +30,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from beit.builders import build_eval_loader
 from beit.config import Config, ConfigError, load_config, parse_overrides, read_yaml_mapping
 from beit.experiments.fashion_mnist import Stage, run_stages, two_panel_figure
+from beit.data.segmentation import build_seg_dataset
+from beit.models.presets import SEG_PRESETS
 from beit.train.runner import setup_logging
+from beit.train.segment import intersect_and_union, seg_metrics
 from beit.tasks import run
 
 log = logging.getLogger("beit")
@@ -59,6 +64,8 @@ class StudyConfig(BaseModel):
     cnn_overrides: list[str] = []  # e.g. model.drop_path_rate=null (keys a CNN does not take)
     cnn_grid: dict[str, list[Any]] = {}
     knn_ks: list[int] = [1, 3, 5, 10, 20]  # pixel k-NN: k is chosen on validation among these
+    knn_windows: list[int] = [4, 8, 12, 16]  # segmentation: pixel window sides around each patch (chosen on validation)
+    knn_bank: int = Field(50_000, ge=1)  # segmentation: training patches in the k-NN bank (a random draw per seed)
     overrides: list[str] = []  # applied to every run (data.root=..., train.compile=true, ...)
 
 
@@ -77,9 +84,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
         raise ConfigError(f"{path}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
     if study.pretrained is None and study.pretrain is None:
         raise ConfigError(f"{path}: set `pretrained` (a run, checkpoint or zoo name) or `pretrain` (a config to run)")
-    if study.task == "segment" and (set(study.fractions) != {1.0} or study.cnn):
-        raise ConfigError(f"{path}: task segment trains on every labelled image (fractions: {{1.0: [...]}}) and has "
-                          f"no CNN arm")
+    if study.task == "segment" and set(study.fractions) != {1.0}:
+        raise ConfigError(f"{path}: task segment trains on every labelled image (fractions: {{1.0: [...]}})")
     if study.cnn and len(grid_points(study, "cnn")) != len(grid_points(study, "scratch")):
         raise ConfigError(f"{path}: cnn_grid has {len(grid_points(study, 'cnn'))} points and grid "
                           f"{len(grid_points(study, 'scratch'))}: every arm gets the same number of trials")
@@ -164,20 +170,28 @@ def _pixels(cfg: Config, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int,
-                chunk: int = 512) -> torch.Tensor:
-    """Majority vote of the k nearest (Euclidean) bank rows; ties go to the class of the nearest tied neighbour."""
-    k = min(k, len(bank))
+def knn_votes(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, ks: list[int],
+              chunk: int = 512) -> dict[int, torch.Tensor]:
+    """k -> majority vote of the k nearest (Euclidean) bank rows, for every k in `ks` from one neighbour search;
+    ties go to the class of the nearest tied neighbour."""
     num_classes = int(bank_labels.max()) + 1
-    preds = []
+    top = min(max(ks), len(bank))
+    preds: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     sq = (bank * bank).sum(1)  # [N]
     for q in queries.split(chunk):
         d = sq[None] - 2 * q @ bank.T  # [b, N]: squared distance up to a per-query constant
-        idx = d.topk(k, dim=1, largest=False).indices  # [b, k], nearest first
-        onehot = torch.nn.functional.one_hot(bank_labels[idx], num_classes).float()  # [b, k, K]
-        rank_bonus = torch.linspace(1e-3, 0, k)[None, :, None]  # breaks ties toward the nearer neighbour
-        preds.append((onehot * (1 + rank_bonus)).sum(1).argmax(1))
-    return torch.cat(preds)
+        idx = d.topk(top, dim=1, largest=False).indices  # [b, top], nearest first
+        onehot = torch.nn.functional.one_hot(bank_labels[idx], num_classes).float()  # [b, top, K]
+        for k in ks:
+            kk = min(k, top)
+            rank_bonus = torch.linspace(1e-3, 0, kk)[None, :, None]  # breaks ties toward the nearer neighbour
+            preds[k].append((onehot[:, :kk] * (1 + rank_bonus)).sum(1).argmax(1))
+    return {k: torch.cat(p) for k, p in preds.items()}
+
+
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, k: int,
+                chunk: int = 512) -> torch.Tensor:
+    return knn_votes(bank, bank_labels, queries, [k], chunk)[k]
 
 
 def pixel_knn(study: StudyConfig, frac: float, out: Path) -> dict:
@@ -191,10 +205,96 @@ def pixel_knn(study: StudyConfig, frac: float, out: Path) -> dict:
     val_x, val_y = _pixels(cfgs[0], "val")
     test_x, test_y = _pixels(cfgs[0], "test")
     banks = [_pixels(c, "train") for c in cfgs]  # the seed's labelled subset, eval transform
-    val = {k: 100.0 * (knn_predict(*banks[0], val_x, k) == val_y).float().mean().item() for k in study.knn_ks}
+    val = {k: 100.0 * (p == val_y).float().mean().item() for k, p in knn_votes(*banks[0], val_x, study.knn_ks).items()}
     k = max(val, key=val.get)
     test = [100.0 * (knn_predict(*b, test_x, k) == test_y).float().mean().item() for b in banks]
     res = {"val_top1_by_k": {str(kk): v for kk, v in val.items()}, "k": k, "test_top1": test,
+           "wall_time_s": time.time() - t0}
+    path.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def cell_windows(image: torch.Tensor, mask: torch.Tensor, cell: int, window: int, num_classes: int,
+                 ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A segmentation pixel k-NN's samples of one image [C, H, W] with its mask [H, W]: for every `cell` x `cell`
+    patch (the ViT's token grid), its `window` x `window` pixel neighbourhood centred on it (replicate-padded at
+    the border) [g, C, window, window], and the class most of its labelled pixels have [g] (`ignore_index` where
+    none is labelled); g = (H // cell) * (W // cell), row-major."""
+    c, pad = image.shape[0], (window - cell) // 2
+    h, w = (n // cell * cell for n in image.shape[-2:])
+    x = F.pad(image[None, :, :h, :w].float(), (pad, pad, pad, pad), mode="replicate")
+    feats = F.unfold(x, window, stride=cell)[0].T.reshape(-1, c, window, window)  # [g, C, window, window]
+    onehot = F.one_hot(mask[:h, :w].long().clamp(max=num_classes), num_classes + 1)[..., :num_classes]  # ignored: 0
+    counts = F.avg_pool2d(onehot.permute(2, 0, 1)[None].float(), cell)[0].flatten(1)  # [K, g]
+    labels = counts.argmax(0)
+    labels[counts.sum(0) == 0] = ignore_index
+    return feats, labels
+
+
+def _centre(feats: torch.Tensor, window: int) -> torch.Tensor:
+    """[g, C, W, W] -> the centred window x window crop, flattened [g, C*window*window]."""
+    o = (feats.shape[-1] - window) // 2
+    return feats[..., o:o + window, o:o + window].flatten(1)
+
+
+def _seg_knn_miou(dataset, bank: torch.Tensor, bank_labels: torch.Tensor, window: int, ks: list[int], cell: int,
+                  names: list[str], ignore_index: int) -> dict[int, float]:
+    """k -> mIoU of the cell-level k-NN on `dataset` (eval transform), each cell's class painted over its pixels."""
+    k_cls, totals = len(names), {k: torch.zeros(4, len(names), dtype=torch.float64) for k in ks}
+    items = [it for it in (dataset[i] for i in range(len(dataset))) if isinstance(it, tuple)]
+    for start in range(0, len(items), 200):
+        chunk = items[start:start + 200]
+        q = [_centre(cell_windows(x, y, cell, window, k_cls, ignore_index)[0], window) for x, y in chunk]
+        uniq, inverse = torch.unique(torch.cat(q), dim=0, return_inverse=True)  # identical windows: one search
+        votes = knn_votes(bank, bank_labels, uniq, ks)
+        for k, pred in votes.items():
+            for (x, y), p in zip(chunk, pred[inverse].split([len(t) for t in q])):
+                gh, gw = (n // cell for n in x.shape[-2:])
+                pix = F.interpolate(p.reshape(1, 1, gh, gw).float(), size=tuple(y.shape), mode="nearest")[0, 0]
+                totals[k] += intersect_and_union(pix.long(), y, k_cls, ignore_index)
+    return {k: seg_metrics(t, names)["mIoU"] for k, t in totals.items()}
+
+
+def seg_pixel_knn(study: StudyConfig, out: Path) -> dict:
+    """Raw-pixel k-NN for segmentation: each token-grid cell of an image is classified by the k nearest
+    training cells (a `window` x `window` pixel neighbourhood each, from a bank of `knn_bank` cells drawn at random
+    from the training images, a new draw per seed), its class painted over the cell's pixels. Window and k are
+    chosen on validation mIoU (seed 0's bank); test mIoU per seed."""
+    path = out / f"pixel_knn_{_pct(1.0)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    t0 = time.time()
+    cfg = _config(study, "scratch", 1.0, grid_points(study, "scratch")[0], 0, "val", out)
+    cell = cfg.model.patch_size or SEG_PRESETS[cfg.model.name].get("patch_size", 16)
+    bad = [w for w in study.knn_windows if w < cell or (w - cell) % 2]
+    if bad:
+        raise ConfigError(f"knn_windows {bad}: each window must be at least the patch size {cell} and exceed it by "
+                          f"an even number of pixels (centred on the patch)")
+    train = build_seg_dataset(cfg, "train", train_transform=False)
+    names, ignore = list(train.classes), cfg.seg.ignore_index
+    gens = [torch.Generator().manual_seed(s) for s in range(study.seeds)]
+    feats: list[list[torch.Tensor]] = [[] for _ in gens]
+    labels: list[list[torch.Tensor]] = [[] for _ in gens]
+    for i in range(len(train)):
+        item = train[i]
+        if not isinstance(item, tuple):  # a bad file the data policy skips
+            continue
+        f, lab = cell_windows(*item, cell, max(study.knn_windows), len(names), ignore)
+        labelled = (lab != ignore).nonzero()[:, 0]
+        quota = study.knn_bank // len(train) + (i < study.knn_bank % len(train))  # knn_bank in all
+        for s, g in enumerate(gens):
+            pick = labelled[torch.randperm(len(labelled), generator=g)[:quota]]
+            feats[s].append(f[pick])
+            labels[s].append(lab[pick])
+    banks = [(torch.cat(f), torch.cat(lab)) for f, lab in zip(feats, labels)]
+    val_data = build_seg_dataset(cfg, "val")
+    val = {w: _seg_knn_miou(val_data, _centre(banks[0][0], w), banks[0][1], w, study.knn_ks, cell, names, ignore)
+           for w in study.knn_windows}
+    window, k = max(((w, k) for w in val for k in val[w]), key=lambda wk: val[wk[0]][wk[1]])
+    test_data = build_seg_dataset(cfg, "test")
+    test = [_seg_knn_miou(test_data, _centre(f, window), lab, window, [k], cell, names, ignore)[k] for f, lab in banks]
+    res = {"val_mIoU_by_window_k": {str(w): {str(kk): v for kk, v in by_k.items()} for w, by_k in val.items()},
+           "window": window, "k": k, "bank_cells": len(banks[0][0]), "test_mIoU": test,
            "wall_time_s": time.time() - t0}
     path.write_text(json.dumps(res, indent=2))
     return res
@@ -242,6 +342,8 @@ def run_fraction(study: StudyConfig, frac: float, out: Path, wall: dict[str, flo
     `only_arms`: run these arms now (another process may run the others: an arm's runs depend on no other arm)."""
     if study.task == "finetune":
         pixel_knn(study, frac, out)
+    else:
+        seg_pixel_knn(study, out)
     for arm in only_arms or arms(study):
         run_stages(out, [_stage(study, arm, frac, p, 0, out) for p in grid_points(study, arm)], wall)
         best = select(study, arm, frac, out)[1]
@@ -250,14 +352,47 @@ def run_fraction(study: StudyConfig, frac: float, out: Path, wall: dict[str, flo
             test_score(_config(study, arm, frac, best, s, "test", out), out / run_name(arm, frac, best, s), metric(study))
 
 
+# What an arm's runs depend on, besides its own grid and model keys (an earlier report's arm is reused only if
+# these agree).
+_SHARED = ("config", "task", "val_size", "seeds", "fractions", "overrides")
+_ARM_KEYS = {"pretrained": ("pretrained", "pretrain", "pretrain_overrides", "grid"), "scratch": ("grid",),
+             "cnn": ("cnn", "cnn_overrides", "cnn_grid")}
+
+
+def carried_arm(study: StudyConfig, arm: str, frac: float, out: Path, earlier: dict | None) -> dict | None:
+    """The arm's entry in an earlier report of this folder (`earlier`: its results.json) when none of the arm's
+    run directories is here (deleted to save space, or a committed study copied in to add an arm to it) and the
+    settings its runs depend on are unchanged; None otherwise (a changed setting is logged by name)."""
+    if earlier is None or any((out / run_name(arm, frac, p, 0)).exists() for p in grid_points(study, arm)):
+        return None
+    entry = earlier["rows"].get(_pct(frac), {}).get("arms", {}).get(arm)
+    if entry is None:
+        return None
+    now = json.loads(json.dumps(study.model_dump(mode="json")))  # the form results.json stores
+    changed = [k for k in _SHARED + _ARM_KEYS[arm] if earlier["study"].get(k) != now.get(k)]
+    if changed:
+        log.warning(f"{out / 'results.json'}: the earlier {arm} arm is not reused: {', '.join(changed)} changed")
+        return None
+    return {**entry, "carried": True}
+
+
 def collect(study: StudyConfig, out: Path) -> dict:
     """results.json's content: per label fraction, each arm's grid, selection and test scores, and the paired
-    gains of the pretrained arm over every other arm and the pixel k-NN (same seeds, same labelled subsets)."""
+    gains of the pretrained arm over every other arm and the pixel k-NN (same seeds, same labelled subsets).
+    An arm with no run directory here keeps its entry of the folder's earlier results.json (`carried_arm`)."""
+    path = out / "results.json"
+    earlier = json.loads(path.read_text()) if path.exists() else None
     rows = {}
     for frac in sorted(study.fractions):
         row: dict[str, Any] = {"label_fraction": frac, "arms": {}, "gains": {}}
         tests: dict[str, list[float]] = {}
         for arm in arms(study):
+            carried = carried_arm(study, arm, frac, out, earlier)
+            if carried is not None:
+                row["arms"][arm] = carried
+                if "test" in carried:
+                    tests[arm] = carried["test"]["runs"]
+                continue
             grid, best = select(study, arm, frac, out)
             row["arms"][arm] = {"grid": grid, "selected": best}
             files = [out / run_name(arm, frac, best, s) / TEST_RESULTS for s in range(study.seeds)] if best else []
@@ -266,9 +401,10 @@ def collect(study: StudyConfig, out: Path) -> dict:
                 row["arms"][arm]["test"] = mean_std(tests[arm])
         knn = out / f"pixel_knn_{_pct(frac)}.json"
         if knn.exists():
-            k = json.loads(knn.read_text())
-            row["pixel_knn"] = {"k": k["k"], "val_top1_by_k": k["val_top1_by_k"], "test": mean_std(k["test_top1"])}
-            tests["pixel_knn"] = k["test_top1"]
+            k = json.loads(knn.read_text())  # its choices (k; a segmentation window too), validation scores, tests
+            tests["pixel_knn"] = k[f"test_{metric(study)}"]
+            row["pixel_knn"] = {**{key: v for key, v in k.items() if not key.startswith("test_") and key != "wall_time_s"},
+                                "test": mean_std(tests["pixel_knn"])}
         if "pretrained" in tests:
             row["gains"] = {other: paired_interval(tests["pretrained"], tests[other]) for other in tests
                             if other != "pretrained"}
@@ -325,7 +461,9 @@ def render_md(results: dict) -> str:
         lines += ["", f"## {row['label_fraction'] * 100:g}% labels: validation grids (seed 0)", ""]
         for arm, r in row["arms"].items():
             keys = list(r["grid"][0]["point"]) if r["grid"] else []
-            lines += [f"{NAMES[arm]}:", "", "| " + " | ".join(keys) + f" | validation {_label(results)} |", "|" + "---|" * (len(keys) + 1)]
+            note = " (reused from this folder's earlier results.json: its run directories are not here)" \
+                if r.get("carried") else ""
+            lines += [f"{NAMES[arm]}{note}:", "", "| " + " | ".join(keys) + f" | validation {_label(results)} |", "|" + "---|" * (len(keys) + 1)]
             for g in r["grid"]:
                 b = "**" if g["point"] == r["selected"] else ""
                 lines.append("| " + " | ".join(str(g["point"][k]) for k in keys) + f" | {b}{_val(g['val'])}{b} |")
@@ -337,10 +475,14 @@ def render_md(results: dict) -> str:
         lines.append("Selected (bold) on validation: " + "; ".join(
             f"{NAMES[a]} " + (", ".join(f"{k}={v}" for k, v in r["selected"].items()) if r["selected"] else "pending")
             for a, r in row["arms"].items()))
-        if row.get("pixel_knn"):
-            by_k = row["pixel_knn"]["val_top1_by_k"]
-            lines.append("Pixel k-NN on validation by k: " + ", ".join(f"k={k}: {v:.2f}" for k, v in by_k.items())
-                         + f"; k={row['pixel_knn']['k']} selected")
+        knn = row.get("pixel_knn")
+        if knn and "val_top1_by_k" in knn:
+            lines.append("Pixel k-NN on validation by k: " + ", ".join(
+                f"k={k}: {v:.2f}" for k, v in knn["val_top1_by_k"].items()) + f"; k={knn['k']} selected")
+        elif knn:
+            lines.append(f"Pixel k-NN ({knn['bank_cells']:,} training patches) on validation mIoU by window: " + "; ".join(
+                f"{w} px: " + ", ".join(f"k={k} {v:.2f}" for k, v in by_k.items())
+                for w, by_k in knn["val_mIoU_by_window_k"].items()) + f". Selected: {knn['window']} px, k={knn['k']}")
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import difflib
 
-from beit.models.cnn import SmallCNN
-from beit.models.presets import CNN_PRESETS, PRESETS, SEG_PRESETS
+from beit.models.cnn import SmallCNN, SmallUNet, create_cnn
+from beit.models.presets import CNN_PRESETS, PRESETS, SEG_CNN_PRESETS, SEG_PRESETS
 from beit.models.segmentation import BeitSegmenter, create_segmenter
 from beit.models.vit import Beit
 
@@ -22,10 +22,10 @@ def create_model(name: str, **overrides) -> Beit | SmallCNN:
     if "pretrained" in overrides:
         raise TypeError("beit.models.create_model builds the architecture only; load weights with "
                         "beit.create_model(name, pretrained=PATH)")
-    if name in SEG_PRESETS:
+    if name in SEG_PRESETS or name in SEG_CNN_PRESETS:
         raise KeyError(f"'{name}' is a segmentation preset: build it with create_segmenter('{name}')")
     if name in CNN_PRESETS:
-        model = _create_cnn(name, overrides)
+        model = create_cnn(SmallCNN, name, CNN_PRESETS[name], overrides)
     elif name not in PRESETS:
         names = [*PRESETS, *CNN_PRESETS]
         close = difflib.get_close_matches(name, names, n=3)
@@ -43,14 +43,6 @@ def create_model(name: str, **overrides) -> Beit | SmallCNN:
     return model
 
 
-def _create_cnn(name: str, overrides: dict) -> SmallCNN:
-    allowed = {"img_size", "in_chans", "num_classes"}
-    extra = sorted(set(overrides) - allowed)
-    if extra:
-        raise ValueError(f"model {name} (a CNN) takes only {', '.join(f'model.{k}' for k in sorted(allowed))}; "
-                         f"set {', '.join(f'model.{k}=null' for k in extra)}")
-    return SmallCNN(**{**CNN_PRESETS[name], **overrides})
-
-
-__all__ = ["Beit", "BeitSegmenter", "CNN_PRESETS", "PRESETS", "SEG_PRESETS", "SmallCNN", "create_model",
+__all__ = ["Beit", "BeitSegmenter", "CNN_PRESETS", "PRESETS", "SEG_CNN_PRESETS", "SEG_PRESETS", "SmallCNN", "SmallUNet",
+           "create_model",
            "create_segmenter"]

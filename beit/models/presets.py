@@ -65,3 +65,8 @@ SEG_PRESETS: dict[str, dict] = {
 CNN_PRESETS: dict[str, dict] = {
     "cnn_fmnist_32": dict(img_size=32, in_chans=1, num_classes=10),
 }
+
+# Reference segmentation CNNs (`beit.models.cnn.SmallUNet`): the `cnn` arm of a segmentation study.
+SEG_CNN_PRESETS: dict[str, dict] = {
+    "unet_fmnist_64": dict(img_size=64, in_chans=1, num_classes=11),
+}

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from beit.models.presets import SEG_PRESETS
+from beit.models.cnn import SmallUNet, create_cnn
+from beit.models.presets import SEG_CNN_PRESETS, SEG_PRESETS
 from beit.models.vit import Beit
 
 
@@ -204,14 +205,17 @@ class BeitSegmenter(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ construction
-def create_segmenter(name: str, **overrides) -> BeitSegmenter:
-    """Build segmentation preset `name` (beit.models.presets.SEG_PRESETS) with keyword overrides, freshly
-    initialised; `beit.builders.create_segmenter(name, pretrained=...)` loads a backbone or a whole segmenter."""
+def create_segmenter(name: str, **overrides) -> BeitSegmenter | SmallUNet:
+    """Build segmentation preset `name` (beit.models.presets.SEG_PRESETS, or SEG_CNN_PRESETS: a small U-Net) with
+    keyword overrides, freshly initialised; `beit.builders.create_segmenter(name, pretrained=...)` loads a backbone or a whole segmenter."""
     if "pretrained" in overrides:
         raise TypeError("beit.models.segmentation.create_segmenter builds the architecture only; load weights with "
                         "beit.builders.create_segmenter(name, pretrained=PATH)")
+    if name in SEG_CNN_PRESETS:  # the reference CNN of a segmentation study
+        return create_cnn(SmallUNet, name, SEG_CNN_PRESETS[name], overrides)
     if name not in SEG_PRESETS:
-        close = difflib.get_close_matches(name, SEG_PRESETS, n=3)
+        names = [*SEG_PRESETS, *SEG_CNN_PRESETS]
+        close = difflib.get_close_matches(name, names, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown segmentation preset '{name}'.{hint} Available: {', '.join(SEG_PRESETS)}")
+        raise KeyError(f"unknown segmentation preset '{name}'.{hint} Available: {', '.join(names)}")
     return BeitSegmenter(**{**SEG_PRESETS[name], **overrides})

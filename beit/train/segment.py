@@ -185,6 +185,8 @@ def build_segmenter(cfg: Config, num_classes: int, load: str = "backbone") -> nn
         if not path:
             raise ConfigError("model.pretrained must name a `beit segment` run directory or checkpoint")
         load_segmenter_weights(model, path)
+    elif path and not hasattr(model, "backbone"):
+        raise ConfigError(f"model.name {cfg.model.name} is a CNN trained from scratch: set model.pretrained=null")
     elif path:
         log.info(f"loading the backbone from {path}")
         load_pretrained_backbone(model, path)
