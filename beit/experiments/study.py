@@ -35,8 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from beit.builders import build_eval_loader
 from beit.config import Config, ConfigError, load_config, parse_overrides, read_yaml_mapping
-from beit.experiments.fashion_mnist import Stage, run_stages, two_panel_figure
 from beit.data.segmentation import build_seg_dataset
+from beit.experiments.fashion_mnist import Stage, run_stages, two_panel_figure
 from beit.models.presets import SEG_PRESETS
 from beit.train.runner import setup_logging
 from beit.train.segment import intersect_and_union, seg_metrics
