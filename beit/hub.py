@@ -167,8 +167,10 @@ def checkpoint_kind(model: ModelConfig) -> str | None:
     source = PRETRAINED_TAGS.get((model.name, model.pretrained), model.pretrained)
     if source is None:
         return None
-    if model.name in CNN_PRESETS or model.name in SEG_CNN_PRESETS:
-        return "classifier" if model.name in CNN_PRESETS else "segmenter"
+    if model.name in CNN_PRESETS:
+        return "classifier"
+    if model.name in SEG_CNN_PRESETS:
+        return "segmenter"
     return _kind_of(read_checkpoint(resolve_path(source)))
 
 

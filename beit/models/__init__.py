@@ -44,5 +44,4 @@ def create_model(name: str, **overrides) -> Beit | SmallCNN:
 
 
 __all__ = ["Beit", "BeitSegmenter", "CNN_PRESETS", "PRESETS", "SEG_CNN_PRESETS", "SEG_PRESETS", "SmallCNN", "SmallUNet",
-           "create_model",
-           "create_segmenter"]
+           "create_model", "create_segmenter"]
