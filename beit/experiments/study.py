@@ -237,11 +237,16 @@ def _centre(feats: torch.Tensor, window: int) -> torch.Tensor:
     return feats[..., o:o + window, o:o + window].flatten(1)
 
 
-def _seg_knn_miou(dataset, bank: torch.Tensor, bank_labels: torch.Tensor, window: int, ks: list[int], cell: int,
+def _eval_items(cfg: Config, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, mask) pairs of a split, eval transform, read once for every window and seed scored on it."""
+    dataset = build_seg_dataset(cfg, split)
+    return [it for it in (dataset[i] for i in range(len(dataset))) if isinstance(it, tuple)]
+
+
+def _seg_knn_miou(items: list, bank: torch.Tensor, bank_labels: torch.Tensor, window: int, ks: list[int], cell: int,
                   names: list[str], ignore_index: int) -> dict[int, float]:
-    """k -> mIoU of the cell-level k-NN on `dataset` (eval transform), each cell's class painted over its pixels."""
+    """k -> mIoU of the cell-level k-NN on (image, mask) `items`, each cell's class painted over its pixels."""
     k_cls, totals = len(names), {k: torch.zeros(4, len(names), dtype=torch.float64) for k in ks}
-    items = [it for it in (dataset[i] for i in range(len(dataset))) if isinstance(it, tuple)]
     for start in range(0, len(items), 200):
         chunk = items[start:start + 200]
         q = [_centre(cell_windows(x, y, cell, window, k_cls, ignore_index)[0], window) for x, y in chunk]
@@ -287,11 +292,11 @@ def seg_pixel_knn(study: StudyConfig, out: Path) -> dict:
             feats[s].append(f[pick])
             labels[s].append(lab[pick])
     banks = [(torch.cat(f), torch.cat(lab)) for f, lab in zip(feats, labels)]
-    val_data = build_seg_dataset(cfg, "val")
+    val_data = _eval_items(cfg, "val")
     val = {w: _seg_knn_miou(val_data, _centre(banks[0][0], w), banks[0][1], w, study.knn_ks, cell, names, ignore)
            for w in study.knn_windows}
     window, k = max(((w, k) for w in val for k in val[w]), key=lambda wk: val[wk[0]][wk[1]])
-    test_data = build_seg_dataset(cfg, "test")
+    test_data = _eval_items(cfg, "test")
     test = [_seg_knn_miou(test_data, _centre(f, window), lab, window, [k], cell, names, ignore)[k] for f, lab in banks]
     res = {"val_mIoU_by_window_k": {str(w): {str(kk): v for kk, v in by_k.items()} for w, by_k in val.items()},
            "window": window, "k": k, "bank_cells": len(banks[0][0]), "test_mIoU": test,
