@@ -227,7 +227,7 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=0)  # stop early (smoke runs); schedules still span `epochs` (or `steps`)
     steps: int | None = Field(None, gt=0)  # train length in optimizer steps (segmentation: 160k); overrides `epochs`
     seed: int = 0
-    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 where the hardware has it (GPU, AMX CPU), else fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "runs"
     run_name: str | None = None  # default: the config file's stem

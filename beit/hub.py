@@ -60,7 +60,7 @@ PRETRAINED_TAGS = {
 LINPROBE_RECIPE = {
     "optim": dict(lr=4.0e-3, min_lr=0.0, warmup_epochs=0, weight_decay=1.0e-4, clip_grad=None, layer_decay=None,
                   recipe_batch_size=1024),
-    "train": dict(epochs=100, amp="bf16", eval_every_epochs=10, save_every_steps=2000, probe_cache_features=True),
+    "train": dict(epochs=100, amp="auto", eval_every_epochs=10, save_every_steps=2000, probe_cache_features=True),
     "batch_size": 1024,
 }
 # Model fields that change nothing about a trained model's outputs (they act at init or in training only).

@@ -103,3 +103,25 @@ def test_a_stored_gpu_config_still_loads_on_a_cpu_only_machine():
 
     cfg = config_from_dict({"train": {"amp": "fp16", "device": "cuda"}})
     assert cfg.train.amp == "fp16" and cfg.train.device == "cuda"
+
+
+def test_amp_auto_is_bf16_only_where_the_hardware_runs_it(monkeypatch, caplog):
+    """`train.amp: auto` (the default) autocasts to bf16 on hardware with native bf16 and runs fp32 elsewhere
+    (an AVX2 CPU emulates bf16, 16x slower: docs/performance.md); an explicit bf16 is kept, with a warning."""
+    import torch
+
+    from beit.config import Config
+    from beit.train import loop
+
+    cpu = torch.device("cpu")
+    assert Config().train.amp == "auto"
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(loop, "fast_bf16", lambda device, native=native: native)
+        assert loop.resolve_amp("auto", cpu) == ("bf16" if native else "none")
+        with loop.autocast(cpu, "auto"):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+        assert loop.resolve_amp("none", cpu) == "none"
+    loop._warn_emulated_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger="beit"):
+        assert loop.resolve_amp("bf16", cpu) == "bf16"
+    assert "train.amp=bf16 on cpu, which has no native bf16" in caplog.text

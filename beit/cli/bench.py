@@ -28,7 +28,8 @@ def register(sub):
     p.add_argument("--preset", help="any model preset instead of --row (a *_vocab preset times pretraining)")
     p.add_argument("--batch", type=int, help="batch size (default: the row's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default="bf16")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
+                   help="as train.amp (auto: bf16 where the hardware runs it natively, else fp32)")
     p.add_argument("--tokenizer", help="pretraining tokenizer: fmnist_dvae, dall-e-random, or a trained one's path")
     p.add_argument("--no-baselines", action="store_true", help="time ours only")
     p.add_argument("--compile", action="store_true", help="torch.compile our blocks (as train.compile=true)")
@@ -59,8 +60,10 @@ def run(args):
     from beit import bench
     from beit.experiments.fashion_mnist import CONFIGS
     from beit.train.distributed import resolve_device
+    from beit.train.loop import resolve_amp
 
     device = resolve_device(args.device)
+    args.amp = resolve_amp(args.amp, device)
     if args.amp == "fp16" and device.type == "cpu":
         raise ValueError("--amp fp16 needs a CUDA device (the loss scaler); use --amp bf16 on CPU")
     report = {}

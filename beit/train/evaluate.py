@@ -50,7 +50,7 @@ def is_sharded(loader: DataLoader) -> bool:
 
 @torch.no_grad()
 def forward_share(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                  amp: str = "bf16", desc: str = "eval", progress: bool = True):
+                  amp: str = "auto", desc: str = "eval", progress: bool = True):
     """Yield (images on CPU, labels, fn(images on `device`)) for each batch of this rank's share of `loader`.
 
     When `is_sharded(loader)`, each rank runs a contiguous 1/world share of the dataset (rank order = dataset
@@ -78,7 +78,7 @@ def forward_share(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor]
 
 
 def run_over(loader: DataLoader, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-             amp: str = "bf16", desc: str = "eval", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+             amp: str = "auto", desc: str = "eval", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply `fn` (images [B, C, H, W] -> [B, ...]) to every batch. Returns (outputs fp32 on CPU, labels).
 
     Under a process group (torchrun) the ranks split the work (`forward_share`) and the outputs are gathered

@@ -16,6 +16,7 @@ for the data loader (`data_wait_frac` the same as a fraction).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -72,7 +73,34 @@ def to_device(batch, device: torch.device):
     return batch
 
 
+@functools.cache
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here. CPUs without AVX512-BF16 or AMX emulate them: measured on an
+    AVX2-only CPU, the Fashion-MNIST fine-tuning step ran 16x slower under bf16 autocast than in fp32
+    (docs/performance.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu  # private probes, absent from some builds: then assume emulation
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """`train.amp` as it runs on `device`: "auto" is bf16 where the hardware has it, fp32 ("none") elsewhere."""
+    if amp == "auto":
+        return "bf16" if fast_bf16(device) else "none"
+    if amp == "bf16" and not fast_bf16(device):
+        _warn_emulated_bf16(device)
+    return amp
+
+
+@functools.cache
+def _warn_emulated_bf16(device: torch.device):
+    log.warning(f"train.amp=bf16 on {device}, which has no native bf16 (AVX512-BF16 or AMX on a CPU): it is emulated "
+                f"and can be over 10x slower than fp32 here; train.amp=auto runs fp32 on this machine")
+
+
 def autocast(device: torch.device, amp: str):
+    amp = resolve_amp(amp, device)
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -202,7 +230,7 @@ def fit(cfg: Config, task: Task, run_dir: Path | None, info: DistInfo, resume: b
                unit="step", dynamic_ncols=True)
     if info.is_main:
         log.info(f"{run.stop_step - run.step} steps to go ({run.steps_per_epoch}/epoch, global batch "
-                 f"{run.global_batch}, warmup {run.warmup}, amp {cfg.train.amp}, device {info.device}, "
+                 f"{run.global_batch}, warmup {run.warmup}, amp {resolve_amp(cfg.train.amp, info.device)}, device {info.device}, "
                  f"{info.world_size} process(es))")
 
     run.t_start = time.time()
@@ -348,7 +376,8 @@ def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Ru
     if cfg.train.compile:
         compile_blocks(model)
     if cfg.dist.strategy == "fsdp":  # shards the parameters in place: before the optimizer sees them
-        wrap_fsdp(model, info, bf16=cfg.train.amp == "bf16", cpu_offload=cfg.dist.fsdp_cpu_offload)
+        bf16 = resolve_amp(cfg.train.amp, info.device) == "bf16"
+        wrap_fsdp(model, info, bf16=bf16, cpu_offload=cfg.dist.fsdp_cpu_offload)
     groups = param_groups(model, cfg.optim)
     # fused: one kernel for the whole update (CUDA and CPU; +3% on the Fashion-MNIST CPU step, docs/performance.md).
     # Not with FSDP's CPU offload, whose parameters live on the CPU while the step runs on the GPU.
