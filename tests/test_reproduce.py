@@ -104,3 +104,37 @@ def test_stages_runs_only_the_named_ones_and_wall_time_adds_up_over_stops(tmp_pa
     assert "finetune_scratch_100pct_seed0" in results["pending_stages"]  # reported as not run yet
     with pytest.raises(ValueError, match="no stage finetune_pretrained_50pct_seed0 in the quick variant"):
         rep.reproduce(tmp_path, "quick", only=["finetune_pretrained_50pct_seed0"])
+
+
+def test_demo_keeps_to_its_time_budget_by_shortening_every_run_alike(tmp_path, monkeypatch, fake_stage_runner, capsys):
+    """On a machine too slow for the standard demo, `beit demo --minutes M` shortens pretraining and both
+    fine-tuning runs by one factor so that its predicted time is M; the plan is kept for a rerun."""
+    seen = []
+
+    def finish(command, cfg, d):
+        seen.append((cfg.train.run_name, cfg.train.epochs, cfg.optim.warmup_epochs, cfg.train.eval_every_epochs))
+        top1 = 50.0 if cfg.model.pretrained else 40.0
+        (d / "summary.json").write_text(json.dumps({"steps": 1, "eval": {"top1": top1}}))
+
+    fake_stage_runner(finish)
+    standard = {s.name: load_config(s.config, s.overrides, command=s.command) for s in rep.plan(tmp_path, "demo")}
+    monkeypatch.setattr(rep, "time_pretrain_step", lambda: 0.1)  # fast: the standard demo fits 9 minutes
+    assert rep.demo_plan(tmp_path / "fast", 9)["scale"] == 1.0
+    monkeypatch.setattr(rep, "time_pretrain_step", lambda: 5.0)  # slow: it does not
+    assert rep.demo_plan(tmp_path / "whole", 0)["scale"] == 1.0  # --minutes 0: no budget
+
+    rep.demo(tmp_path, 9)
+    budget = json.loads((tmp_path / rep.DEMO_PLAN).read_text())
+    assert 0.1 < budget["scale"] < 1 and budget["predicted_s"] == pytest.approx(9 * 60)
+    assert budget["standard_s"] > 9 * 60
+    assert [name for name, *_ in seen] == list(standard)
+    for name, epochs, warmup, every in seen:
+        cfg = standard[name]
+        assert epochs == pytest.approx(cfg.train.epochs * budget["scale"], rel=1e-3)
+        assert warmup == pytest.approx(cfg.optim.warmup_epochs * budget["scale"], rel=1e-3)
+        if name != "pretrain":  # one evaluation, at the end, as in the standard demo
+            assert every == pytest.approx(epochs)
+    assert f"shortened to {budget['scale']:.0%}" in capsys.readouterr().out
+
+    monkeypatch.setattr(rep, "time_pretrain_step", lambda: pytest.fail("a rerun re-timed the machine"))
+    assert rep.demo_plan(tmp_path, 5) == budget  # a rerun resumes the first plan
