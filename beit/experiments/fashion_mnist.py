@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from beit import bench
 from beit.config import load_config
 from beit.tasks import TASKS
 from beit.train.checkpoint import list_checkpoints
+from beit.train.distributed import resolve_device
+from beit.train.loop import resolve_amp
 from beit.train.metrics import read_metrics
 from beit.train.runner import setup_logging
 
@@ -345,10 +348,6 @@ def demo_plan(out: Path, minutes: float) -> dict:
 def time_pretrain_step() -> float:
     """Seconds of one step of the demo's pretraining (model, batch and precision of its config) on this machine:
     the median of 3 after one warm-up."""
-    from beit import bench
-    from beit.train.distributed import resolve_device
-    from beit.train.loop import resolve_amp
-
     cfg = load_config(CONFIGS / "pretrain" / "fmnist.yaml")
     device = resolve_device(cfg.train.device)
     step = bench.ours_mim(cfg.model.name, cfg.data.batch_size, device, resolve_amp(cfg.train.amp, device),
