@@ -2,6 +2,7 @@
 time spent waiting for data beside it. A fake clock makes every duration known in advance."""
 
 import json
+import math
 import time
 import types
 
@@ -96,3 +97,20 @@ def test_the_device_is_synchronised_only_at_log_steps(monkeypatch):
     t.start_step()
     t.flush(torch.device("cpu"))
     assert len(syncs) == 1
+
+
+@pytest.mark.parametrize("epochs", [1.0, 1.067, 2.5])
+def test_a_cadence_as_long_as_the_run_evaluates_once_at_the_end(tmp_path, epochs):
+    """train.eval_every_epochs = train.epochs means one evaluation, after the last step. With a fractional
+    length, rounding the cadence to steps (round(1.067 x 16) = 17) fell one step before the end
+    (ceil(1.067 x 16) = 18), and the run evaluated twice."""
+    cfg = Config.model_validate({"data": {"batch_size": 4, "num_workers": 0},
+                                 "train": {"epochs": epochs, "eval_every_epochs": epochs, "save_every_steps": 100,
+                                           "device": "cpu", "amp": "none", "progress": False}})
+    task = loop.Task(model=Tiny(2, 1), step=lambda model, batch: {"loss": model(batch[0]).pow(2).mean()},
+                     dataset=torch.utils.data.TensorDataset(torch.randn(64, 2)))
+    evals = []
+    task.evaluate = lambda model: (evals.append(1), {"score": 1.0})[1]
+    loop.fit(cfg, task, tmp_path, DistInfo())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(evals) == 1 and [r["step"] for r in rows if r["split"] == "eval"] == [math.ceil(epochs * 16)]

@@ -392,7 +392,9 @@ def _setup(cfg: Config, task: Task, info: DistInfo, run_dir: Path | None) -> _Ru
     stop_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     o = cfg.optim
     warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
-    eval_every = max(1, round((task.eval_every_epochs or cfg.train.eval_every_epochs) * steps_per_epoch))
+    every = task.eval_every_epochs or cfg.train.eval_every_epochs
+    # A cadence of at least the run's length evaluates once, at the end (rounding could add one a step before it)
+    eval_every = total_steps if not cfg.train.steps and every >= cfg.train.epochs else max(1, round(every * steps_per_epoch))
     return _Run(cfg, task, info, run_dir, optimizer, scaler, ema, [p for g in groups for p in g["params"]],
                 global_batch, steps_per_epoch, total_steps, stop_step, warmup, eval_every)
 
