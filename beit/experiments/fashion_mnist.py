@@ -353,14 +353,7 @@ def time_pretrain_step() -> float:
     step = bench.ours_mim(cfg.model.name, cfg.data.batch_size, device, resolve_amp(cfg.train.amp, device),
                           bench.build_tokenizer(cfg.tokenizer.name, device))
     step.fn()
-    times = []
-    for _ in range(3):
-        bench.sync(device)
-        t0 = time.perf_counter()
-        step.fn()
-        bench.sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return bench.time_alternating([step], device, iters=1, repeats=3)[step.name]
 
 
 def demo(out: Path, minutes: float = 9) -> int:
